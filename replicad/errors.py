@@ -1,0 +1,86 @@
+"""The exception tree: every failure replicad expects is one of these.
+
+    ReplicadError                 base; carries a message and a hint (what to do next)
+    ├── ConfigError               the configuration file or command line is wrong
+    ├── DatabaseError             the SQLite database cannot be replicated as it is
+    ├── WalError                  the -wal file has an unusable header (a torn tail is *not* an error)
+    ├── FormatError               an object in a replica is corrupt, truncated, foreign or too new
+    ├── ReplicaError              an operation on a replica failed
+    │   ├── ObjectNotFoundError   the key does not exist
+    │   ├── ObjectExistsError     a create-only write found the key already there (another writer)
+    │   ├── ReplicaAccessError    permanent: credentials, permissions, missing bucket or directory
+    │   └── ReplicaUnavailableError  transient: network, 5xx, throttling, timeouts; retry
+    ├── RestoreError              a restore cannot produce a correct database
+    └── ShutdownError             the final flush did not finish before its deadline
+
+The CLI turns any of these into a message, the hint and an exit code; anything else is a bug
+and keeps its traceback.  Messages never contain secrets: backends build them from the bucket,
+endpoint and key only.
+"""
+
+from __future__ import annotations
+
+
+class ReplicadError(Exception):
+    """Base of every error replicad raises on purpose."""
+
+    #: Exit code the CLI uses when this error ends a command.
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} (hint: {self.hint})"
+        return self.message
+
+
+class ConfigError(ReplicadError):
+    """The configuration (file, environment expansion or command line) is invalid."""
+
+    exit_code = 2
+
+
+class DatabaseError(ReplicadError):
+    """The database cannot be replicated: missing, not SQLite, not in WAL mode, unreadable."""
+
+
+class WalError(ReplicadError):
+    """The -wal file's header is unusable. A torn or stale tail is the normal end of the log."""
+
+
+class FormatError(ReplicadError):
+    """An object read from a replica is corrupt, truncated, foreign or of an unknown version."""
+
+
+class ReplicaError(ReplicadError):
+    """An operation on a replica failed."""
+
+
+class ObjectNotFoundError(ReplicaError):
+    """The requested key does not exist in the replica."""
+
+
+class ObjectExistsError(ReplicaError):
+    """A create-only write was refused because the key exists: another writer owns this prefix."""
+
+
+class ReplicaAccessError(ReplicaError):
+    """A permanent failure retrying cannot fix: credentials, permissions, missing bucket."""
+
+
+class ReplicaUnavailableError(ReplicaError):
+    """A transient failure: network error, server error, throttling, timeout. Retry later."""
+
+
+class RestoreError(ReplicadError):
+    """A restore cannot produce a correct database (target exists, no data, gap, bad check)."""
+
+
+class ShutdownError(ReplicadError):
+    """The final flush at shutdown did not ship everything before its deadline."""
+
+    exit_code = 3

@@ -1,0 +1,131 @@
+"""Positions in the WAL, transaction IDs, and the names of objects in a replica.
+
+Pure: no I/O.  A *TXID* counts SQLite commits in one database's replicated history; it only
+ever grows, across daemon restarts and continuity losses.  Every object key encodes its TXID
+range and commit-time range with fixed-width fields, so a lexical listing is TXID order and a
+restore can be planned from one listing without reading any object.
+
+Key layout (relative to the replica's root)::
+
+    snapshots/<txid:016x>-<time_ms:013d>.snap
+    segments/<level:02d>/<first:016x>-<last:016x>-<min_ms:013d>-<max_ms:013d>.seg
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+SNAPSHOT_PREFIX = "snapshots/"
+SEGMENT_PREFIX = "segments/"
+
+_SNAPSHOT_RE = re.compile(r"^snapshots/(?P<txid>[0-9a-f]{16})-(?P<ms>\d{13})\.snap$")
+_SEGMENT_RE = re.compile(
+    r"^segments/(?P<level>\d{2})/(?P<first>[0-9a-f]{16})-(?P<last>[0-9a-f]{16})"
+    r"-(?P<min>\d{13})-(?P<max>\d{13})\.seg$"
+)
+_MAX_TXID = 2**64 - 1
+_MAX_MS = 10**13 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class WalPosition:
+    """Where the next unread frame of a WAL generation starts, and the checksum chain there.
+
+    A *generation* is one life of the -wal file between restarts; its salts identify it.
+    `checksum1`/`checksum2` are the cumulative checksum after the frame just before `offset`
+    (the header's checksum when `offset` is the first frame), so reading can resume and verify
+    the chain without re-reading the generation from the start.
+    """
+
+    salt1: int
+    salt2: int
+    offset: int
+    checksum1: int
+    checksum2: int
+
+    def same_generation(self, salt1: int, salt2: int) -> bool:
+        """True when a WAL header with these salts belongs to this position's generation."""
+        return self.salt1 == salt1 and self.salt2 == salt2
+
+
+class ObjectKind(Enum):
+    """What an object in a replica holds."""
+
+    SNAPSHOT = "snapshot"
+    SEGMENT = "segment"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ObjectName:
+    """The parsed name of a snapshot or segment: everything a planner needs, no download.
+
+    Ordering is (first_txid, level, kind, ...) so sorted names are in history order.
+    Snapshots have `first_txid == last_txid` and `level == 0`.
+    """
+
+    first_txid: int
+    last_txid: int
+    level: int
+    kind: ObjectKind
+    min_time_ms: int
+    max_time_ms: int
+
+    @property
+    def key(self) -> str:
+        """The object's key relative to the replica root."""
+        if self.kind is ObjectKind.SNAPSHOT:
+            return f"{SNAPSHOT_PREFIX}{self.first_txid:016x}-{self.max_time_ms:013d}.snap"
+        return (
+            f"{SEGMENT_PREFIX}{self.level:02d}/{self.first_txid:016x}-{self.last_txid:016x}"
+            f"-{self.min_time_ms:013d}-{self.max_time_ms:013d}.seg"
+        )
+
+
+def snapshot_name(txid: int, time_ms: int) -> ObjectName:
+    """Name of a snapshot of the database as of `txid`, taken at `time_ms` (Unix ms)."""
+    _check_txid(txid)
+    _check_ms(time_ms)
+    return ObjectName(txid, txid, 0, ObjectKind.SNAPSHOT, time_ms, time_ms)
+
+
+def segment_name(
+    *, level: int, first_txid: int, last_txid: int, min_time_ms: int, max_time_ms: int
+) -> ObjectName:
+    """Name of a segment holding transactions `first_txid..last_txid` (inclusive)."""
+    _check_txid(first_txid)
+    _check_txid(last_txid)
+    _check_ms(min_time_ms)
+    _check_ms(max_time_ms)
+    if not 0 <= level <= 99:
+        raise ValueError(f"segment level {level} out of range 0..99")
+    if last_txid < first_txid:
+        raise ValueError(f"segment TXID range {first_txid}..{last_txid} is reversed")
+    return ObjectName(first_txid, last_txid, level, ObjectKind.SEGMENT, min_time_ms, max_time_ms)
+
+
+def parse_key(key: str) -> ObjectName | None:
+    """Parse a key relative to the replica root; None for anything that is not ours."""
+    if m := _SNAPSHOT_RE.match(key):
+        txid = int(m["txid"], 16)
+        ms = int(m["ms"])
+        return ObjectName(txid, txid, 0, ObjectKind.SNAPSHOT, ms, ms)
+    if m := _SEGMENT_RE.match(key):
+        first, last = int(m["first"], 16), int(m["last"], 16)
+        if last < first:
+            return None
+        return ObjectName(
+            first, last, int(m["level"]), ObjectKind.SEGMENT, int(m["min"]), int(m["max"])
+        )
+    return None
+
+
+def _check_txid(txid: int) -> None:
+    if not 0 < txid <= _MAX_TXID:
+        raise ValueError(f"TXID {txid} out of range 1..2**64-1")
+
+
+def _check_ms(ms: int) -> None:
+    if not 0 <= ms <= _MAX_MS:
+        raise ValueError(f"timestamp {ms} ms out of range")
