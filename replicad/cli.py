@@ -1,0 +1,271 @@
+"""Command line: argument parsing and the wiring from configuration to objects.
+
+This is the only module that knows both the configuration and the classes it configures.
+Expected failures (`ReplicadError`) become one clear message with a hint and an exit code;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from replicad import __version__
+from replicad.clients.base import ReplicaClient
+from replicad.clients.file import FileReplicaClient
+from replicad.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    DatabaseConfig,
+    ReplicaConfig,
+    config_from_args,
+    load_config,
+    replica_from_url,
+)
+from replicad.daemon import Daemon
+from replicad.db import Database
+from replicad.errors import ConfigError, ReplicadError
+from replicad.observe import configure_logging
+from replicad.replica import Replica
+from replicad.replicator import DatabaseReplicator
+from replicad.restore import INTEGRITY_MODES, RestoreResult, restore
+
+log = structlog.get_logger()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with every flag documented in --help."""
+    parser = argparse.ArgumentParser(
+        prog="replicad",
+        description="Continuous backup of SQLite databases (WAL mode) to S3-compatible storage "
+        "or a local directory, and point-in-time restore.",
+    )
+    parser.add_argument("--version", action="version", version=f"replicad {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_replicate(sub)
+    _add_restore(sub)
+    return parser
+
+
+def _add_logging(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="default: info"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        help="auto (default): JSON unless stderr is a terminal",
+    )
+
+
+def _add_replicate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "replicate",
+        help="run the daemon: stream every configured database to its replicas",
+        description="Replicate databases continuously until SIGTERM/SIGINT, then flush "
+        "everything committed and exit (status 0 only if all of it was shipped). Either "
+        "-c CONFIG, or the quick form DB_PATH REPLICA_URL.",
+    )
+    p.add_argument("-c", "--config", type=Path, help=f"TOML file (default {DEFAULT_CONFIG_PATH})")
+    p.add_argument("db_path", nargs="?", metavar="DB_PATH", help="database file (quick form)")
+    p.add_argument(
+        "replica_url",
+        nargs="?",
+        metavar="REPLICA_URL",
+        help="file:///dir or s3://bucket/prefix?endpoint=URL (quick form)",
+    )
+    _add_logging(p)
+
+
+def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "restore",
+        help="rebuild a database from a replica",
+        description="Restore a database from a replica, as of the newest transaction or "
+        "--txid. SOURCE is a database path or name from the config (-c), or a replica URL. "
+        "The result is written to OUT.tmp, checked, and moved to OUT atomically.",
+    )
+    p.add_argument("source", metavar="SOURCE", help="DB_PATH/name (with -c) or REPLICA_URL")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the database")
+    p.add_argument("-c", "--config", type=Path, help="TOML file naming the database's replicas")
+    p.add_argument("--replica", help="which of the database's replicas (default: the first)")
+    p.add_argument("--txid", type=int, help="restore the state right after this transaction")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--integrity-check",
+        choices=INTEGRITY_MODES,
+        default="full",
+        help="check run on the result before it is moved into place (default: full)",
+    )
+    _add_logging(p)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `replicad` command."""
+    args = build_parser().parse_args(argv)
+    configure_logging(level=args.log_level or "info", fmt=args.log_format or "auto")
+    try:
+        if args.command == "replicate":
+            return _replicate(args)
+        return _restore(args)
+    except ReplicadError as exc:
+        print(f"replicad: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"replicad: hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- replicate -------------------------------------------------------------------------------
+
+
+def _replicate(args: argparse.Namespace) -> int:
+    config = _replicate_config(args)
+    configure_logging(
+        level=args.log_level or config.log_level, fmt=args.log_format or config.log_format
+    )
+    return asyncio.run(_serve(config))
+
+
+def _replicate_config(args: argparse.Namespace) -> Config:
+    if args.db_path and args.config:
+        raise ConfigError("give either -c CONFIG or DB_PATH REPLICA_URL, not both")
+    if args.db_path:
+        if not args.replica_url:
+            raise ConfigError(
+                "the quick form needs both DB_PATH and REPLICA_URL",
+                hint="replicad replicate app.db file:///var/backups/app",
+            )
+        return config_from_args(args.db_path, args.replica_url)
+    return load_config(args.config or DEFAULT_CONFIG_PATH)
+
+
+async def _serve(config: Config) -> int:
+    clients: list[ReplicaClient] = []
+    replicators = []
+    try:
+        for db_config in config.databases:
+            replicators.append(await _replicator(db_config, clients))
+    except BaseException:
+        for client in clients:
+            await client.close()
+        raise
+    log.info("starting", databases=[str(db.path) for db in config.databases])
+    daemon = Daemon(replicators, clients, shutdown_timeout=config.shutdown_timeout)
+    return await daemon.serve()
+
+
+async def _replicator(db_config: DatabaseConfig, clients: list[ReplicaClient]) -> DatabaseReplicator:
+    db_log = structlog.get_logger().bind(db=db_config.name)
+    replicas = []
+    for replica_config in db_config.replicas:
+        client = await make_client(replica_config)
+        clients.append(client)
+        replicas.append(
+            Replica(
+                replica_config.name,
+                client,
+                max_pending_bytes=replica_config.max_pending_bytes,
+                log=db_log.bind(replica=replica_config.name),
+            )
+        )
+    return DatabaseReplicator(
+        Database(db_config.path),
+        replicas,
+        name=db_config.name,
+        state_dir=db_config.state_dir,
+        poll_interval=db_config.poll_interval,
+        sync_interval=db_config.sync_interval,
+        log=db_log,
+    )
+
+
+async def make_client(config: ReplicaConfig) -> ReplicaClient:
+    """The storage client a replica's configuration describes."""
+    if config.path is not None:
+        return FileReplicaClient(config.path)
+    assert config.s3 is not None
+    from replicad.clients.s3 import S3ReplicaClient
+
+    s3 = config.s3
+    client = S3ReplicaClient(
+        bucket=s3.bucket,
+        prefix=s3.prefix,
+        endpoint_url=s3.endpoint,
+        region=s3.region,
+        access_key_id=s3.access_key_id.reveal() if s3.access_key_id else None,
+        secret_access_key=s3.secret_access_key.reveal() if s3.secret_access_key else None,
+        session_token=s3.session_token.reveal() if s3.session_token else None,
+        profile=s3.profile,
+        path_style=s3.path_style,
+        ca_bundle=s3.ca_bundle,
+        verify_tls=s3.verify_tls,
+        storage_class=s3.storage_class,
+        part_size=s3.part_size,
+        concurrency=s3.concurrency,
+        conditional_writes=s3.conditional_writes,
+    )
+    await client.open()
+    return client
+
+
+# -- restore ---------------------------------------------------------------------------------
+
+
+def _restore(args: argparse.Namespace) -> int:
+    replica_config = _restore_replica(args)
+    result = asyncio.run(_run_restore(replica_config, args))
+    print(
+        json.dumps(
+            {
+                "restored": str(result.path),
+                "txid": result.txid,
+                "pages": result.db_pages,
+                "page_size": result.page_size,
+                "objects": result.objects,
+                "bytes": result.bytes_downloaded,
+                "seconds": round(result.seconds, 3),
+            }
+        )
+    )
+    return 0
+
+
+def _restore_replica(args: argparse.Namespace) -> ReplicaConfig:
+    if args.config is None:
+        if "://" not in args.source:
+            raise ConfigError(
+                f"{args.source!r} is not a replica URL",
+                hint="give a replica URL (file:///dir, s3://bucket/prefix), or -c CONFIG with "
+                "the database's path or name",
+            )
+        return replica_from_url(args.source)
+    db_config = load_config(args.config).database(args.source)
+    if args.replica is None:
+        return db_config.replicas[0]
+    for replica in db_config.replicas:
+        if replica.name == args.replica:
+            return replica
+    names = ", ".join(r.name for r in db_config.replicas)
+    raise ConfigError(f"database {db_config.name} has no replica {args.replica!r} ({names})")
+
+
+async def _run_restore(config: ReplicaConfig, args: argparse.Namespace) -> RestoreResult:
+    client = await make_client(config)
+    try:
+        return await restore(
+            client,
+            args.output,
+            target_txid=args.txid,
+            force=args.force,
+            integrity=args.integrity_check,
+        )
+    finally:
+        await client.close()

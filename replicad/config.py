@@ -1,0 +1,431 @@
+"""Configuration: a TOML file (or the command line's quick form) into frozen dataclasses.
+
+Every message names the file and the key, e.g.
+``/etc/replicad.toml: databases[0].replicas[1].acess_key_id: unknown key (did you mean
+'access_key_id'?)``.  Unknown keys are errors, never ignored: a typo in a backup tool's config
+must not silently fall back to a default.  String values may use ``${VAR}`` to read an
+environment variable (an unset variable is an error; ``$${`` is a literal ``${``), which is how
+secrets stay out of the file.  Secrets are wrapped in `Secret`, whose repr and str are masked.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from replicad.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/replicad.toml")
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_SYNC_INTERVAL = 1.0
+DEFAULT_MAX_PENDING_BYTES = 256 << 20
+DEFAULT_S3_PART_SIZE = 8 << 20
+DEFAULT_S3_CONCURRENCY = 4
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+
+_VAR_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Secret:
+    """A credential: masked in repr/str so it cannot leak into logs, errors or metrics."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The real value, for handing to the storage client and nothing else."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class S3Options:
+    """Settings of an S3-compatible replica (AWS S3, Cloudflare R2, MinIO, ...)."""
+
+    bucket: str
+    prefix: str
+    endpoint: str | None = None
+    region: str | None = None
+    path_style: bool = False
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+    session_token: Secret | None = None
+    profile: str | None = None
+    ca_bundle: str | None = None
+    verify_tls: bool = True
+    storage_class: str | None = None
+    part_size: int = DEFAULT_S3_PART_SIZE
+    concurrency: int = DEFAULT_S3_CONCURRENCY
+    conditional_writes: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaConfig:
+    """One destination of a database."""
+
+    name: str
+    url: str
+    #: Local directory for `file://` replicas.
+    path: Path | None = None
+    s3: S3Options | None = None
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    """One database and where it is replicated."""
+
+    path: Path
+    name: str
+    state_dir: Path
+    replicas: tuple[ReplicaConfig, ...]
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    sync_interval: float = DEFAULT_SYNC_INTERVAL
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    databases: tuple[DatabaseConfig, ...]
+    source: str = "<command line>"
+    log_level: str = "info"
+    log_format: str = "auto"
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+
+    def database(self, path_or_name: str) -> DatabaseConfig:
+        """The database configured under this path or name; ConfigError if none."""
+        wanted = Path(path_or_name).absolute()
+        for db in self.databases:
+            if db.path == wanted or db.name == path_or_name:
+                return db
+        known = ", ".join(str(db.path) for db in self.databases) or "none"
+        raise ConfigError(
+            f"{self.source}: no database {path_or_name!r} is configured (configured: {known})"
+        )
+
+
+# -- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: Path, *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML configuration file. Raises `ConfigError`."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{path}: configuration file not found",
+            hint="pass -c PATH, or use the quick form: replicad replicate DB_PATH REPLICA_URL",
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    reader = _Reader(str(path), os.environ if env is None else env)
+    return reader.config(raw)
+
+
+def config_from_args(
+    db_path: str, replica_url: str, *, env: Mapping[str, str] | None = None
+) -> Config:
+    """The quick form: one database, one replica, every other setting at its default."""
+    reader = _Reader("<command line>", os.environ if env is None else env)
+    return reader.config({"databases": [{"path": db_path, "replicas": [{"url": replica_url}]}]})
+
+
+def replica_from_url(url: str, *, env: Mapping[str, str] | None = None) -> ReplicaConfig:
+    """A replica described by its URL alone (restore without a config file)."""
+    reader = _Reader("<command line>", os.environ if env is None else env)
+    return reader.replica({"url": url}, "replica", 0)
+
+
+class _Reader:
+    """Validates raw TOML data, tracking the file and key path for messages."""
+
+    def __init__(self, source: str, env: Mapping[str, str]) -> None:
+        self.source = source
+        self.env = env
+
+    def error(self, key: str, message: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(f"{self.source}: {key}: {message}", hint=hint)
+
+    def config(self, raw: dict[str, Any]) -> Config:
+        t = _Table(self, raw, "", _TOP_KEYS)
+        dbs = t.list_of_tables("databases", required=True)
+        if not dbs:
+            raise self.error("databases", "at least one database is required")
+        databases = tuple(self.database(db, f"databases[{i}]") for i, db in enumerate(dbs))
+        self._check_unique([db.path for db in databases], "databases", "path")
+        return Config(
+            databases=databases,
+            source=self.source,
+            log_level=t.choice("log_level", LOG_LEVELS, "info"),
+            log_format=t.choice("log_format", LOG_FORMATS, "auto"),
+            shutdown_timeout=t.positive_float("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT),
+        )
+
+    def database(self, raw: dict[str, Any], where: str) -> DatabaseConfig:
+        t = _Table(self, raw, where, _DB_KEYS)
+        path = Path(t.string("path", required=True)).absolute()
+        replicas_raw = t.list_of_tables("replicas", required=True)
+        if not replicas_raw:
+            raise self.error(f"{where}.replicas", "at least one replica is required")
+        replicas = tuple(
+            self.replica(r, f"{where}.replicas[{i}]", i) for i, r in enumerate(replicas_raw)
+        )
+        self._check_unique([r.name for r in replicas], f"{where}.replicas", "name")
+        state_dir = t.string("state_dir")
+        return DatabaseConfig(
+            path=path,
+            name=t.string("name") or path.stem,
+            state_dir=Path(state_dir) if state_dir else path.with_name(f".{path.name}-replicad"),
+            replicas=replicas,
+            poll_interval=t.positive_float("poll_interval", DEFAULT_POLL_INTERVAL),
+            sync_interval=t.non_negative_float("sync_interval", DEFAULT_SYNC_INTERVAL),
+        )
+
+    def replica(self, raw: dict[str, Any], where: str, index: int) -> ReplicaConfig:
+        url = _Table(self, raw, where, None).string("url", required=True)
+        parts = urlsplit(url)
+        if parts.scheme == "file":
+            return self._file_replica(raw, where, index, url, parts.netloc, parts.path)
+        if parts.scheme == "s3":
+            return self._s3_replica(raw, where, index, url)
+        raise self.error(
+            f"{where}.url",
+            f"unsupported replica URL {url!r}",
+            hint="use file:///absolute/dir or s3://bucket/prefix",
+        )
+
+    def _file_replica(
+        self, raw: dict[str, Any], where: str, index: int, url: str, host: str, path: str
+    ) -> ReplicaConfig:
+        t = _Table(self, raw, where, _COMMON_REPLICA_KEYS)
+        if host not in ("", "localhost") or not path.startswith("/"):
+            raise self.error(
+                f"{where}.url",
+                f"file URL must name an absolute local path, got {url!r}",
+                hint="write file:///var/backups/app (three slashes)",
+            )
+        return ReplicaConfig(
+            name=t.string("name") or f"file{index}",
+            url=url,
+            path=Path(unquote(path)),
+            max_pending_bytes=t.positive_int("max_pending_bytes", DEFAULT_MAX_PENDING_BYTES),
+        )
+
+    def _s3_replica(self, raw: dict[str, Any], where: str, index: int, url: str) -> ReplicaConfig:
+        parts = urlsplit(url)
+        if not parts.netloc:
+            raise self.error(f"{where}.url", f"S3 URL has no bucket: {url!r}")
+        merged = dict(raw)
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in _S3_URL_KEYS:
+                raise self.error(
+                    f"{where}.url",
+                    f"unknown URL parameter {key!r}",
+                    hint=f"allowed: {', '.join(sorted(_S3_URL_KEYS))}",
+                )
+            if key in merged:
+                raise self.error(f"{where}.{key}", "set both in the URL and as a key; keep one")
+            merged[key] = _url_value(value)
+        t = _Table(self, merged, where, _COMMON_REPLICA_KEYS | _S3_KEYS)
+        prefix = unquote(parts.path).strip("/")
+        options = S3Options(
+            bucket=parts.netloc,
+            prefix=prefix,
+            endpoint=t.string("endpoint"),
+            region=t.string("region"),
+            path_style=t.boolean("path_style", False),
+            access_key_id=t.secret("access_key_id"),
+            secret_access_key=t.secret("secret_access_key"),
+            session_token=t.secret("session_token"),
+            profile=t.string("profile"),
+            ca_bundle=t.string("ca_bundle"),
+            verify_tls=t.boolean("verify_tls", True),
+            storage_class=t.string("storage_class"),
+            part_size=t.positive_int("part_size", DEFAULT_S3_PART_SIZE, minimum=5 << 20),
+            concurrency=t.positive_int("concurrency", DEFAULT_S3_CONCURRENCY),
+            conditional_writes=t.boolean("conditional_writes", True),
+        )
+        if (options.access_key_id is None) != (options.secret_access_key is None):
+            raise self.error(
+                where, "access_key_id and secret_access_key must be set together"
+            )
+        display = urlsplit(url)._replace(query="").geturl()
+        if options.endpoint:
+            display += f"?endpoint={options.endpoint}"
+        return ReplicaConfig(
+            name=t.string("name") or f"s3{index}",
+            url=display,
+            s3=options,
+            max_pending_bytes=t.positive_int("max_pending_bytes", DEFAULT_MAX_PENDING_BYTES),
+        )
+
+    def expand(self, value: str, key: str) -> str:
+        def substitute(match: re.Match[str]) -> str:
+            if match.group(0) == "$${":
+                return "${"
+            name = match.group(1)
+            if name not in self.env:
+                raise self.error(
+                    key,
+                    f"environment variable {name} is not set",
+                    hint=f"export {name} before starting replicad, or set it in the unit/pod",
+                )
+            return self.env[name]
+
+        return _VAR_RE.sub(substitute, value)
+
+    def _check_unique(self, values: list[Any], where: str, what: str) -> None:
+        seen = set()
+        for value in values:
+            if value in seen:
+                raise self.error(where, f"duplicate {what} {str(value)!r}")
+            seen.add(value)
+
+
+class _Table:
+    """One TOML table with typed getters; unknown keys are rejected on construction."""
+
+    def __init__(
+        self, reader: _Reader, raw: Any, where: str, allowed: frozenset[str] | None
+    ) -> None:
+        if not isinstance(raw, dict):
+            raise reader.error(where or "(top level)", "expected a table")
+        self.reader = reader
+        self.raw = raw
+        self.where = where
+        if allowed is not None:
+            for key in raw:
+                if key not in allowed:
+                    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+                    hint = f"did you mean {close[0]!r}?" if close else None
+                    raise reader.error(self.key(key), "unknown key", hint=hint)
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def _get(self, name: str, kind: type | tuple[type, ...], what: str) -> Any:
+        value = self.raw.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.reader.error(self.key(name), f"expected {what}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.reader.error(self.key(name), f"expected {what}, got {value!r}")
+        return value
+
+    def string(self, name: str, *, required: bool = False) -> str:
+        value = self._get(name, str, "a string")
+        if value is None:
+            if required:
+                raise self.reader.error(self.key(name), "missing (required)")
+            return ""
+        return self.reader.expand(value, self.key(name))
+
+    def secret(self, name: str) -> Secret | None:
+        value = self.string(name)
+        return Secret(value) if value else None
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name, bool, "true or false")
+        return default if value is None else bool(value)
+
+    def positive_float(self, name: str, default: float) -> float:
+        value = self.non_negative_float(name, default)
+        if value <= 0:
+            raise self.reader.error(self.key(name), f"must be greater than 0, got {value}")
+        return value
+
+    def non_negative_float(self, name: str, default: float) -> float:
+        value = self._get(name, (int, float), "a number of seconds")
+        if value is None:
+            return default
+        if value < 0:
+            raise self.reader.error(self.key(name), f"must not be negative, got {value}")
+        return float(value)
+
+    def positive_int(self, name: str, default: int, *, minimum: int = 1) -> int:
+        value = self._get(name, int, "an integer")
+        if value is None:
+            return default
+        if value < minimum:
+            raise self.reader.error(self.key(name), f"must be at least {minimum}, got {value}")
+        return int(value)
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.string(name) or default
+        if value not in choices:
+            raise self.reader.error(
+                self.key(name), f"must be one of {', '.join(choices)}, got {value!r}"
+            )
+        return value
+
+    def list_of_tables(self, name: str, *, required: bool = False) -> list[Any]:
+        value = self.raw.get(name)
+        if value is None:
+            if required:
+                raise self.reader.error(self.key(name), "missing (required)")
+            return []
+        if not isinstance(value, list):
+            raise self.reader.error(self.key(name), "expected an array of tables ([[...]])")
+        return value
+
+
+def _url_value(value: str) -> Any:
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return value
+
+
+_TOP_KEYS = frozenset({"databases", "log_level", "log_format", "shutdown_timeout"})
+_DB_KEYS = frozenset({"path", "name", "state_dir", "replicas", "poll_interval", "sync_interval"})
+_COMMON_REPLICA_KEYS = frozenset({"url", "name", "max_pending_bytes"})
+_S3_URL_KEYS = frozenset({"endpoint", "region", "path_style", "verify_tls", "storage_class"})
+_S3_KEYS = _S3_URL_KEYS | frozenset(
+    {
+        "access_key_id",
+        "secret_access_key",
+        "session_token",
+        "profile",
+        "ca_bundle",
+        "part_size",
+        "concurrency",
+        "conditional_writes",
+    }
+)
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "Config",
+    "DatabaseConfig",
+    "ReplicaConfig",
+    "S3Options",
+    "Secret",
+    "config_from_args",
+    "field",
+    "load_config",
+    "replica_from_url",
+]

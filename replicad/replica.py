@@ -1,0 +1,312 @@
+"""One destination of one database: what it holds, what it still needs, and how to send it.
+
+A `Replica` owns a `ReplicaClient` and a queue of captured transactions.  It lists its storage
+once, at start-up, to learn where it stands; afterwards it knows what it wrote, so steady state
+costs no LIST requests and an idle database costs no requests at all.  Uploads are one-shot
+steps (`upload_snapshot`, `upload_pending`) wrapped by the caller's loop, which retries them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from replicad.clients.base import ReplicaClient
+from replicad.db import CapturedTxn
+from replicad.errors import FormatError
+from replicad.format import (
+    HEADER_SIZE,
+    ObjectHeader,
+    Transaction,
+    TxnInfo,
+    decode_header,
+    encode_object,
+)
+from replicad.position import ObjectKind, ObjectName, WalPosition, parse_key, segment_name
+
+#: Raw page bytes per segment object; a backlog is split into objects of about this size.
+DEFAULT_SEGMENT_MAX_BYTES = 32 << 20
+#: A replica further behind than this drops its backlog and catches up with a snapshot,
+#: so a long outage cannot exhaust the daemon's memory.
+DEFAULT_MAX_PENDING_BYTES = 256 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaTip:
+    """The newest state a replica holds: its last TXID and, when known, the WAL position after it."""
+
+    txid: int
+    position: WalPosition | None
+    db_pages: int
+    page_size: int
+
+
+@dataclass(slots=True)
+class SnapshotFile:
+    """A snapshot encoded into a local file, uploaded to each replica that was offered it."""
+
+    name: ObjectName
+    #: The daemon's capture counter at the snapshot (replica TXIDs are this plus an offset).
+    db_txid: int
+    path: Path
+    size: int
+    users: int = 0
+
+    def release(self) -> None:
+        """One replica is done with the file; delete it when none is left."""
+        self.users -= 1
+        if self.users <= 0:
+            self.path.unlink(missing_ok=True)
+
+
+class Replica:
+    """Ships one database's transactions and snapshots to one `ReplicaClient`."""
+
+    def __init__(
+        self,
+        name: str,
+        client: ReplicaClient,
+        *,
+        segment_max_bytes: int = DEFAULT_SEGMENT_MAX_BYTES,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self.name = name
+        self.client = client
+        self.segment_max_bytes = segment_max_bytes
+        self.max_pending_bytes = max_pending_bytes
+        self.log = log or structlog.get_logger().bind(replica=name)
+        #: Last TXID this replica holds (0: nothing yet).
+        self.shipped_txid = 0
+        #: Replica TXID = daemon capture counter + offset; None until the chain is aligned
+        #: (at start-up, or by a snapshot).  TXIDs are per replica, so a replica that was
+        #: behind or unreachable continues its own numbering without gaps or collisions.
+        self.offset: int | None = None
+        #: Why this replica needs a snapshot before it can continue, if it does.
+        self.needs_snapshot: str | None = "no state loaded yet"
+        self.loaded = False
+        self.snapshot: SnapshotFile | None = None
+        self.pending: deque[CapturedTxn] = deque()
+        self.pending_bytes = 0
+        self.page_size = 0
+        self.last_upload_monotonic = 0.0
+        self.last_upload_time = 0.0
+        self.wake = asyncio.Event()
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    async def load_tip(self) -> ReplicaTip | None:
+        """List the replica once and read the header of its newest object.
+
+        Returns None for an empty replica.  Objects that are not ours are ignored with a warning.
+        """
+        objects = await self.client.list_objects()
+        names = []
+        foreign = 0
+        for info in objects:
+            name = parse_key(info.key)
+            if name is None:
+                foreign += 1
+            else:
+                names.append(name)
+        if foreign:
+            self.log.warning(
+                "ignoring objects that are not replicad's", count=foreign, url=self.client.url
+            )
+        if not names:
+            self.shipped_txid = 0
+            self.loaded = True
+            return None
+        newest = max(names, key=lambda n: (n.last_txid, n.kind is ObjectKind.SEGMENT))
+        header = await self._read_header(newest)
+        self.shipped_txid = newest.last_txid
+        self.page_size = header.page_size
+        self.loaded = True
+        return ReplicaTip(newest.last_txid, header.position, header.db_pages, header.page_size)
+
+    async def _read_header(self, name: ObjectName) -> ObjectHeader:
+        head = b""
+        async for chunk in self.client.iter_object(name.key, chunk_size=HEADER_SIZE):
+            head += chunk
+            if len(head) >= HEADER_SIZE:
+                break
+        header = decode_header(head[:HEADER_SIZE])
+        if header.kind is not name.kind or header.last_txid != name.last_txid:
+            raise FormatError(
+                f"object {name.key} in {self.client.url} does not match its name",
+                hint="something other than replicad wrote under this prefix; use a fresh prefix",
+            )
+        return header
+
+    def align(self, db_txid: int, page_size: int) -> None:
+        """The daemon resumed at this replica's tip: its capture counter `db_txid` is our tip."""
+        self.offset = self.shipped_txid - db_txid
+        self.page_size = page_size
+        self.needs_snapshot = None
+
+    def snapshot_txid(self, db_txid: int) -> int:
+        """The TXID this replica gives a snapshot taken at capture counter `db_txid`."""
+        if self.offset is not None:
+            return db_txid + self.offset
+        return self.shipped_txid + 1
+
+    # -- queue ------------------------------------------------------------------------------
+
+    def enqueue(self, txns: list[CapturedTxn]) -> None:
+        """Queue captured transactions; past the memory bound, fall back to a snapshot."""
+        if not txns or (self.offset is None and self.snapshot is None):
+            return  # unaligned: a coming snapshot covers these
+        for txn in txns:
+            self.pending.append(txn)
+            self.pending_bytes += txn.nbytes
+        if self.pending_bytes > self.max_pending_bytes:
+            self.log.warning(
+                "replica fell too far behind; dropping its backlog for a new snapshot",
+                pending_bytes=self.pending_bytes,
+                limit=self.max_pending_bytes,
+            )
+            self.require_snapshot("backlog exceeded max_pending_bytes")
+        self.wake.set()
+
+    def require_snapshot(self, reason: str) -> None:
+        """This replica's chain cannot continue: drop its queue and wait for a snapshot."""
+        if self.snapshot is not None:
+            self.snapshot.release()
+            self.snapshot = None
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.offset = None
+        self.needs_snapshot = reason
+
+    def offer_snapshot(self, snapshot: SnapshotFile) -> None:
+        """Give this replica a snapshot to upload after the transactions that precede it."""
+        if self.snapshot is not None:
+            self.snapshot.release()
+        snapshot.users += 1
+        self.snapshot = snapshot
+        self.page_size = snapshot_page_size(snapshot)
+        self.wake.set()
+
+    @property
+    def wants_snapshot(self) -> bool:
+        """True when this replica needs a snapshot and none has been offered yet."""
+        return self.loaded and self.needs_snapshot is not None and self.snapshot is None
+
+    @property
+    def has_work(self) -> bool:
+        """True while something is waiting to be uploaded."""
+        return bool(self.pending) or self.snapshot is not None
+
+    def lag_seconds(self, now_ns: int | None = None) -> float:
+        """Age of the oldest transaction not yet uploaded (0 when caught up)."""
+        if not self.pending:
+            return 0.0
+        now_ns = now_ns or time.time_ns()
+        return max(0.0, (now_ns - self.pending[0].commit_time_ns) / 1e9)
+
+    # -- upload step ------------------------------------------------------------------------
+
+    async def upload(self) -> int:
+        """Upload everything queued, in TXID order. Returns the number of objects written.
+
+        Transactions older than an offered snapshot go first (they are history the snapshot
+        does not replace), then the snapshot, then the rest.  A failure raises and leaves the
+        queue as it was, so the caller retries by calling again.
+        """
+        written = 0
+        while True:
+            limit = self.snapshot.db_txid if self.snapshot is not None else None
+            if self.pending and self.offset is not None and (
+                limit is None or self.pending[0].txid <= limit
+            ):
+                await self._upload_segment(limit)
+            elif self.snapshot is not None:
+                await self._upload_snapshot(self.snapshot)
+            else:
+                return written
+            written += 1
+
+    async def _upload_segment(self, limit: int | None) -> None:
+        assert self.offset is not None
+        batch = self._next_batch(limit)
+        name, data = await asyncio.to_thread(_encode_segment, batch, self.page_size, self.offset)
+        await self.client.put_object(name.key, data)
+        for _ in batch:
+            self.pending_bytes -= self.pending.popleft().nbytes
+        self.shipped_txid = name.last_txid
+        self._uploaded()
+
+    async def _upload_snapshot(self, snapshot: SnapshotFile) -> None:
+        await self.client.put_file(snapshot.name.key, snapshot.path)
+        self.snapshot = None
+        snapshot.release()
+        self.offset = snapshot.name.last_txid - snapshot.db_txid
+        self.shipped_txid = snapshot.name.last_txid
+        self.needs_snapshot = None
+        while self.pending and self.pending[0].txid <= snapshot.db_txid:
+            self.pending_bytes -= self.pending.popleft().nbytes
+        self._uploaded()
+        self.log.info("snapshot uploaded", txid=snapshot.name.last_txid, bytes=snapshot.size)
+
+    def _next_batch(self, limit: int | None) -> list[CapturedTxn]:
+        batch: list[CapturedTxn] = []
+        size = 0
+        for txn in self.pending:
+            if limit is not None and txn.txid > limit:
+                break
+            if batch and size + txn.nbytes > self.segment_max_bytes:
+                break
+            batch.append(txn)
+            size += txn.nbytes
+        return batch
+
+    def _uploaded(self) -> None:
+        self.last_upload_monotonic = time.monotonic()
+        self.last_upload_time = time.time()
+
+
+def snapshot_page_size(snapshot: SnapshotFile) -> int:
+    """Page size recorded in a spooled snapshot's header."""
+    with snapshot.path.open("rb") as f:
+        return decode_header(f.read(HEADER_SIZE)).page_size
+
+
+def _encode_segment(
+    batch: list[CapturedTxn], page_size: int, offset: int
+) -> tuple[ObjectName, bytes]:
+    first, last = batch[0], batch[-1]
+    name = segment_name(
+        level=0,
+        first_txid=first.txid + offset,
+        last_txid=last.txid + offset,
+        min_time_ms=first.commit_time_ns // 1_000_000,
+        max_time_ms=last.commit_time_ns // 1_000_000,
+    )
+    header = ObjectHeader(
+        kind=ObjectKind.SEGMENT,
+        page_size=page_size,
+        level=0,
+        first_txid=name.first_txid,
+        last_txid=name.last_txid,
+        min_time_ns=first.commit_time_ns,
+        max_time_ns=last.commit_time_ns,
+        db_pages=last.db_pages,
+        position=last.end,
+    )
+    txns = [
+        Transaction(TxnInfo(t.txid + offset, t.commit_time_ns, t.db_pages, len(t.pages)), t.pages)
+        for t in batch
+    ]
+    return name, encode_object(header, txns)
+
+
+def spool_path(state_dir: Path, name: ObjectName) -> Path:
+    """Where a snapshot is encoded before upload: the database's own state directory."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return state_dir / f"snapshot-{name.last_txid:016x}-{os.getpid()}.tmp"

@@ -1,0 +1,388 @@
+"""Replication of one database to its replicas: start-up, the sync step, snapshots, flushing.
+
+`DatabaseReplicator` joins a `Database` (blocking SQLite and WAL reads, run in a worker thread
+under one lock) to its `Replica`s (async uploads).  Its loops (`sync_loop`, `upload_loop`) are
+thin wrappers around one-shot steps (`sync_step`, `snapshot_step`, `Replica.upload`) that tests
+call directly.  The daemon starts the loops in its TaskGroup and calls `flush` at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from replicad.db import Database, SnapshotRetry, SnapshotSource, SyncResult
+from replicad.errors import ReplicadError
+from replicad.format import ObjectHeader, ObjectWriter
+from replicad.position import ObjectKind, ObjectName, snapshot_name
+from replicad.replica import Replica, ReplicaTip, SnapshotFile, spool_path
+
+#: Seconds between syncs when no file-change event arrives (the source of truth if one is missed).
+DEFAULT_POLL_INTERVAL = 1.0
+#: Minimum seconds between uploads to one replica: PUTs are batched to this interval, and the
+#: first commit after an idle period ships at once.
+DEFAULT_SYNC_INTERVAL = 1.0
+#: Longest wait between retries of a failing replica.
+DEFAULT_RETRY_MAX = 30.0
+_RETRY_MIN = 0.2
+_SNAPSHOT_ATTEMPTS = 5
+
+
+@dataclass(slots=True)
+class ReplicatorStats:
+    """Counters for the metrics layer."""
+
+    syncs: int = 0
+    sync_errors: int = 0
+    transactions: int = 0
+    snapshots: int = 0
+    continuity_losses: int = 0
+    wal_size: int = 0
+    last_sync_duration: float = 0.0
+
+
+class Backoff:
+    """Exponential backoff with full jitter, reset after a success."""
+
+    def __init__(self, *, minimum: float = _RETRY_MIN, maximum: float = DEFAULT_RETRY_MAX) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        """Delay before the next attempt; grows with each consecutive failure."""
+        self.failures += 1
+        cap = min(self.maximum, self.minimum * 2 ** min(self.failures, 16))
+        return random.uniform(self.minimum, cap)
+
+    def reset(self) -> None:
+        """A success: start again from the minimum."""
+        self.failures = 0
+
+
+class DatabaseReplicator:
+    """Replicates one `Database` to its `Replica`s."""
+
+    def __init__(
+        self,
+        db: Database,
+        replicas: list[Replica],
+        *,
+        name: str,
+        state_dir: Path,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        sync_interval: float = DEFAULT_SYNC_INTERVAL,
+        log: structlog.typing.FilteringBoundLogger | None = None,
+    ) -> None:
+        self.db = db
+        self.replicas = replicas
+        self.name = name
+        self.state_dir = state_dir
+        self.poll_interval = poll_interval
+        self.sync_interval = sync_interval
+        self.log = log or structlog.get_logger().bind(db=name)
+        self.stats = ReplicatorStats()
+        self.wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._lost: str | None = None
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the database, learn where each replica stands, then resume or snapshot.
+
+        Raises `DatabaseError` if the database cannot be replicated.  A replica that cannot be
+        reached is logged and retried by its upload loop; the others go ahead.
+        """
+        await asyncio.to_thread(self.db.open)
+        tips = await self._load_tips()
+        async with self._lock:
+            self._lost = await asyncio.to_thread(self._resume, tips)
+        if self._lost is not None:
+            self.log.info("taking a snapshot", reason=self._lost)
+        await self.snapshot_step()
+
+    async def _load_tips(self) -> dict[str, ReplicaTip | None]:
+        results = await asyncio.gather(
+            *(r.load_tip() for r in self.replicas), return_exceptions=True
+        )
+        tips: dict[str, ReplicaTip | None] = {}
+        for replica, result in zip(self.replicas, results, strict=True):
+            if isinstance(result, ReplicadError):
+                replica.log.error("cannot read replica; will retry", error=str(result))
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                tips[replica.name] = result
+        return tips
+
+    def _resume(self, tips: dict[str, ReplicaTip | None]) -> str | None:
+        """Resume from the most advanced replica whose position the WAL still holds (blocking).
+
+        Returns None when resumed, else why a snapshot is needed.
+        """
+        ranked = sorted(
+            ((name, tip) for name, tip in tips.items() if tip is not None),
+            key=lambda item: item[1].txid,
+            reverse=True,
+        )
+        reason = "the replica is empty" if not ranked else "no replica has a WAL position"
+        for name, tip in ranked:
+            if tip.position is None:
+                continue
+            if tip.page_size != self.db.page_size:
+                reason = f"replica {name} has page size {tip.page_size}, database {self.db.page_size}"
+                continue
+            reason_or_none = self.db.resume(tip.position, txid=0, db_pages=tip.db_pages)
+            if reason_or_none is None:
+                self._align(tips, tip)
+                self.log.info("resumed from replica", replica=name, txid=tip.txid)
+                return None
+            reason = reason_or_none
+        return reason
+
+    def _align(self, tips: dict[str, ReplicaTip | None], resumed: ReplicaTip) -> None:
+        for replica in self.replicas:
+            tip = tips.get(replica.name)
+            if tip is not None and tip.position == resumed.position:
+                replica.align(0, self.db.page_size)
+            elif replica.loaded:
+                replica.require_snapshot("behind the newest replica")
+
+    # -- steps ------------------------------------------------------------------------------
+
+    async def sync_step(self) -> SyncResult | None:
+        """Capture new commits, queue them on every replica, snapshot if continuity was lost."""
+        if self._lost is None:
+            async with self._lock:
+                result = await self._sync_once()
+        else:
+            result = None
+        if self._lost is not None or any(r.wants_snapshot for r in self.replicas):
+            await self.snapshot_step()
+        return result
+
+    async def _sync_once(self) -> SyncResult:
+        started = time.perf_counter()
+        try:
+            result = await asyncio.to_thread(self.db.sync)
+        except ReplicadError:
+            self.stats.sync_errors += 1
+            raise
+        self.stats.syncs += 1
+        self.stats.last_sync_duration = time.perf_counter() - started
+        self.stats.wal_size = result.wal_size
+        self._distribute(result)
+        return result
+
+    def _distribute(self, result: SyncResult) -> None:
+        if result.transactions:
+            self.stats.transactions += len(result.transactions)
+            for replica in self.replicas:
+                replica.enqueue(result.transactions)
+        if result.lost_continuity is not None:
+            self.stats.continuity_losses += 1
+            self._lost = result.lost_continuity
+            self.log.warning("continuity lost; taking a new snapshot", reason=self._lost)
+
+    async def snapshot_step(self) -> None:
+        """Take a snapshot for every replica that needs one (all of them after a lost continuity)."""
+        async with self._lock:
+            for attempt in range(1, _SNAPSHOT_ATTEMPTS + 1):
+                try:
+                    await self._snapshot_once()
+                except SnapshotRetry as exc:
+                    self.log.info("snapshot raced a WAL restart; retrying", attempt=attempt, reason=str(exc))
+                    continue
+                return
+            raise SnapshotRetry(f"snapshot did not succeed in {_SNAPSHOT_ATTEMPTS} attempts")
+
+    async def _snapshot_once(self) -> None:
+        if self._lost is None:
+            await self._catch_up()  # a continuity loss found on the way sets self._lost
+        fresh = self._lost is not None
+        targets = [r for r in self.replicas if r.loaded and (fresh or r.wants_snapshot)]
+        if not targets:
+            return None
+        if fresh and self.db.is_replaced():
+            await asyncio.to_thread(self.db.reopen)
+        if fresh:
+            source = await asyncio.to_thread(self.db.start_fresh, base_txid=self.db.state.txid)
+        else:
+            source = self.db.current_source()
+        files = await asyncio.to_thread(self._write_snapshots, source, targets)
+        for replica, snapshot in files:
+            replica.offer_snapshot(snapshot)
+        for snapshot in {id(f): f for _, f in files}.values():
+            snapshot.users -= 1  # the creator's reference
+            if snapshot.users <= 0:
+                snapshot.release()
+        self._lost = None
+        self.stats.snapshots += 1
+        self.log.info("snapshot taken", capture_txid=source.txid, pages=source.db_pages)
+        return None
+
+    async def _catch_up(self) -> None:
+        """Sync until the whole WAL is captured (the lock is held by the caller)."""
+        while (await self._sync_once()).more and self._lost is None:
+            pass
+
+    def _write_snapshots(
+        self, source: SnapshotSource, targets: list[Replica]
+    ) -> list[tuple[Replica, SnapshotFile]]:
+        """Encode one snapshot file per distinct TXID the targets need (blocking)."""
+        by_txid: dict[int, SnapshotFile] = {}
+        out = []
+        for replica in targets:
+            txid = replica.snapshot_txid(source.txid)
+            if txid not in by_txid:
+                name = snapshot_name(txid, source.time_ns // 1_000_000)
+                by_txid[txid] = self._write_snapshot(source, name)
+                by_txid[txid].users += 1
+            out.append((replica, by_txid[txid]))
+        return out
+
+    def _write_snapshot(self, source: SnapshotSource, name: ObjectName) -> SnapshotFile:
+        path = spool_path(self.state_dir, name)
+        header = ObjectHeader(
+            kind=ObjectKind.SNAPSHOT,
+            page_size=source.page_size,
+            level=0,
+            first_txid=name.first_txid,
+            last_txid=name.last_txid,
+            min_time_ns=source.time_ns,
+            max_time_ns=source.time_ns,
+            db_pages=source.db_pages,
+            # No WAL generation yet (empty WAL): nothing to resume from after a restart.
+            position=source.position if source.position.salt1 >= 0 else None,
+        )
+        try:
+            with path.open("wb") as sink:
+                writer = ObjectWriter(sink, header)
+                writer.begin_transaction(
+                    name.last_txid, source.time_ns, source.db_pages, _snapshot_page_count(source)
+                )
+                for pgno, data in self.db.iter_snapshot_pages(source):
+                    writer.add_page(pgno, data)
+                size = writer.finish()
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return SnapshotFile(name, source.txid, path, size)
+
+    # -- loops ------------------------------------------------------------------------------
+
+    async def sync_loop(self, stop: asyncio.Event) -> None:
+        """Sync on every wake-up (file change) or poll tick until `stop` is set."""
+        backoff = Backoff()
+        while not stop.is_set():
+            await _wait(self.wake, timeout=self.poll_interval)
+            self.wake.clear()
+            if stop.is_set():
+                return
+            try:
+                await self.sync_step()
+                backoff.reset()
+            except ReplicadError as exc:
+                self.log.error("sync failed; will retry", error=str(exc))
+                await _sleep_unless(stop, backoff.next_delay())
+
+    async def upload_loop(self, replica: Replica, stop: asyncio.Event) -> None:
+        """Upload what `replica` has queued, at most once per sync interval, until `stop`."""
+        backoff = Backoff()
+        while not stop.is_set():
+            if not replica.loaded:
+                await self._load_late(replica, backoff, stop)
+                continue
+            if not replica.has_work:
+                await _wait(replica.wake, timeout=None)
+                replica.wake.clear()
+                continue
+            wait = replica.last_upload_monotonic + self.sync_interval - time.monotonic()
+            if wait > 0 and await _sleep_unless(stop, wait):
+                return
+            try:
+                await replica.upload()
+                backoff.reset()
+            except ReplicadError as exc:
+                replica.log.error("upload failed; will retry", error=str(exc))
+                await _sleep_unless(stop, backoff.next_delay())
+
+    async def _load_late(self, replica: Replica, backoff: Backoff, stop: asyncio.Event) -> None:
+        try:
+            await replica.load_tip()
+        except ReplicadError as exc:
+            replica.log.error("cannot read replica; will retry", error=str(exc))
+            await _sleep_unless(stop, backoff.next_delay())
+            return
+        backoff.reset()
+        replica.require_snapshot("the replica was unreachable at start-up")
+        self.wake.set()
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    async def flush(self, deadline: float) -> list[str]:
+        """Capture everything committed and upload it, retrying until `deadline` (monotonic).
+
+        Returns what could not be shipped, one line per replica; empty means all of it was.
+        """
+        try:
+            await self.sync_step()
+        except ReplicadError as exc:
+            return [f"{self.name}: final sync failed: {exc}"]
+        results = await asyncio.gather(*(self._flush_replica(r, deadline) for r in self.replicas))
+        return [problem for problem in results if problem]
+
+    async def _flush_replica(self, replica: Replica, deadline: float) -> str | None:
+        backoff = Backoff(maximum=2.0)
+        while replica.has_work:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(replica.upload(), timeout=remaining)
+            except (ReplicadError, TimeoutError) as exc:
+                replica.log.warning("flush attempt failed", error=str(exc) or "timed out")
+                await asyncio.sleep(min(backoff.next_delay(), max(0.0, deadline - time.monotonic())))
+        if replica.has_work or not replica.loaded:
+            what = f"{len(replica.pending)} transactions" + (
+                " and a snapshot" if replica.snapshot is not None else ""
+            )
+            return f"{self.name} -> {replica.name}: {what} not uploaded"
+        return None
+
+    def interrupt(self) -> None:
+        """Wake every loop so it notices that stop was requested."""
+        self.wake.set()
+        for replica in self.replicas:
+            replica.wake.set()
+
+    def close(self) -> None:
+        """Release the database (blocking; SQLite connections before the raw descriptor)."""
+        self.db.close()
+
+
+def _snapshot_page_count(source: SnapshotSource) -> int:
+    lock_page = (1 << 30) // source.page_size + 1
+    return source.db_pages - (1 if lock_page <= source.db_pages else 0)
+
+
+async def _wait(event: asyncio.Event, *, timeout: float | None) -> None:
+    """Wait until `event` is set or `timeout` passes."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout)
+
+
+async def _sleep_unless(stop: asyncio.Event, delay: float) -> bool:
+    """Sleep `delay` seconds; returns True early if `stop` is set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=delay)
+    except TimeoutError:
+        return False
+    return True

@@ -1,0 +1,311 @@
+"""The ReplicaClient contract, run against every backend: a directory, rclone serve s3, moto.
+
+Each test gets a fresh replica (a temporary directory, or a new bucket) from `replica_client`
+or `make_replica_client` in conftest.py.  Backend-specific behaviour is tested at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from s3servers import ClientFactory
+
+from replicad.clients.base import ObjectInfo, ReplicaClient
+from replicad.clients.file import TEMP_PREFIX, FileReplicaClient
+from replicad.clients.s3 import MIN_PART_SIZE, S3ReplicaClient
+from replicad.errors import ObjectExistsError, ObjectNotFoundError
+
+MIB = 1 << 20
+
+
+def write_random_file(path: Path, size: int) -> str:
+    """Fill `path` with `size` random bytes; their SHA-256."""
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+async def test_put_get_round_trip(replica_client: ReplicaClient) -> None:
+    payload = os.urandom(70_000)
+    await replica_client.put_object("segments/00/a.seg", payload)
+    await replica_client.put_object("empty", b"")
+
+    assert await replica_client.get_object("segments/00/a.seg") == payload
+    assert await replica_client.get_object("empty") == b""
+
+
+async def test_put_replaces_existing_object(replica_client: ReplicaClient) -> None:
+    await replica_client.put_object("k", b"first version")
+    await replica_client.put_object("k", b"second")
+
+    assert await replica_client.get_object("k") == b"second"
+    assert await replica_client.list_objects() == [ObjectInfo("k", 6)]
+
+
+async def test_new_replica_lists_empty(replica_client: ReplicaClient) -> None:
+    assert await replica_client.list_objects() == []
+    assert await replica_client.list_objects("snapshots/") == []
+
+
+async def test_list_is_sorted_with_sizes_and_filters_by_prefix(
+    replica_client: ReplicaClient,
+) -> None:
+    keys = ["segments/01/b", "snapshots/2", "segments/00/c", "snapshots/1", "segments/00/a", "z"]
+    for i, key in enumerate(keys):
+        await replica_client.put_object(key, b"x" * i)
+
+    listed = await replica_client.list_objects()
+    assert [o.key for o in listed] == sorted(keys)
+    assert {o.key: o.size for o in listed} == {key: i for i, key in enumerate(keys)}
+    assert [o.key for o in await replica_client.list_objects("segments/00/")] == [
+        "segments/00/a",
+        "segments/00/c",
+    ]
+    # A prefix that ends inside a name component filters on the whole key, not directories.
+    assert [o.key for o in await replica_client.list_objects("snap")] == [
+        "snapshots/1",
+        "snapshots/2",
+    ]
+    assert await replica_client.list_objects("nothing-here/") == []
+
+
+@pytest.mark.parametrize("backend", ["rclone", "moto"])
+async def test_list_follows_continuation_tokens(make_replica_client: ClientFactory) -> None:
+    client = await make_replica_client(list_page_size=3)
+    keys = [f"segments/00/{i:04d}" for i in range(8)]
+    for key in keys:
+        await client.put_object(key, b"-")
+
+    assert [o.key for o in await client.list_objects("segments/")] == keys
+    assert client.stats.requests["LIST"] == 3
+
+
+@pytest.mark.parametrize("backend", ["rclone"])  # the fastest server to fill with 1100 keys
+async def test_list_more_than_one_default_page(replica_client: ReplicaClient) -> None:
+    import asyncio
+
+    keys = [f"k/{i:05d}" for i in range(1100)]
+    limit = asyncio.Semaphore(16)
+
+    async def put(key: str) -> None:
+        async with limit:
+            await replica_client.put_object(key, b"")
+
+    async with asyncio.TaskGroup() as group:
+        for key in keys:
+            group.create_task(put(key))
+
+    assert [o.key for o in await replica_client.list_objects()] == keys
+    assert replica_client.stats.requests["LIST"] == 2
+
+
+async def test_get_missing_raises_not_found(replica_client: ReplicaClient) -> None:
+    with pytest.raises(ObjectNotFoundError, match="missing/key"):
+        await replica_client.get_object("missing/key")
+
+
+async def test_iter_object_streams_bounded_chunks(replica_client: ReplicaClient) -> None:
+    payload = os.urandom(300_000)
+    await replica_client.put_object("big", payload)
+
+    chunks = [chunk async for chunk in replica_client.iter_object("big", chunk_size=64 * 1024)]
+
+    assert b"".join(chunks) == payload
+    assert all(0 < len(chunk) <= 64 * 1024 for chunk in chunks)
+    assert len(chunks) >= 5
+
+
+async def test_iter_object_missing_raises_not_found(replica_client: ReplicaClient) -> None:
+    with pytest.raises(ObjectNotFoundError):
+        async for _ in replica_client.iter_object("nope"):
+            pass
+
+
+async def test_iter_object_closed_early_leaves_client_usable(replica_client: ReplicaClient) -> None:
+    await replica_client.put_object("big", os.urandom(200_000))
+    stream = replica_client.iter_object("big", chunk_size=1024)
+    assert len(await anext(stream)) <= 1024
+    await stream.aclose()  # type: ignore[attr-defined]  # an async generator in every backend
+
+    assert await replica_client.get_object("big") != b""
+
+
+async def test_put_file_small(replica_client: ReplicaClient, tmp_path: Path) -> None:
+    source = tmp_path / "small.db"
+    source.write_bytes(b"sqlite snapshot bytes")
+
+    await replica_client.put_file("snapshots/s1", source)
+
+    assert await replica_client.get_object("snapshots/s1") == b"sqlite snapshot bytes"
+    assert replica_client.stats.requests.get("PUT") == 1
+
+
+async def test_put_file_large_uses_multipart(
+    make_replica_client: ClientFactory, backend: str, tmp_path: Path
+) -> None:
+    client = await make_replica_client(part_size=MIN_PART_SIZE, concurrency=2)
+    source = tmp_path / "large.db"
+    expected = write_random_file(source, 12 * MIB + 12_345)
+
+    await client.put_file("snapshots/big", source)
+
+    digest = hashlib.sha256()
+    async for chunk in client.iter_object("snapshots/big"):
+        digest.update(chunk)
+    assert digest.hexdigest() == expected
+    assert await client.list_objects() == [ObjectInfo("snapshots/big", 12 * MIB + 12_345)]
+    if backend != "file":
+        requests = client.stats.requests
+        assert (requests["CREATE_MULTIPART"], requests["UPLOAD_PART"]) == (1, 3)
+        assert requests["COMPLETE_MULTIPART"] == 1
+        assert "PUT" not in requests
+    assert client.stats.bytes_uploaded == 12 * MIB + 12_345
+
+
+async def test_delete_removes_keys_and_ignores_missing(replica_client: ReplicaClient) -> None:
+    for key in ("a/1", "a/2", "b/1"):
+        await replica_client.put_object(key, b"v")
+
+    await replica_client.delete_objects(["a/1", "b/1", "never/existed"])
+    await replica_client.delete_objects([])
+
+    assert [o.key for o in await replica_client.list_objects()] == ["a/2"]
+    with pytest.raises(ObjectNotFoundError):
+        await replica_client.get_object("a/1")
+
+
+async def test_delete_more_than_one_batch(replica_client: ReplicaClient) -> None:
+    await replica_client.put_object("keep", b"")
+    await replica_client.put_object("gone/0001", b"")
+
+    await replica_client.delete_objects([f"gone/{i:04d}" for i in range(1001)])
+
+    assert [o.key for o in await replica_client.list_objects()] == ["keep"]
+    assert replica_client.stats.requests["DELETE"] == 2
+
+
+async def test_create_only_refuses_existing_key(make_replica_client: ClientFactory) -> None:
+    first = await make_replica_client()
+    if not first.supports_create_only:
+        pytest.skip("rclone serve s3 does not enforce If-None-Match, so create_only cannot fence")
+    second = await make_replica_client()  # another writer on the same replica
+
+    await first.put_object("lock", b"writer one", create_only=True)
+    with pytest.raises(ObjectExistsError, match="lock"):
+        await second.put_object("lock", b"writer two", create_only=True)
+
+    assert await first.get_object("lock") == b"writer one"
+    assert second.stats.errors == {"exists": 1}
+
+
+async def test_stats_count_requests_and_bytes(replica_client: ReplicaClient) -> None:
+    await replica_client.put_object("s", b"12345")
+    await replica_client.get_object("s")
+    await replica_client.list_objects()
+    await replica_client.delete_objects(["s"])
+    with pytest.raises(ObjectNotFoundError):
+        await replica_client.get_object("s")
+
+    stats = replica_client.stats
+    assert stats.requests == {"PUT": 1, "GET": 2, "LIST": 1, "DELETE": 1}
+    assert (stats.bytes_uploaded, stats.bytes_downloaded) == (5, 5)
+    assert stats.errors == {"not_found": 1}
+
+
+async def test_use_after_close_is_refused(replica_client: ReplicaClient) -> None:
+    await replica_client.put_object("k", b"v")
+    await replica_client.close()
+    await replica_client.close()  # idempotent
+
+    with pytest.raises(RuntimeError, match="closed"):
+        await replica_client.list_objects()
+    with pytest.raises(RuntimeError, match="closed"):
+        await replica_client.put_object("k", b"v")
+    with pytest.raises(RuntimeError, match="closed"):
+        async for _ in replica_client.iter_object("k"):
+            pass
+
+
+async def test_url_names_the_replica_without_secrets(
+    replica_client: ReplicaClient, backend: str
+) -> None:
+    url = replica_client.url
+    assert url.startswith({"file": "file:///", "rclone": "s3://t-", "moto": "s3://t-"}[backend])
+    if backend != "file":
+        assert url.endswith("/replicas/db1?endpoint=http://127.0.0.1:" + url.rsplit(":", 1)[-1])
+        assert isinstance(replica_client, S3ReplicaClient)
+        assert "secret" not in url
+
+
+# -- backend-specific behaviour --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["file"])
+async def test_file_temp_files_are_never_listed(
+    make_replica_client: ClientFactory, tmp_path: Path
+) -> None:
+    first = await make_replica_client()
+    second = await make_replica_client()
+    await first.put_object("dir/lock", b"one", create_only=True)
+    (tmp_path / "replica" / "dir" / f"{TEMP_PREFIX}leftover").write_bytes(b"crashed writer")
+
+    with pytest.raises(ObjectExistsError):
+        await second.put_object("dir/lock", b"two", create_only=True)
+
+    assert await first.list_objects() == [ObjectInfo("dir/lock", 3)]
+    leftovers = sorted(p.name for p in (tmp_path / "replica" / "dir").iterdir())
+    assert leftovers == [f"{TEMP_PREFIX}leftover", "lock"]  # the failed write cleaned up
+
+
+@pytest.mark.parametrize("backend", ["file"])
+async def test_file_rejects_keys_outside_the_root(replica_client: ReplicaClient) -> None:
+    for key in ("../escape", "a//b", "/abs", "", f"x/{TEMP_PREFIX}y"):
+        with pytest.raises(ValueError, match="key"):
+            await replica_client.put_object(key, b"")
+
+
+async def test_file_root_needs_an_existing_parent(tmp_path: Path) -> None:
+    from replicad.errors import ReplicaAccessError
+
+    async with FileReplicaClient(tmp_path / "not-mounted" / "replica") as client:
+        assert await client.list_objects() == []
+        with pytest.raises(ReplicaAccessError, match="does not exist"):
+            await client.put_object("k", b"v")
+
+
+@pytest.mark.parametrize("backend", ["rclone"])
+async def test_rclone_ignores_if_none_match(make_replica_client: ClientFactory) -> None:
+    """Documents why rclone runs with `conditional_writes=False`; fails if rclone starts fencing."""
+    client = await make_replica_client(conditional_writes=True)
+    await client.put_object("lock", b"one", create_only=True)
+    await client.put_object("lock", b"two", create_only=True)
+
+    assert await client.get_object("lock") == b"two"
+
+
+@pytest.mark.parametrize("backend", ["rclone", "moto"])
+async def test_failed_multipart_upload_is_aborted(
+    make_replica_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_replica_client(part_size=MIN_PART_SIZE, concurrency=1)
+    assert isinstance(client, S3ReplicaClient)
+    source = tmp_path / "large.db"
+    write_random_file(source, 11 * MIB)
+    real_upload_part = client._upload_part
+
+    async def fail_second_part(what: str, target: dict[str, Any], number: int, chunk: bytes) -> str:
+        if number == 2:
+            raise OSError("disk went away")
+        return await real_upload_part(what, target, number, chunk)
+
+    monkeypatch.setattr(client, "_upload_part", fail_second_part)
+    with pytest.raises(OSError, match="disk went away"):
+        await client.put_file("snapshots/big", source)
+
+    assert client.stats.requests["ABORT_MULTIPART"] == 1
+    assert "COMPLETE_MULTIPART" not in client.stats.requests
+    assert await client.list_objects() == []
