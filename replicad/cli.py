@@ -162,7 +162,9 @@ async def _serve(config: Config) -> int:
     return await daemon.serve()
 
 
-async def _replicator(db_config: DatabaseConfig, clients: list[ReplicaClient]) -> DatabaseReplicator:
+async def _replicator(
+    db_config: DatabaseConfig, clients: list[ReplicaClient]
+) -> DatabaseReplicator:
     db_log = structlog.get_logger().bind(db=db_config.name)
     replicas = []
     for replica_config in db_config.replicas:
@@ -192,7 +194,8 @@ async def make_client(config: ReplicaConfig) -> ReplicaClient:
     if config.path is not None:
         return FileReplicaClient(config.path)
     assert config.s3 is not None
-    from replicad.clients.s3 import S3ReplicaClient
+    # Imported here: aiobotocore takes a while to import and file-only runs never need it.
+    from replicad.clients.s3 import S3ReplicaClient  # noqa: PLC0415
 
     s3 = config.s3
     client = S3ReplicaClient(

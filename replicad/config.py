@@ -209,7 +209,9 @@ class _Reader:
         url = _Table(self, raw, where, None).string("url", required=True)
         parts = urlsplit(url)
         if parts.scheme == "file":
-            return self._file_replica(raw, where, index, url, parts.netloc, parts.path)
+            return self._file_replica(
+                raw, where, index, url=url, host=parts.netloc, path=parts.path
+            )
         if parts.scheme == "s3":
             return self._s3_replica(raw, where, index, url)
         raise self.error(
@@ -219,7 +221,7 @@ class _Reader:
         )
 
     def _file_replica(
-        self, raw: dict[str, Any], where: str, index: int, url: str, host: str, path: str
+        self, raw: dict[str, Any], where: str, index: int, *, url: str, host: str, path: str
     ) -> ReplicaConfig:
         t = _Table(self, raw, where, _COMMON_REPLICA_KEYS)
         if host not in ("", "localhost") or not path.startswith("/"):
@@ -270,9 +272,7 @@ class _Reader:
             conditional_writes=t.boolean("conditional_writes", True),
         )
         if (options.access_key_id is None) != (options.secret_access_key is None):
-            raise self.error(
-                where, "access_key_id and secret_access_key must be set together"
-            )
+            raise self.error(where, "access_key_id and secret_access_key must be set together")
         display = urlsplit(url)._replace(query="").geturl()
         if options.endpoint:
             display += f"?endpoint={options.endpoint}"

@@ -9,6 +9,7 @@ committed was shipped.  A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -116,14 +117,12 @@ class Daemon:
             if not warned:
                 replicator.log.warning("database does not exist yet; waiting for it")
                 warned = True
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), replicator.poll_interval)
-            except TimeoutError:
-                pass
         return False
 
     async def _watch(self) -> None:
-        """Wake a database's sync loop when its file or WAL changes (polling remains the backstop)."""
+        """Wake a database's sync loop when its file or WAL changes (polling is the backstop)."""
         targets: dict[Path, DatabaseReplicator] = {}
         for r in self.replicators:
             targets[r.db.path.absolute()] = r

@@ -26,14 +26,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from replicad.errors import DatabaseError, WalError
 from replicad.position import WalPosition
 from replicad.wal import (
     FRAME_HEADER_SIZE,
     WAL_HEADER_SIZE,
-    WalHeader,
     StopReason,
+    WalHeader,
     WalScan,
     parse_wal_header,
     scan_frames,
@@ -165,7 +166,7 @@ class Database:
             self._fd = None
 
     def is_replaced(self) -> bool:
-        """True when the path now names a different file than the one we opened (restored backup)."""
+        """True when the path names another file than the one we opened (a restored backup)."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -324,7 +325,9 @@ class Database:
             self.state.txid += 1
             self.state.db_pages = txn.db_pages
             self.state.position = txn.end
-            out.append(CapturedTxn(self.state.txid, now, txn.db_pages, list(pages.items()), txn.end))
+            out.append(
+                CapturedTxn(self.state.txid, now, txn.db_pages, list(pages.items()), txn.end)
+            )
         return out
 
     def _lose(self, reason: str, wal_size: int = 0) -> SyncResult:
@@ -429,6 +432,7 @@ class Database:
         assert self._fd is not None
         ps = self.page_size
         lock_page = _LOCK_BYTE // ps + 1
+        zeros = bytes(ps)
         overlay = dict(self.state.overlay)
         with _WalFile.open(self.wal_path) as wal:
             for first in range(1, source.db_pages + 1, _SNAPSHOT_CHUNK_PAGES):
@@ -436,28 +440,14 @@ class Database:
                 chunk = os.pread(self._fd, (last - first + 1) * ps, (first - 1) * ps)
                 for pgno in range(first, last + 1):
                     if pgno == lock_page:
+                        yield pgno, zeros  # SQLite never writes the lock page
                         continue
-                    yield pgno, self._snapshot_page(wal, source, overlay, chunk, first, pgno)
+                    offset = overlay.get(pgno)
+                    if offset is not None:
+                        yield pgno, _read_overlay_frame(wal, source.position, offset, pgno, ps)
+                    else:
+                        yield pgno, _page_in_chunk(chunk, (pgno - first) * ps, pgno, ps)
             self._check_generation_unchanged(wal, source)
-
-    def _snapshot_page(
-        self,
-        wal: _WalFile,
-        source: SnapshotSource,
-        overlay: dict[int, int],
-        chunk: bytes,
-        first: int,
-        pgno: int,
-    ) -> bytes:
-        ps = self.page_size
-        offset = overlay.get(pgno)
-        if offset is not None:
-            return _read_overlay_frame(wal, source.position, offset, pgno, ps)
-        start = (pgno - first) * ps
-        page = chunk[start : start + ps]
-        if len(page) != ps:
-            raise SnapshotRetry(f"page {pgno} is beyond the end of the database file")
-        return page
 
     def _check_generation_unchanged(self, wal: _WalFile, source: SnapshotSource) -> None:
         if source.position.offset == WAL_HEADER_SIZE and not self.state.overlay:
@@ -465,6 +455,13 @@ class Database:
         header = self._read_header(wal)
         if header is None or not source.position.same_generation(header.salt1, header.salt2):
             raise SnapshotRetry("the WAL restarted while the snapshot was being read")
+
+
+def _page_in_chunk(chunk: bytes, start: int, pgno: int, page_size: int) -> bytes:
+    page = chunk[start : start + page_size]
+    if len(page) != page_size:
+        raise SnapshotRetry(f"page {pgno} is beyond the end of the database file")
+    return page
 
 
 def _read_overlay_frame(
@@ -580,6 +577,4 @@ def _page_size_from_header(header: bytes, path: Path) -> int:
 
 
 def _uri_path(path: Path) -> str:
-    from urllib.parse import quote
-
     return quote(str(path.absolute()))

@@ -3,7 +3,7 @@
     ReplicadError                 base; carries a message and a hint (what to do next)
     ├── ConfigError               the configuration file or command line is wrong
     ├── DatabaseError             the SQLite database cannot be replicated as it is
-    ├── WalError                  the -wal file has an unusable header (a torn tail is *not* an error)
+    ├── WalError                  the -wal header is unusable (a torn tail is *not* an error)
     ├── FormatError               an object in a replica is corrupt, truncated, foreign or too new
     ├── ReplicaError              an operation on a replica failed
     │   ├── ObjectNotFoundError   the key does not exist

@@ -340,9 +340,9 @@ class _Sequence:
             return f"transaction {info.txid} where {expected_txid} should come next"
         if info.txid > h.last_txid:
             return f"transaction {info.txid} is past the object's last TXID {h.last_txid}"
-        earliest = prev.commit_time_ns if prev else h.min_time_ns
         if prev is None and info.commit_time_ns != h.min_time_ns:
             return f"first commit time {info.commit_time_ns} is not min_time_ns {h.min_time_ns}"
+        earliest = prev.commit_time_ns if prev else h.min_time_ns
         if not earliest <= info.commit_time_ns <= h.max_time_ns:
             return (
                 f"transaction {info.txid} commit time {info.commit_time_ns} is outside "
@@ -398,9 +398,8 @@ class ObjectWriter:
     """Streams one object to `sink`: the header at once, then each block as it fills.
 
     Call `begin_transaction` then `add_page` `page_count` times, for each transaction in
-    TXID order, then `finish`.  Memory is bounded by `block_size` plus one page.  Any misuse
-    raises ValueError and leaves the writer as it was; a writer that raised should be abandoned
-    with the partial object it wrote.
+    TXID order, then `finish`.  Memory is bounded by `block_size` plus one page.  Misuse
+    raises ValueError before anything changes, so the rejected call can be corrected.
     """
 
     def __init__(

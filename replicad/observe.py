@@ -13,7 +13,9 @@ from typing import TextIO
 import structlog
 
 
-def configure_logging(*, level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+def configure_logging(
+    *, level: str = "info", fmt: str = "auto", stream: TextIO | None = None
+) -> None:
     """Configure structlog once, at start-up. `fmt` is auto, json or console."""
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())

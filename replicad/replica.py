@@ -39,7 +39,7 @@ DEFAULT_MAX_PENDING_BYTES = 256 << 20
 
 @dataclass(frozen=True, slots=True)
 class ReplicaTip:
-    """The newest state a replica holds: its last TXID and, when known, the WAL position after it."""
+    """The newest state a replica holds: its last TXID and, if known, the WAL position after it."""
 
     txid: int
     position: WalPosition | None
@@ -222,8 +222,10 @@ class Replica:
         written = 0
         while True:
             limit = self.snapshot.db_txid if self.snapshot is not None else None
-            if self.pending and self.offset is not None and (
-                limit is None or self.pending[0].txid <= limit
+            if (
+                self.pending
+                and self.offset is not None
+                and (limit is None or self.pending[0].txid <= limit)
             ):
                 await self._upload_segment(limit)
             elif self.snapshot is not None:

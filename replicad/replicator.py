@@ -137,7 +137,9 @@ class DatabaseReplicator:
             if tip.position is None:
                 continue
             if tip.page_size != self.db.page_size:
-                reason = f"replica {name} has page size {tip.page_size}, database {self.db.page_size}"
+                reason = (
+                    f"replica {name} has page size {tip.page_size}, database {self.db.page_size}"
+                )
                 continue
             reason_or_none = self.db.resume(tip.position, txid=0, db_pages=tip.db_pages)
             if reason_or_none is None:
@@ -192,13 +194,15 @@ class DatabaseReplicator:
             self.log.warning("continuity lost; taking a new snapshot", reason=self._lost)
 
     async def snapshot_step(self) -> None:
-        """Take a snapshot for every replica that needs one (all of them after a lost continuity)."""
+        """Snapshot for every replica that needs one (all of them after a lost continuity)."""
         async with self._lock:
             for attempt in range(1, _SNAPSHOT_ATTEMPTS + 1):
                 try:
                     await self._snapshot_once()
                 except SnapshotRetry as exc:
-                    self.log.info("snapshot raced a WAL restart; retrying", attempt=attempt, reason=str(exc))
+                    self.log.info(
+                        "snapshot raced a WAL restart; retrying", attempt=attempt, reason=str(exc)
+                    )
                     continue
                 return
             raise SnapshotRetry(f"snapshot did not succeed in {_SNAPSHOT_ATTEMPTS} attempts")
@@ -209,7 +213,7 @@ class DatabaseReplicator:
         fresh = self._lost is not None
         targets = [r for r in self.replicas if r.loaded and (fresh or r.wants_snapshot)]
         if not targets:
-            return None
+            return
         if fresh and self.db.is_replaced():
             await asyncio.to_thread(self.db.reopen)
         if fresh:
@@ -226,7 +230,7 @@ class DatabaseReplicator:
         self._lost = None
         self.stats.snapshots += 1
         self.log.info("snapshot taken", capture_txid=source.txid, pages=source.db_pages)
-        return None
+        return
 
     async def _catch_up(self) -> None:
         """Sync until the whole WAL is captured (the lock is held by the caller)."""
@@ -266,7 +270,7 @@ class DatabaseReplicator:
             with path.open("wb") as sink:
                 writer = ObjectWriter(sink, header)
                 writer.begin_transaction(
-                    name.last_txid, source.time_ns, source.db_pages, _snapshot_page_count(source)
+                    name.last_txid, source.time_ns, source.db_pages, source.db_pages
                 )
                 for pgno, data in self.db.iter_snapshot_pages(source):
                     writer.add_page(pgno, data)
@@ -282,7 +286,7 @@ class DatabaseReplicator:
         """Sync on every wake-up (file change) or poll tick until `stop` is set."""
         backoff = Backoff()
         while not stop.is_set():
-            await _wait(self.wake, timeout=self.poll_interval)
+            await _wait(self.wake, seconds=self.poll_interval)
             self.wake.clear()
             if stop.is_set():
                 return
@@ -301,7 +305,7 @@ class DatabaseReplicator:
                 await self._load_late(replica, backoff, stop)
                 continue
             if not replica.has_work:
-                await _wait(replica.wake, timeout=None)
+                await _wait(replica.wake, seconds=None)
                 replica.wake.clear()
                 continue
             wait = replica.last_upload_monotonic + self.sync_interval - time.monotonic()
@@ -349,7 +353,9 @@ class DatabaseReplicator:
                 await asyncio.wait_for(replica.upload(), timeout=remaining)
             except (ReplicadError, TimeoutError) as exc:
                 replica.log.warning("flush attempt failed", error=str(exc) or "timed out")
-                await asyncio.sleep(min(backoff.next_delay(), max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(
+                    min(backoff.next_delay(), max(0.0, deadline - time.monotonic()))
+                )
         if replica.has_work or not replica.loaded:
             what = f"{len(replica.pending)} transactions" + (
                 " and a snapshot" if replica.snapshot is not None else ""
@@ -368,15 +374,10 @@ class DatabaseReplicator:
         self.db.close()
 
 
-def _snapshot_page_count(source: SnapshotSource) -> int:
-    lock_page = (1 << 30) // source.page_size + 1
-    return source.db_pages - (1 if lock_page <= source.db_pages else 0)
-
-
-async def _wait(event: asyncio.Event, *, timeout: float | None) -> None:
-    """Wait until `event` is set or `timeout` passes."""
+async def _wait(event: asyncio.Event, *, seconds: float | None) -> None:
+    """Wait until `event` is set or `seconds` pass."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
+        await asyncio.wait_for(event.wait(), seconds)
 
 
 async def _sleep_unless(stop: asyncio.Event, delay: float) -> bool:

@@ -79,9 +79,7 @@ def names_from_listing(objects: Iterable[ObjectInfo]) -> dict[ObjectName, int]:
     return out
 
 
-def plan_restore(
-    names: dict[ObjectName, int], *, target_txid: int | None = None
-) -> RestorePlan:
+def plan_restore(names: dict[ObjectName, int], *, target_txid: int | None = None) -> RestorePlan:
     """Choose the objects that restore `target_txid` (default: the newest TXID). Pure.
 
     Raises `RestoreError` when the replica is empty, the target is out of range, or the chain
@@ -156,11 +154,8 @@ async def restore(
     a failed integrity check; `FormatError` for a corrupt object; `ReplicaError` for storage.
     """
     started = time.monotonic()
-    output = output.absolute()
-    _check_target(output, force)
+    output, tmp = await asyncio.to_thread(_prepare_target, output, force)
     plan = plan_restore(names_from_listing(await client.list_objects()), target_txid=target_txid)
-    tmp = output.with_name(output.name + ".tmp")
-    _remove_quietly(tmp, _sidecar(tmp, "-wal"), _sidecar(tmp, "-shm"))
     try:
         page_size, db_pages = await _apply(client, plan, tmp, prefetch)
         await asyncio.to_thread(_check_integrity, tmp, integrity)
@@ -179,7 +174,9 @@ async def restore(
     )
 
 
-def _check_target(output: Path, force: bool) -> None:
+def _prepare_target(output: Path, force: bool) -> tuple[Path, Path]:
+    """Refuse an existing target unless forced; clear leftovers of an interrupted restore."""
+    output = output.absolute()
     if output.exists() and not force:
         raise RestoreError(
             f"{output} already exists",
@@ -188,6 +185,9 @@ def _check_target(output: Path, force: bool) -> None:
         )
     if not output.parent.is_dir():
         raise RestoreError(f"directory {output.parent} does not exist")
+    tmp = output.with_name(output.name + ".tmp")
+    _remove_quietly(tmp, _sidecar(tmp, "-wal"), _sidecar(tmp, "-shm"))
+    return output, tmp
 
 
 async def _apply(

@@ -8,7 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3servers import (
+
+from replicad.clients.base import ReplicaClient
+from replicad.clients.file import FileReplicaClient
+from replicad.clients.s3 import S3ReplicaClient
+from tests.s3servers import (
     ClientFactory,
     S3Server,
     create_bucket,
@@ -16,10 +20,6 @@ from s3servers import (
     start_rclone,
     unique_bucket,
 )
-
-from replicad.clients.base import ReplicaClient
-from replicad.clients.file import FileReplicaClient
-from replicad.clients.s3 import S3ReplicaClient
 
 # =================================================================================================
 # Storage backends: real S3 servers (rclone serve s3, moto) and a `replica_client` per backend

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3servers import ClientFactory
 
 from replicad.clients.base import ObjectInfo, ReplicaClient
 from replicad.clients.file import TEMP_PREFIX, FileReplicaClient
 from replicad.clients.s3 import MIN_PART_SIZE, S3ReplicaClient
 from replicad.errors import ObjectExistsError, ObjectNotFoundError
+from tests.s3servers import ClientFactory
 
 MIB = 1 << 20
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import struct
 import zlib
 from collections.abc import Callable
@@ -551,24 +552,26 @@ def _use_after_finish(w: ObjectWriter) -> None:
 
 
 @pytest.mark.parametrize(
-    "misuse",
+    ("misuse", "message"),
     [
-        _wrong_page_size,
-        _pgno_zero,
-        _txid_not_first,
-        _txid_gap,
-        _past_last_txid,
-        _too_many_pages,
-        _too_few_pages,
-        _finish_open_transaction,
-        _finish_before_last_txid,
-        _time_goes_back,
-        _wrong_final_db_pages,
-        _use_after_finish,
+        (_wrong_page_size, "is 511 bytes, not 512"),
+        (_pgno_zero, "page number 0 out of range"),
+        (_txid_not_first, "transaction 99 where 100 should come next"),
+        (_txid_gap, "transaction 102 where 101 should come next"),
+        (_past_last_txid, "past the object's last TXID 101"),
+        (_too_many_pages, "page 2 outside a transaction"),
+        (_too_few_pages, "transaction 100 still expects 1 pages"),
+        (_finish_open_transaction, "transaction 100 is missing 2 pages"),
+        (_finish_before_last_txid, "transactions end at 100, but the header says 101"),
+        (_time_goes_back, "commit times never decrease"),
+        (_wrong_final_db_pages, "last database size 7"),
+        (_use_after_finish, "already finished"),
     ],
 )
-def test_writer_misuse_raises_value_error(misuse: Callable[[ObjectWriter], None]) -> None:
-    with pytest.raises(ValueError):  # noqa: PT011 - each case has its own message
+def test_writer_misuse_raises_value_error(
+    misuse: Callable[[ObjectWriter], None], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
         misuse(_segment_writer())
 
 

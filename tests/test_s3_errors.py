@@ -8,10 +8,10 @@ import traceback
 from typing import Any
 
 import pytest
-from s3servers import S3Server, create_bucket, free_port, unique_bucket
 
 from replicad.clients.s3 import S3ReplicaClient
 from replicad.errors import ConfigError, ReplicaAccessError, ReplicaUnavailableError
+from tests.s3servers import S3Server, create_bucket, free_port, unique_bucket
 
 pytestmark = pytest.mark.usefixtures("isolated_aws_environment")
 

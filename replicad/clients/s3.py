@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -102,7 +103,6 @@ _CREDENTIAL_CODES = frozenset(
         "ExpiredToken",
         "InvalidToken",
         "TokenRefreshRequired",
-        "RequestTimeTooSkewed",
         "AuthorizationHeaderMalformed",
     }
 )
@@ -124,6 +124,24 @@ _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _TRANSIENT_ERRORS = (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError)
 
 _log = structlog.get_logger()
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _counting_errors(
+    method: Callable[Concatenate[S3ReplicaClient, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[S3ReplicaClient, _P], Coroutine[Any, Any, _R]]:
+    """Count a public method's failure in `stats.errors`, once, by kind."""
+
+    @functools.wraps(method)
+    async def counted(client: S3ReplicaClient, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await method(client, *args, **kwargs)
+        except ReplicaError as error:
+            client.stats.count_error(_error_kind(error))
+            raise
+
+    return counted
 
 
 class S3ReplicaClient:
@@ -268,6 +286,7 @@ class S3ReplicaClient:
 
     # -- the ReplicaClient protocol ------------------------------------------------------------
 
+    @_counting_errors
     async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object under `prefix`, sorted, following ListObjectsV2 continuation tokens."""
         found: list[ObjectInfo] = []
@@ -277,7 +296,7 @@ class S3ReplicaClient:
             "MaxKeys": self._list_page_size,
         }
         while True:
-            page = await self._call(f"LIST {prefix!r}", "list_objects_v2", **params)
+            page = await self._call(f"LIST {params['Prefix']!r}", "list_objects_v2", **params)
             found.extend(
                 ObjectInfo(item["Key"][len(self._root) :], item["Size"])
                 for item in page.get("Contents", ())
@@ -287,19 +306,12 @@ class S3ReplicaClient:
                 return sorted(found, key=lambda info: info.key)
             params["ContinuationToken"] = token
 
+    @_counting_errors
     async def put_object(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         """One PutObject; with `create_only` (and `conditional_writes`) `If-None-Match: *`."""
-        digest = hashlib.md5(data)
-        params = self._put_params(key) | {"Body": data, "ContentMD5": _b64(digest)}
-        if create_only and self._conditional_writes:
-            params["IfNoneMatch"] = "*"
-        try:
-            await self._call(f"PUT {key!r}", "put_object", **params)
-        except ObjectExistsError as error:
-            if not (_was_retried(error) and await self._holds(key, digest.hexdigest())):
-                raise
-        self._stats.bytes_uploaded += len(data)
+        await self._put(self._root + key, data, create_only=create_only)
 
+    @_counting_errors
     async def put_file(self, key: str, path: Path) -> None:
         """Upload a local file: one PUT up to `part_size`, else a parallel multipart upload.
 
@@ -307,21 +319,11 @@ class S3ReplicaClient:
         """
         size = (await asyncio.to_thread(path.stat)).st_size
         if size <= self._part_size:
-            await self.put_object(key, await asyncio.to_thread(path.read_bytes))
-            return
-        part_size = max(self._part_size, -(-size // MAX_PARTS))
-        what = f"multipart upload of {key!r}"
-        params = self._put_params(key)
-        upload = await self._call(what, "create_multipart_upload", **params)
-        target = {"Bucket": self._bucket, "Key": params["Key"], "UploadId": upload["UploadId"]}
-        try:
-            parts = await self._upload_parts(what, target, path, part_size)
-            await self._call(
-                what, "complete_multipart_upload", **target, MultipartUpload={"Parts": parts}
+            await self._put(self._root + key, await asyncio.to_thread(path.read_bytes))
+        else:
+            await self._put_multipart(
+                self._root + key, path, max(self._part_size, -(-size // MAX_PARTS))
             )
-        except BaseException:
-            await self._abort_upload(what, target)
-            raise
 
     async def get_object(self, key: str) -> bytes:
         """The whole object; `ObjectNotFoundError` if it does not exist."""
@@ -329,8 +331,57 @@ class S3ReplicaClient:
 
     async def iter_object(self, key: str, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
         """Stream the GetObject body in chunks of at most `chunk_size` bytes."""
-        what = f"GET {key!r}"
-        response = await self._call(what, "get_object", Bucket=self._bucket, Key=self._root + key)
+        try:
+            async with contextlib.aclosing(self._stream(self._root + key, chunk_size)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except ReplicaError as error:
+            self._stats.count_error(_error_kind(error))
+            raise
+
+    @_counting_errors
+    async def delete_objects(self, keys: Sequence[str]) -> None:
+        """DeleteObjects in batches of 1000; absent keys are fine, other per-key errors raise."""
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            what = f"DELETE of {len(batch)} keys under {self._root!r}"
+            response = await self._call(
+                what,
+                "delete_objects",
+                Bucket=self._bucket,
+                Delete={"Objects": [{"Key": self._root + key} for key in batch], "Quiet": True},
+            )
+            failed = [
+                e for e in response.get("Errors", ()) if e.get("Code") not in _NOT_FOUND_CODES
+            ]
+            if failed:
+                first = failed[0]
+                raise self._classify(
+                    f"{what} ({len(failed)} failed, first {first.get('Key')!r})",
+                    first.get("Code", ""),
+                    0,
+                    first.get("Message", ""),
+                )
+
+    # -- single requests -----------------------------------------------------------------------
+
+    async def _put(self, full_key: str, data: bytes, *, create_only: bool = False) -> None:
+        """PutObject with Content-MD5; a conflict our own retried attempt caused is success."""
+        digest = hashlib.md5(data)
+        params = self._put_params(full_key) | {"Body": data, "ContentMD5": _b64(digest)}
+        if create_only and self._conditional_writes:
+            params["IfNoneMatch"] = "*"
+        try:
+            await self._call(f"PUT {full_key!r}", "put_object", **params)
+        except ObjectExistsError as error:
+            if not (_was_retried(error) and await self._holds(full_key, digest.hexdigest())):
+                raise
+        self._stats.bytes_uploaded += len(data)
+
+    async def _stream(self, full_key: str, chunk_size: int) -> AsyncGenerator[bytes, None]:
+        """GetObject, then the body chunk by chunk; the connection is released on exit."""
+        what = f"GET {full_key!r}"
+        response = await self._call(what, "get_object", Bucket=self._bucket, Key=full_key)
         body = response["Body"]
         try:
             while True:
@@ -345,33 +396,29 @@ class S3ReplicaClient:
         finally:
             body.close()
 
-    async def delete_objects(self, keys: Sequence[str]) -> None:
-        """DeleteObjects in batches of 1000; absent keys are fine, other per-key errors raise."""
-        for start in range(0, len(keys), DELETE_BATCH):
-            batch = keys[start : start + DELETE_BATCH]
-            what = f"DELETE of {len(batch)} keys"
-            objects = [{"Key": self._root + key} for key in batch]
-            response = await self._call(
-                what,
-                "delete_objects",
-                Bucket=self._bucket,
-                Delete={"Objects": objects, "Quiet": True},
+    async def _holds(self, full_key: str, etag: str) -> bool:
+        """Whether the object at `full_key` now has this ETag (so holds the bytes we sent)."""
+        try:
+            head = await self._call(
+                f"HEAD {full_key!r}", "head_object", Bucket=self._bucket, Key=full_key
             )
-            failed = [
-                e for e in response.get("Errors", ()) if e.get("Code") not in _NOT_FOUND_CODES
-            ]
-            if failed:
-                first = failed[0]
-                error = self._classify(
-                    f"{what} ({len(failed)} failed, first {first.get('Key')!r})",
-                    first.get("Code", ""),
-                    0,
-                    first.get("Message", ""),
-                )
-                self._stats.count_error(_error_kind(error))
-                raise error
+        except ObjectNotFoundError:
+            return False
+        return str(head.get("ETag", "")).strip('"') == etag
 
     # -- multipart -----------------------------------------------------------------------------
+
+    async def _put_multipart(self, full_key: str, path: Path, part_size: int) -> None:
+        """Create, upload parts, complete; abort on any failure (cancellation included)."""
+        what = f"multipart upload of {full_key!r}"
+        upload = await self._call(what, "create_multipart_upload", **self._put_params(full_key))
+        target = {"Bucket": self._bucket, "Key": full_key, "UploadId": upload["UploadId"]}
+        try:
+            parts = await self._upload_parts(what, target, path, part_size)
+            await self._complete(what, target, parts)
+        except BaseException:
+            await self._abort_upload(what, target)
+            raise
 
     async def _upload_parts(
         self, what: str, target: dict[str, Any], path: Path, part_size: int
@@ -413,6 +460,20 @@ class S3ReplicaClient:
         self._stats.bytes_uploaded += len(chunk)
         return str(response["ETag"])
 
+    async def _complete(
+        self, what: str, target: dict[str, Any], parts: list[dict[str, Any]]
+    ) -> None:
+        """CompleteMultipartUpload; `NoSuchUpload` after a retry may mean our first try worked."""
+        try:
+            await self._call(
+                what, "complete_multipart_upload", **target, MultipartUpload={"Parts": parts}
+            )
+        except ReplicaUnavailableError as error:
+            if not (
+                _was_retried(error) and await self._holds(target["Key"], _multipart_etag(parts))
+            ):
+                raise
+
     async def _abort_upload(self, what: str, target: dict[str, Any]) -> None:
         """Best effort: an upload left behind costs storage until a lifecycle rule expires it."""
         try:
@@ -434,34 +495,28 @@ class S3ReplicaClient:
         return cast(dict[str, Any], response)
 
     def _translate(self, exc: BaseException, what: str) -> ReplicaError:
-        """The replicad error for a botocore/aiohttp failure; counted in `stats.errors`."""
-        error: ReplicaError
+        """The replicad error for a botocore/aiohttp failure."""
         if isinstance(exc, ClientError):
-            error = self._classify(
+            return self._classify(
                 what,
                 exc.response.get("Error", {}).get("Code", ""),
                 exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0),
                 exc.response.get("Error", {}).get("Message", ""),
             )
-        elif isinstance(
-            exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError
-        ):
-            error = ReplicaAccessError(
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+            return ReplicaAccessError(
                 f"S3 {what} in {self._where}: no usable credentials",
                 hint="set access_key_id and secret_access_key, AWS_* variables, or a profile",
             )
-        elif isinstance(exc, SSLError):
-            error = ReplicaAccessError(
+        if isinstance(exc, SSLError):
+            return ReplicaAccessError(
                 f"S3 {what} in {self._where}: TLS failed: {exc}",
                 hint="check the endpoint URL, ca_bundle and verify_tls",
             )
-        else:
-            error = ReplicaUnavailableError(
-                f"S3 {what} in {self._where} failed: {type(exc).__name__}: {exc}",
-                hint="check that the endpoint is reachable; will retry",
-            )
-        self._stats.count_error(_error_kind(error))
-        return error
+        return ReplicaUnavailableError(
+            f"S3 {what} in {self._where} failed: {type(exc).__name__}: {exc}",
+            hint="check that the endpoint is reachable",
+        )
 
     def _classify(self, what: str, code: str, status: int, message: str) -> ReplicaError:
         """Map an S3 error code and HTTP status to the replicad tree."""
@@ -472,11 +527,17 @@ class S3ReplicaClient:
             return ObjectExistsError(failed, hint="another writer is using this replica prefix")
         if code in _BUCKET_CODES:
             return ReplicaAccessError(failed, hint="check the bucket name, endpoint and region")
+        if code == "NoSuchUpload":
+            return ReplicaUnavailableError(
+                failed, hint="the multipart upload was aborted or expired"
+            )
         if code in _NOT_FOUND_CODES or status == 404:
             return ObjectNotFoundError(failed)
+        if code == "RequestTimeTooSkewed":
+            return ReplicaAccessError(failed, hint="this machine's clock is wrong; sync it")
         if code in _CREDENTIAL_CODES or status == 401:
             return ReplicaAccessError(
-                failed, hint="check the access key ID, secret and session token (and the clock)"
+                failed, hint="check the access key ID, secret access key and session token"
             )
         if code in _ACCESS_CODES or status == 403:
             return ReplicaAccessError(
@@ -485,7 +546,7 @@ class S3ReplicaClient:
                 "list, read, write and delete under the prefix",
             )
         if code in _TRANSIENT_CODES or status in (408, 429) or (status >= 500 and status != 501):
-            return ReplicaUnavailableError(failed, hint="the server is failing; will retry")
+            return ReplicaUnavailableError(failed, hint="the server is failing or overloaded")
         return ReplicaAccessError(
             failed, hint="the server refused the request; check it is S3-compatible"
         )
@@ -506,21 +567,12 @@ class S3ReplicaClient:
         operation = event_name.rsplit(".", 1)[-1]
         self._stats.count(_OPERATIONS.get(operation, operation.upper()))
 
-    def _put_params(self, key: str) -> dict[str, Any]:
-        params = {"Bucket": self._bucket, "Key": self._root + key}
+    def _put_params(self, full_key: str) -> dict[str, Any]:
+        """Parameters every object write carries."""
+        params = {"Bucket": self._bucket, "Key": full_key}
         if self._storage_class:
             params["StorageClass"] = self._storage_class
         return params
-
-    async def _holds(self, key: str, md5_hex: str) -> bool:
-        """Whether `key` holds exactly the bytes with this MD5 (single-part ETag)."""
-        try:
-            head = await self._call(
-                f"HEAD {key!r}", "head_object", Bucket=self._bucket, Key=self._root + key
-            )
-        except ObjectNotFoundError:
-            return False
-        return str(head.get("ETag", "")).strip('"') == md5_hex
 
 
 @functools.cache
@@ -562,6 +614,12 @@ def _botocore_config(
 def _b64(digest: Any) -> str:
     """A hashlib digest as the base64 text `Content-MD5` wants."""
     return base64.b64encode(digest.digest()).decode("ascii")
+
+
+def _multipart_etag(parts: list[dict[str, Any]]) -> str:
+    """The ETag S3 gives a completed multipart upload: MD5 of the parts' MD5s, dash, count."""
+    digests = b"".join(bytes.fromhex(str(part["ETag"]).strip('"')) for part in parts)
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
 
 
 def _was_retried(error: ReplicaError) -> bool:

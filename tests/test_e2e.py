@@ -1,0 +1,103 @@
+"""End to end: real writer processes, a real daemon process, SIGTERM/SIGKILL, restore, compare."""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests import workload
+from tests.procs import replicad, start_daemon, start_writer, stop, wait_for
+
+
+def _make_db(path: Path) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    workload.setup(conn)
+    conn.close()
+
+
+def _snapshots(replica: Path) -> list[Path]:
+    return sorted((replica / "snapshots").glob("*.snap"))
+
+
+def _restore(replica: Path, out: Path) -> None:
+    result = replicad("restore", "-o", str(out), replica.as_uri())
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "db": tmp_path / "app.db",
+        "replica": tmp_path / "replica",
+        "out": tmp_path / "restored.db",
+        "wlog": tmp_path / "writer.log",
+        "dlog": tmp_path / "daemon.log",
+        "replay": tmp_path / "replay.db",
+    }
+
+
+def test_sigterm_ships_everything_committed(paths: dict[str, Path]) -> None:
+    """App autocheckpoint on (the default); SIGTERM right after the last commit loses nothing."""
+    _make_db(paths["db"])
+    daemon = start_daemon([str(paths["db"]), paths["replica"].as_uri()], paths["dlog"])
+    try:
+        wait_for(lambda: bool(_snapshots(paths["replica"])), 20, "the first snapshot")
+        writer = start_writer(paths["db"], paths["wlog"], seed=11, count=700, rate=400)
+        assert writer.wait(timeout=60) == 0
+    finally:
+        status = stop(daemon)
+    assert status == 0, paths["dlog"].read_text()[-3000:]
+    _restore(paths["replica"], paths["out"])
+    assert workload.integrity(paths["out"]) == "ok"
+    assert workload.seq_of(paths["out"]) == 700
+    assert workload.dump(paths["out"]) == workload.dump(paths["db"])
+
+
+def test_sigkill_restart_resumes_without_snapshot(paths: dict[str, Path]) -> None:
+    """Autocheckpoint off: a killed daemon restarts from the replica's position, no new snapshot."""
+    _make_db(paths["db"])
+    args = [str(paths["db"]), paths["replica"].as_uri()]
+    daemon = start_daemon(args, paths["dlog"])
+    writer = start_writer(
+        paths["db"], paths["wlog"], seed=12, count=1200, rate=300, autocheckpoint=0
+    )
+    try:
+        wait_for(lambda: len(workload.read_log(paths["wlog"])) > 300, 30, "writer progress")
+        stop(daemon, signal.SIGKILL)
+        wait_for(lambda: len(workload.read_log(paths["wlog"])) > 500, 30, "writer progress")
+        daemon = start_daemon(args, paths["dlog"])
+        assert writer.wait(timeout=60) == 0
+    finally:
+        writer.kill()
+        status = stop(daemon)
+    assert status == 0, paths["dlog"].read_text()[-3000:]
+    assert len(_snapshots(paths["replica"])) == 1, "restart should resume, not snapshot"
+    _restore(paths["replica"], paths["out"])
+    assert workload.integrity(paths["out"]) == "ok"
+    assert workload.dump(paths["out"]) == workload.dump(paths["db"])
+
+
+def test_sigkill_leaves_a_committed_prefix(paths: dict[str, Path]) -> None:
+    """Restore after SIGKILL (no restart) is exactly the state after some commit k."""
+    _make_db(paths["db"])
+    daemon = start_daemon([str(paths["db"]), paths["replica"].as_uri()], paths["dlog"])
+    writer = start_writer(paths["db"], paths["wlog"], seed=13, count=3000, rate=300)
+    try:
+        wait_for(
+            lambda: len(workload.read_log(paths["wlog"])) > random.randint(200, 600), 30, "writes"
+        )
+        stop(daemon, signal.SIGKILL)
+        committed = workload.read_log(paths["wlog"])[-1][0]
+    finally:
+        writer.kill()
+        writer.wait()
+    _restore(paths["replica"], paths["out"])
+    assert workload.integrity(paths["out"]) == "ok"
+    k = workload.seq_of(paths["out"])
+    assert 0 < k <= committed
+    assert workload.dump(paths["out"]) == workload.replay(13, k, paths["replay"])

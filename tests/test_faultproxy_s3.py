@@ -1,0 +1,107 @@
+"""S3ReplicaClient against a flaky network: moto behind `FaultProxy`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicad.clients.s3 import MIN_PART_SIZE, S3ReplicaClient
+from replicad.errors import ObjectExistsError, ReplicaUnavailableError
+from tests.faultproxy import FaultProxy
+from tests.s3servers import S3Server, create_bucket, unique_bucket
+
+pytestmark = pytest.mark.usefixtures("isolated_aws_environment")
+
+#: Seeded, so every run sees the same faults in the same places.
+SEED = 7
+
+
+@pytest.fixture
+async def bucket(moto_server: S3Server) -> str:
+    name = unique_bucket()
+    await create_bucket(moto_server, name)
+    return name
+
+
+@pytest.fixture
+async def flaky_proxy(moto_server: S3Server) -> AsyncIterator[FaultProxy]:
+    """About one request in five fails: 500/503, dropped before or after reaching moto."""
+    proxy = FaultProxy(
+        moto_server.endpoint_url,
+        error_rate=0.10,
+        drop_rate=0.05,
+        drop_after_forward_rate=0.05,
+        latency_rate=0.10,
+        latency=0.02,
+        seed=SEED,
+    )
+    async with proxy:
+        yield proxy
+
+
+def through(proxy: FaultProxy, server: S3Server, bucket: str, **settings: Any) -> S3ReplicaClient:
+    """A client for `bucket` on `server`, reaching it via `proxy`."""
+    kwargs = server.client_kwargs(bucket, "flaky") | {
+        "endpoint_url": proxy.url,
+        "connect_timeout": 1.0,
+        "read_timeout": 5.0,
+        "max_attempts": 8,
+    }
+    return S3ReplicaClient(**(kwargs | settings))
+
+
+async def test_operations_succeed_through_twenty_percent_faults(
+    flaky_proxy: FaultProxy, moto_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    keys = [f"segments/00/{i:04d}" for i in range(15)]
+    big = tmp_path / "snapshot.db"
+    big.write_bytes(os.urandom(MIN_PART_SIZE + 100_000))
+
+    async with through(flaky_proxy, moto_server, bucket, part_size=MIN_PART_SIZE) as client:
+        for key in keys:
+            await client.put_object(key, key.encode() * 100, create_only=True)
+        for key in keys:
+            assert await client.get_object(key) == key.encode() * 100
+        assert [o.key for o in await client.list_objects("segments/")] == keys
+        await client.put_file("snapshots/0001", big)
+        digest = hashlib.sha256()
+        async for chunk in client.iter_object("snapshots/0001"):
+            digest.update(chunk)
+        assert digest.hexdigest() == hashlib.sha256(big.read_bytes()).hexdigest()
+        await client.delete_objects(keys[:10])
+        assert [o.key for o in await client.list_objects("segments/")] == keys[10:]
+        with pytest.raises(ObjectExistsError):  # fencing still works: this one is not ours
+            await client.put_object(keys[-1], b"another writer", create_only=True)
+
+    injected = flaky_proxy.injected
+    assert injected["error"] >= 3
+    assert injected["drop"] + injected["drop_after_forward"] >= 3
+    operations = 2 * len(keys) + 2 + 4 + 2 + 1 + 1  # puts, gets, lists, multipart, get, delete, put
+    assert flaky_proxy.total_requests > operations  # retries happened...
+    assert sum(client.stats.requests.values()) == flaky_proxy.total_requests  # ...and were counted
+    assert client.stats.errors == {"exists": 1}  # only the real conflict surfaced
+
+
+async def test_paused_server_is_unavailable_until_resumed(
+    moto_server: S3Server, bucket: str
+) -> None:
+    async with (
+        FaultProxy(moto_server.endpoint_url, seed=SEED) as proxy,
+        through(proxy, moto_server, bucket, max_attempts=2) as client,
+    ):
+        await client.put_object("k", b"before")
+
+        proxy.pause()
+        with pytest.raises(ReplicaUnavailableError, match=proxy.url):
+            await client.get_object("k")
+        with pytest.raises(ReplicaUnavailableError):
+            await client.put_object("k", b"during")
+
+        await proxy.resume()
+        assert await client.get_object("k") == b"before"
+    assert client.stats.errors == {"unavailable": 2}

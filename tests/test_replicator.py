@@ -1,0 +1,238 @@
+"""The sync step and continuity rules, driven step by step against a local-directory replica."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from replicad.clients.file import FileReplicaClient
+from replicad.db import Database
+from replicad.errors import DatabaseError
+from replicad.replica import Replica
+from replicad.replicator import DatabaseReplicator
+from replicad.restore import restore
+from tests import workload
+from tests.procs import clean_env
+
+
+class Harness:
+    """One database, one file replica, and a replicator driven by explicit steps."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.db_path = tmp / "app.db"
+        self.replica_dir = tmp / "replica"
+        self.rep: DatabaseReplicator | None = None
+        self.restores = 0
+
+    def app(self, *, autocheckpoint: int = 0) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=10)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint}")
+        conn.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
+        return conn
+
+    async def start(self) -> DatabaseReplicator:
+        replica = Replica("r", FileReplicaClient(self.replica_dir))
+        self.rep = DatabaseReplicator(
+            Database(self.db_path),
+            [replica],
+            name="app",
+            state_dir=self.tmp / "state",
+            sync_interval=0,
+        )
+        await self.rep.start()
+        await replica.upload()
+        return self.rep
+
+    async def step(self) -> None:
+        assert self.rep is not None
+        await self.rep.sync_step()
+        for replica in self.rep.replicas:
+            await replica.upload()
+
+    def stop(self) -> None:
+        assert self.rep is not None
+        self.rep.close()
+        self.rep = None
+
+    async def restored(self) -> Path:
+        self.restores += 1
+        out = self.tmp / f"restored{self.restores}.db"
+        await restore(FileReplicaClient(self.replica_dir), out)
+        assert workload.integrity(out) == "ok"
+        return out
+
+    def snapshots(self) -> int:
+        return len(list((self.replica_dir / "snapshots").glob("*.snap")))
+
+
+def insert(conn: sqlite3.Connection, n: int, size: int = 200) -> None:
+    for i in range(n):
+        conn.execute("INSERT INTO t(v, b) VALUES (?, ?)", (f"row{i}", os.urandom(size)))
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+async def test_sync_captures_each_commit_once(h: Harness) -> None:
+    app = h.app()
+    insert(app, 5)
+    rep = await h.start()
+    insert(app, 7)
+    result = await rep.sync_step()
+    assert result is not None
+    assert [t.txid for t in result.transactions] == list(range(2, 9))
+    again = await rep.sync_step()
+    assert again is not None
+    assert again.transactions == []
+    await h.step()
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+def _checkpoint_in_other_process(db: Path, mode: str) -> subprocess.Popen[str]:
+    code = (
+        "import sqlite3,sys,time;"
+        "c=sqlite3.connect(sys.argv[1], timeout=10);"
+        "t=time.monotonic();"
+        f"r=c.execute('PRAGMA wal_checkpoint({mode})').fetchone();"
+        "print(r[0], r[1], r[2], round(time.monotonic()-t, 3))"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(db)], stdout=subprocess.PIPE, text=True, env=clean_env()
+    )
+
+
+@pytest.mark.parametrize("mode", ["PASSIVE", "FULL", "RESTART", "TRUNCATE"])
+async def test_external_checkpoint_keeps_continuity(h: Harness, mode: str) -> None:
+    """Another process checkpoints while we keep syncing: it completes and nothing is lost."""
+    app = h.app()
+    insert(app, 40)
+    rep = await h.start()
+    insert(app, 40)
+    await h.step()
+    proc = _checkpoint_in_other_process(h.db_path, mode)
+    while proc.poll() is None:
+        await h.step()  # each step leapfrogs the read mark, letting the checkpoint finish
+        await asyncio.sleep(0.02)
+    busy, _log, _ckpt, seconds = proc.communicate()[0].split()
+    assert busy == "0", f"{mode} checkpoint was blocked"
+    assert float(seconds) < 2.0
+    if mode == "TRUNCATE":
+        assert h.db_path.with_name("app.db-wal").stat().st_size == 0
+    insert(app, 30)  # in RESTART/TRUNCATE modes this write restarts the WAL
+    await h.step()
+    assert rep.stats.continuity_losses == 0
+    assert h.snapshots() == 1
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+async def test_app_autocheckpoint_restarts_do_not_lose_continuity(h: Harness) -> None:
+    app = h.app(autocheckpoint=20)
+    rep = await h.start()
+    for _ in range(30):
+        insert(app, 10, size=3000)
+        await h.step()
+    assert rep.stats.continuity_losses == 0
+    # The WAL was restarted many times (autocheckpoint at 20 pages) yet stayed small.
+    assert h.db_path.with_name("app.db-wal").stat().st_size < 4 << 20
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+async def test_replaced_database_file_is_detected(h: Harness) -> None:
+    app = h.app()
+    insert(app, 10)
+    rep = await h.start()
+    await h.step()
+    other = h.tmp / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE restored_backup(x)")
+    conn.execute("INSERT INTO restored_backup VALUES (42)")
+    conn.commit()
+    conn.close()
+    os.replace(other, h.db_path)
+    await h.step()
+    assert rep.stats.continuity_losses == 1
+    assert h.snapshots() == 2
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+async def test_wal_truncated_while_down_takes_snapshot(h: Harness) -> None:
+    app = h.app()
+    insert(app, 10)
+    await h.start()
+    await h.step()
+    h.stop()
+    insert(app, 10)
+    assert app.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    insert(app, 5)
+    await h.start()
+    assert h.snapshots() == 2
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+async def test_resume_over_unchanged_wal_takes_no_snapshot(h: Harness) -> None:
+    app = h.app()
+    insert(app, 10)
+    await h.start()
+    insert(app, 10)
+    await h.step()
+    h.stop()
+    insert(app, 10)  # written while replicad was down; the WAL still holds it
+    rep = await h.start()
+    assert h.snapshots() == 1
+    await h.step()
+    assert rep.stats.transactions == 10
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+async def test_transaction_larger_than_a_read_chunk(h: Harness) -> None:
+    app = h.app()
+    await h.start()
+    app.execute("BEGIN")
+    insert(app, 12, size=900_000)  # ~11 MB in one commit; reads are 4 MB
+    app.execute("COMMIT")
+    await h.step()
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+async def test_uncommitted_spilled_frames_are_never_shipped(h: Harness) -> None:
+    app = h.app()
+    insert(app, 3)
+    rep = await h.start()
+    app.execute("PRAGMA cache_size=5")  # force the big transaction to spill into the WAL
+    app.execute("BEGIN")
+    insert(app, 200, size=4000)
+    result = await rep.sync_step()
+    assert result is not None
+    assert result.transactions == []
+    app.execute("ROLLBACK")
+    insert(app, 2)
+    await h.step()
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+async def test_not_wal_mode_is_refused_with_guidance(tmp_path: Path) -> None:
+    path = tmp_path / "rollback.db"
+    sqlite3.connect(path).execute("CREATE TABLE t(x)").connection.commit()
+    with pytest.raises(DatabaseError, match="not in WAL mode") as info:
+        Database(path).open()
+    assert "journal_mode=WAL" in (info.value.hint or "")
+
+
+async def test_not_a_database_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello " * 100)
+    with pytest.raises(DatabaseError, match="not a SQLite database"):
+        Database(path).open()
+    with pytest.raises(DatabaseError, match="does not exist"):
+        Database(tmp_path / "missing.db").open()
