@@ -172,6 +172,9 @@ class _Reader:
 
     def config(self, raw: dict[str, Any]) -> Config:
         t = _Table(self, raw, "", _TOP_KEYS)
+        log_level = t.choice("log_level", LOG_LEVELS, "info")
+        log_format = t.choice("log_format", LOG_FORMATS, "auto")
+        shutdown_timeout = t.positive_float("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
         dbs = t.list_of_tables("databases", required=True)
         if not dbs:
             raise self.error("databases", "at least one database is required")
@@ -180,9 +183,9 @@ class _Reader:
         return Config(
             databases=databases,
             source=self.source,
-            log_level=t.choice("log_level", LOG_LEVELS, "info"),
-            log_format=t.choice("log_format", LOG_FORMATS, "auto"),
-            shutdown_timeout=t.positive_float("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT),
+            log_level=log_level,
+            log_format=log_format,
+            shutdown_timeout=shutdown_timeout,
         )
 
     def database(self, raw: dict[str, Any], where: str) -> DatabaseConfig:

@@ -17,6 +17,10 @@ the same faults on every run.  The faults:
   the client cannot know (the case that makes retried conditional writes interesting);
 * `latency_rate`: wait `latency` seconds before forwarding.
 
+`force()` scripts a fault for the next requests matching a method and a piece of the target
+(`proxy.force("drop_after_forward", method="POST", target_contains="uploadId=")`), for tests
+that need one exact failure rather than a rate.
+
 The Host header is passed through unchanged so SigV4 signatures stay valid.  Each request gets
 its own upstream connection; the whole response is buffered, which is fine for test payloads.
 """
@@ -27,6 +31,7 @@ import asyncio
 import contextlib
 import random
 from collections import Counter
+from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import urlsplit
 
@@ -35,6 +40,7 @@ _ERRORS = {
     500: ("Internal Server Error", "InternalError"),
     503: ("Service Unavailable", "SlowDown"),
 }
+_KINDS = frozenset({"error", "drop", "drop_after_forward", "latency"})
 # Hop-by-hop headers the proxy sets itself.
 _HOP_HEADERS = frozenset({"connection", "keep-alive", "expect", "proxy-connection"})
 
@@ -63,6 +69,7 @@ class FaultProxy:
         self.latency_rate = latency_rate
         self.latency = latency
         self._random = random.Random(seed)
+        self._forced: list[_ForcedFault] = []
         #: Requests received, by HTTP method (faulted ones included).
         self.requests: Counter[str] = Counter()
         #: Faults injected, by kind: "error", "drop", "drop_after_forward", "latency".
@@ -70,6 +77,7 @@ class FaultProxy:
         self._port = 0
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
@@ -80,6 +88,14 @@ class FaultProxy:
     def total_requests(self) -> int:
         """Requests received so far, all methods."""
         return sum(self.requests.values())
+
+    def force(
+        self, kind: str, *, method: str | None = None, target_contains: str = "", times: int = 1
+    ) -> None:
+        """Inject fault `kind` into the next `times` requests matching `method` and target."""
+        if kind not in _KINDS:
+            raise ValueError(f"unknown fault {kind!r}; one of {sorted(_KINDS)}")
+        self._forced.append(_ForcedFault(kind, method, target_contains.encode(), times))
 
     async def start(self) -> None:
         """Listen (on a free port the first time, on the same port after `pause`)."""
@@ -99,11 +115,9 @@ class FaultProxy:
         await self.start()
 
     async def close(self) -> None:
-        """Stop listening and cut every connection."""
-        server = self._server
+        """Stop listening, cut every connection and wait for their handlers to end."""
         self.pause()
-        if server is not None:
-            await server.wait_closed()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
 
     async def __aenter__(self) -> FaultProxy:
         await self.start()
@@ -120,6 +134,9 @@ class FaultProxy:
     # -- per connection ------------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
         self._connections.add(writer)
         try:
             while await self._handle_one(reader, writer):
@@ -128,6 +145,7 @@ class FaultProxy:
             pass
         finally:
             self._connections.discard(writer)
+            self._handlers.discard(handler)
             writer.transport.abort()
 
     async def _handle_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -139,7 +157,7 @@ class FaultProxy:
         if _header(headers, b"expect").lower() == b"100-continue":
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = await _read_body(reader, headers)
-        fault = self._draw()
+        fault = self._take_forced(request_line) or self._draw()
         if fault == "error":
             writer.write(_error_response(self._random.choice(sorted(_ERRORS))))
             await writer.drain()
@@ -154,6 +172,18 @@ class FaultProxy:
         writer.write(_reframe(response, head_only=method == "HEAD"))
         await writer.drain()
         return _header(headers, b"connection").lower() != b"close"
+
+    def _take_forced(self, request_line: bytes) -> str | None:
+        """The scripted fault for this request, if one matches; counted in `injected`."""
+        method, _, rest = request_line.partition(b" ")
+        for forced in self._forced:
+            if forced.matches(method.decode("ascii"), rest.rpartition(b" ")[0]):
+                forced.times -= 1
+                if forced.times == 0:
+                    self._forced.remove(forced)
+                self.injected[forced.kind] += 1
+                return forced.kind
+        return None
 
     def _draw(self) -> str | None:
         """The fault for this request, if any; counted in `injected`."""
@@ -190,6 +220,17 @@ class FaultProxy:
             up_writer.close()
             with contextlib.suppress(ConnectionError):
                 await up_writer.wait_closed()
+
+
+@dataclass
+class _ForcedFault:
+    kind: str
+    method: str | None
+    target_contains: bytes
+    times: int
+
+    def matches(self, method: str, target: bytes) -> bool:
+        return self.method in (None, method) and self.target_contains in target
 
 
 def _parse_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:

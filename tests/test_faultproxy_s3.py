@@ -81,10 +81,46 @@ async def test_operations_succeed_through_twenty_percent_faults(
     injected = flaky_proxy.injected
     assert injected["error"] >= 3
     assert injected["drop"] + injected["drop_after_forward"] >= 3
-    operations = 2 * len(keys) + 2 + 4 + 2 + 1 + 1  # puts, gets, lists, multipart, get, delete, put
-    assert flaky_proxy.total_requests > operations  # retries happened...
-    assert sum(client.stats.requests.values()) == flaky_proxy.total_requests  # ...and were counted
+    assert flaky_proxy.total_requests > 2 * len(keys) + 12  # retries happened
+    # Every attempt botocore made is counted; aiohttp's own silent resend of an idempotent
+    # request on a dropped kept-alive connection is invisible to it, hence <=.
+    attempts = sum(client.stats.requests.values())
+    assert 2 * len(keys) + 12 < attempts <= flaky_proxy.total_requests
     assert client.stats.errors == {"exists": 1}  # only the real conflict surfaced
+
+
+async def test_lost_response_to_a_create_only_put_is_not_a_conflict(
+    moto_server: S3Server, bucket: str
+) -> None:
+    async with (
+        FaultProxy(moto_server.endpoint_url) as proxy,
+        through(proxy, moto_server, bucket) as client,
+    ):
+        proxy.force("drop_after_forward", method="PUT")  # lands in moto, answer lost
+
+        await client.put_object("segments/lock", b"mine", create_only=True)
+
+        assert await client.get_object("segments/lock") == b"mine"
+        assert client.stats.requests["HEAD"] == 1  # the 412 was checked against our bytes
+        assert client.stats.errors == {}
+
+
+async def test_lost_response_to_complete_multipart_is_success(
+    moto_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    source = tmp_path / "snapshot.db"
+    source.write_bytes(os.urandom(MIN_PART_SIZE + 1))
+    async with (
+        FaultProxy(moto_server.endpoint_url) as proxy,
+        through(proxy, moto_server, bucket, part_size=MIN_PART_SIZE) as client,
+    ):
+        proxy.force("drop_after_forward", method="POST", target_contains="uploadId=")
+
+        await client.put_file("snapshots/0001", source)
+
+        assert await client.get_object("snapshots/0001") == source.read_bytes()
+        assert client.stats.errors == {}
+        assert "ABORT_MULTIPART" not in client.stats.requests
 
 
 async def test_paused_server_is_unavailable_until_resumed(

@@ -16,9 +16,12 @@ SDK's defaults:
 * **Fencing**: `put_object(create_only=True)` sends `If-None-Match: *`; a `412` becomes
   `ObjectExistsError`.  A server that ignores the header (rclone serve s3 does) silently
   overwrites, and a client cannot detect that, so `conditional_writes=False` declares such a
-  server and makes `supports_create_only` false.  If botocore had to retry a conditional PUT,
-  a `412` may be our own earlier attempt landing; the object's ETag is then compared with the
-  MD5 of what we sent before reporting a conflict.
+  server and makes `supports_create_only` false.  A `412` can also be our own earlier attempt,
+  which landed although its response was lost and the request was retried (by botocore, or
+  invisibly by aiohttp, which resends an idempotent request once when a kept-alive connection
+  drops).  So before reporting a conflict the object's ETag is compared with the MD5 of what
+  we sent; identical bytes count as success.  A lost CompleteMultipartUpload response is
+  handled the same way (retry -> `NoSuchUpload` -> compare the multipart ETag).
 * **Credentials**: explicit keys win; otherwise botocore's chain (environment, `profile` or the
   default profile, container and instance metadata).
 * **Requests** are counted per HTTP attempt (retries included) through botocore's
@@ -366,15 +369,15 @@ class S3ReplicaClient:
     # -- single requests -----------------------------------------------------------------------
 
     async def _put(self, full_key: str, data: bytes, *, create_only: bool = False) -> None:
-        """PutObject with Content-MD5; a conflict our own retried attempt caused is success."""
+        """PutObject with Content-MD5; a 412 over identical bytes (our own lost try) is success."""
         digest = hashlib.md5(data)
         params = self._put_params(full_key) | {"Body": data, "ContentMD5": _b64(digest)}
         if create_only and self._conditional_writes:
             params["IfNoneMatch"] = "*"
         try:
             await self._call(f"PUT {full_key!r}", "put_object", **params)
-        except ObjectExistsError as error:
-            if not (_was_retried(error) and await self._holds(full_key, digest.hexdigest())):
+        except ObjectExistsError:
+            if not await self._holds(full_key, digest.hexdigest()):
                 raise
         self._stats.bytes_uploaded += len(data)
 
@@ -469,9 +472,10 @@ class S3ReplicaClient:
                 what, "complete_multipart_upload", **target, MultipartUpload={"Parts": parts}
             )
         except ReplicaUnavailableError as error:
-            if not (
-                _was_retried(error) and await self._holds(target["Key"], _multipart_etag(parts))
-            ):
+            landed = _s3_code(error) == "NoSuchUpload" and await self._holds(
+                target["Key"], _multipart_etag(parts)
+            )
+            if not landed:
                 raise
 
     async def _abort_upload(self, what: str, target: dict[str, Any]) -> None:
@@ -622,12 +626,14 @@ def _multipart_etag(parts: list[dict[str, Any]]) -> str:
     return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
 
 
-def _was_retried(error: ReplicaError) -> bool:
-    """Whether botocore retried the request that ended in `error`."""
+def _s3_code(error: ReplicaError) -> str:
+    """The S3 error code behind a translated error, or ""."""
     cause = error.__cause__
-    if not isinstance(cause, ClientError):
-        return False
-    return int(cause.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)) > 0
+    return (
+        str(cause.response.get("Error", {}).get("Code", ""))
+        if isinstance(cause, ClientError)
+        else ""
+    )
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
