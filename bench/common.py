@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import platform
 import sqlite3
@@ -32,26 +33,10 @@ from pathlib import Path
 from typing import Protocol
 
 from tests.procs import ROOT, clean_env
-from tests.workload import read_log
-
-__all__ = [
-    "DirectoryWatch",
-    "PeakSize",
-    "Poller",
-    "ProcUsage",
-    "init_db",
-    "machine",
-    "percentile",
-    "print_table",
-    "proc_usage",
-    "read_log",
-    "start_writer",
-]
 
 #: How often the replica and the WAL are looked at: the resolution of a first-seen time.
 DEFAULT_POLL_INTERVAL = 0.002
-#: Name prefix of a local replica's in-flight files (replicad's and Litestream's both start
-#: with a dot); they are not objects yet.
+#: Hidden files in a local replica are in-flight writes (replicad's are `.tmp-*`), not objects.
 _HIDDEN_PREFIX = "."
 
 # -- the writer process ----------------------------------------------------------------------
@@ -235,8 +220,9 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     `fraction` of them at or below it (`fraction` 0.5 is the median, 1.0 the maximum)."""
     if not sorted_values:
         raise ValueError("percentile of no values")
-    rank = max(1, -(-round(fraction * len(sorted_values) * 1e9) // int(1e9)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
+    # Rounded first so that 0.9 * 100 is rank 90, not 91.
+    rank = math.ceil(round(fraction * len(sorted_values), 9))
+    return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -236,3 +236,37 @@ async def test_not_a_database_is_refused(tmp_path: Path) -> None:
         Database(path).open()
     with pytest.raises(DatabaseError, match="does not exist"):
         Database(tmp_path / "missing.db").open()
+
+
+async def test_failing_replica_never_blocks_another(h: Harness) -> None:
+    """Two replicas; one breaks. The other keeps receiving everything, in its own loop."""
+    app = h.app()
+    insert(app, 5)
+    good = Replica("good", FileReplicaClient(h.replica_dir))
+    bad_dir = h.tmp / "bad"
+    bad = Replica("bad", FileReplicaClient(bad_dir))
+    rep = DatabaseReplicator(
+        Database(h.db_path), [good, bad], name="app", state_dir=h.tmp / "s", sync_interval=0
+    )
+    await rep.start()
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(rep.sync_loop(stop))
+        tg.create_task(rep.upload_loop(good, stop))
+        tg.create_task(rep.upload_loop(bad, stop))
+        await asyncio.sleep(0.3)
+        bad_dir.rename(h.tmp / "bad-moved")
+        bad_dir.write_text("now a file: every write fails")
+        for _ in range(10):
+            insert(app, 3)
+            rep.wake.set()
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert not good.has_work
+        assert bad.has_work
+        stop.set()
+        rep.interrupt()
+    problems = await rep.flush(asyncio.get_running_loop().time() + 0.5)
+    assert problems == ["app -> bad: 30 transactions not uploaded"]
+    rep.close()
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
