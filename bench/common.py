@@ -226,7 +226,7 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """A markdown table; numeric columns right-aligned, floats with the digits they came with."""
+    """A markdown table; numeric columns right-aligned; round floats before passing them."""
     numeric = [all(isinstance(row[i], int | float) for row in rows) for i in range(len(headers))]
     print("| " + " | ".join(headers) + " |")
     print("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
@@ -237,19 +237,17 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 def _cell(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return f"{value:,}"
 
 
 def machine() -> str:
     """CPU model, usable CPUs, kernel, Python and SQLite versions: what the numbers depend on."""
     cpu = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError, StopIteration):
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            cpu = next(
-                line.split(":", 1)[1].strip() for line in info if line.startswith("model name")
-            )
+    with (
+        contextlib.suppress(OSError, StopIteration),
+        open("/proc/cpuinfo", encoding="ascii", errors="replace") as info,
+    ):
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     return (
         f"{cpu}, {len(os.sched_getaffinity(0))} CPUs, Linux {platform.release()}, "
         f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"

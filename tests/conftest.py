@@ -13,6 +13,7 @@ from replicad.clients.base import ReplicaClient
 from replicad.clients.file import FileReplicaClient
 from replicad.clients.s3 import S3ReplicaClient
 from tests.s3servers import (
+    S3_PREFIX,
     ClientFactory,
     S3Server,
     create_bucket,
@@ -27,8 +28,6 @@ from tests.s3servers import (
 
 #: Backends the contract suite runs against; "rclone" and "moto" are real S3 servers.
 BACKENDS = ["file", "rclone", "moto"]
-#: Prefix inside each test's bucket, so prefix handling is exercised on every S3 test.
-S3_PREFIX = "replicas/db1"
 #: Settings for test clients: fail fast rather than wait out production timeouts.
 FAST_S3_SETTINGS: dict[str, Any] = {"connect_timeout": 2.0, "read_timeout": 20.0, "max_attempts": 3}
 # Variables that would otherwise steer botocore or aiohttp: credentials, profiles, regions,

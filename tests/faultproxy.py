@@ -42,7 +42,7 @@ _ERRORS = {
 }
 _KINDS = frozenset({"error", "drop", "drop_after_forward", "latency"})
 # Hop-by-hop headers the proxy sets itself.
-_HOP_HEADERS = frozenset({"connection", "keep-alive", "expect", "proxy-connection"})
+_HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"expect", b"proxy-connection"})
 
 
 class FaultProxy:

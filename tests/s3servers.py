@@ -37,6 +37,8 @@ SECRET_ACCESS_KEY = "replicad-test-secret-Zq8v2LkW9xTr"  # a throwaway test secr
 START_TIMEOUT = 20.0
 START_ATTEMPTS = 3
 
+#: Prefix inside each test's bucket, so prefix handling is exercised on every S3 test.
+S3_PREFIX = "replicas/db1"
 #: What the `make_replica_client` fixture returns: `await factory(**s3_settings)`.
 ClientFactory = Callable[..., Awaitable[ReplicaClient]]
 

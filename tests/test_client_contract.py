@@ -6,18 +6,26 @@ or `make_replica_client` in conftest.py.  Backend-specific behaviour is tested a
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from replicad.clients.base import ObjectInfo, ReplicaClient
 from replicad.clients.file import TEMP_PREFIX, FileReplicaClient
 from replicad.clients.s3 import MIN_PART_SIZE, S3ReplicaClient
-from replicad.errors import ObjectExistsError, ObjectNotFoundError
-from tests.s3servers import ClientFactory
+from replicad.errors import (
+    ObjectExistsError,
+    ObjectNotFoundError,
+    ReplicaAccessError,
+    ReplicaUnavailableError,
+)
+from tests.s3servers import S3_PREFIX, ClientFactory, S3Server, raw_client
 
 MIB = 1 << 20
 
@@ -86,8 +94,6 @@ async def test_list_follows_continuation_tokens(make_replica_client: ClientFacto
 
 @pytest.mark.parametrize("backend", ["rclone"])  # the fastest server to fill with 1100 keys
 async def test_list_more_than_one_default_page(replica_client: ReplicaClient) -> None:
-    import asyncio
-
     keys = [f"k/{i:05d}" for i in range(1100)]
     limit = asyncio.Semaphore(16)
 
@@ -231,14 +237,15 @@ async def test_use_after_close_is_refused(replica_client: ReplicaClient) -> None
 
 
 async def test_url_names_the_replica_without_secrets(
-    replica_client: ReplicaClient, backend: str
+    replica_client: ReplicaClient, s3_server: S3Server | None, tmp_path: Path
 ) -> None:
-    url = replica_client.url
-    assert url.startswith({"file": "file:///", "rclone": "s3://t-", "moto": "s3://t-"}[backend])
-    if backend != "file":
-        assert url.endswith("/replicas/db1?endpoint=http://127.0.0.1:" + url.rsplit(":", 1)[-1])
-        assert isinstance(replica_client, S3ReplicaClient)
-        assert "secret" not in url
+    if s3_server is None:
+        assert replica_client.url == (tmp_path / "replica").as_uri()
+    else:
+        bucket = urlsplit(replica_client.url).netloc
+        expected = f"s3://{bucket}/{S3_PREFIX}?endpoint={s3_server.endpoint_url}"
+        assert replica_client.url == expected
+        assert s3_server.secret_access_key not in replica_client.url
 
 
 # -- backend-specific behaviour --------------------------------------------------------------------
@@ -269,12 +276,65 @@ async def test_file_rejects_keys_outside_the_root(replica_client: ReplicaClient)
 
 
 async def test_file_root_needs_an_existing_parent(tmp_path: Path) -> None:
-    from replicad.errors import ReplicaAccessError
-
     async with FileReplicaClient(tmp_path / "not-mounted" / "replica") as client:
         assert await client.list_objects() == []
         with pytest.raises(ReplicaAccessError, match="does not exist"):
             await client.put_object("k", b"v")
+
+
+@pytest.mark.parametrize("backend", ["file"])
+async def test_file_disk_full_is_unavailable_and_leaves_no_temp_file(
+    replica_client: ReplicaClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await replica_client.put_object("segments/a", b"old")
+
+    def no_space(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(ReplicaUnavailableError, match="disk full"):
+        await replica_client.put_object("segments/a", b"new")
+    monkeypatch.undo()
+
+    assert sorted(p.name for p in (tmp_path / "replica" / "segments").iterdir()) == ["a"]
+    assert await replica_client.get_object("segments/a") == b"old"
+    assert replica_client.stats.errors == {"unavailable": 1}
+
+
+@pytest.mark.parametrize("backend", ["file"])
+async def test_file_permission_denied_is_an_access_error(
+    replica_client: ReplicaClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await replica_client.put_object("segments/a", b"x")
+
+    def denied(path: Any) -> Any:
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "scandir", denied)  # running as root, chmod would not stop us
+    with pytest.raises(ReplicaAccessError, match="Permission denied") as caught:
+        await replica_client.list_objects()
+    assert "permissions" in str(caught.value)  # the hint
+
+
+@pytest.mark.parametrize("backend", ["rclone", "moto"])
+async def test_s3_keys_live_under_the_prefix_only(
+    make_replica_client: ClientFactory, s3_server: S3Server
+) -> None:
+    client = await make_replica_client()
+    sibling = await make_replica_client(prefix=S3_PREFIX + "0")  # "replicas/db10"
+    await client.put_object("segments/00/a", b"x")
+    await sibling.put_object("segments/00/b", b"y")
+
+    bucket = urlsplit(client.url).netloc
+    async with raw_client(s3_server) as s3:
+        listed = await s3.list_objects_v2(Bucket=bucket)
+    assert [o["Key"] for o in listed["Contents"]] == [
+        f"{S3_PREFIX}/segments/00/a",
+        f"{S3_PREFIX}0/segments/00/b",
+    ]
+    assert [o.key for o in await client.list_objects()] == ["segments/00/a"]
+    await client.delete_objects(["segments/00/b"])  # the sibling's key, relative to our prefix
+    assert [o.key for o in await sibling.list_objects()] == ["segments/00/b"]
 
 
 @pytest.mark.parametrize("backend", ["rclone"])
@@ -297,10 +357,10 @@ async def test_failed_multipart_upload_is_aborted(
     write_random_file(source, 11 * MIB)
     real_upload_part = client._upload_part
 
-    async def fail_second_part(what: str, target: dict[str, Any], number: int, chunk: bytes) -> str:
+    async def fail_second_part(what: str, target: Any, number: int, *rest: Any) -> str:
         if number == 2:
             raise OSError("disk went away")
-        return await real_upload_part(what, target, number, chunk)
+        return await real_upload_part(what, target, number, *rest)
 
     monkeypatch.setattr(client, "_upload_part", fail_second_part)
     with pytest.raises(OSError, match="disk went away"):

@@ -20,6 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from replicad.errors import (
+    ObjectExistsError,
+    ObjectNotFoundError,
+    ReplicaAccessError,
+    ReplicaError,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
@@ -49,9 +56,17 @@ class ClientStats:
         self.bytes_uploaded += uploaded
         self.bytes_downloaded += downloaded
 
-    def count_error(self, kind: str) -> None:
-        """Record one failed request, by error kind (`not_found`, `access`, `unavailable`...)."""
+    def count_error(self, error: ReplicaError) -> None:
+        """Record one failed call, by kind: `not_found`, `exists`, `access` or `unavailable`."""
+        kind = _ERROR_KINDS.get(type(error), "unavailable")
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+_ERROR_KINDS: dict[type[ReplicaError], str] = {
+    ObjectNotFoundError: "not_found",
+    ObjectExistsError: "exists",
+    ReplicaAccessError: "access",
+}
 
 
 class ReplicaClient(Protocol):

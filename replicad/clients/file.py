@@ -46,6 +46,7 @@ _T = TypeVar("_T")
 # Errors retrying cannot fix: permissions, read-only mounts, a file where a directory should be.
 _PERMANENT_ERRNOS = frozenset(
     {
+        errno.EEXIST,
         errno.EACCES,
         errno.EPERM,
         errno.EROFS,
@@ -252,10 +253,10 @@ class FileReplicaClient:
             return await asyncio.to_thread(func, *args)
         except OSError as exc:
             error = self._translate(exc, what, missing)
-            self._stats.count_error(_error_kind(error))
+            self._stats.count_error(error)
             raise error from exc
         except ReplicaError as exc:
-            self._stats.count_error(_error_kind(exc))
+            self._stats.count_error(exc)
             raise
 
     def _translate(self, exc: OSError, what: str, missing: str | None) -> ReplicaError:
@@ -316,12 +317,3 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _error_kind(error: ReplicaError) -> str:
-    """The `ClientStats.errors` bucket for an error."""
-    if isinstance(error, ObjectNotFoundError):
-        return "not_found"
-    if isinstance(error, ObjectExistsError):
-        return "exists"
-    if isinstance(error, ReplicaAccessError):
-        return "access"
-    return "unavailable"

@@ -39,7 +39,7 @@ import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import IO, Any, Concatenate, ParamSpec, TypeVar, cast
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -141,7 +141,7 @@ def _counting_errors(
         try:
             return await method(client, *args, **kwargs)
         except ReplicaError as error:
-            client.stats.count_error(_error_kind(error))
+            client.stats.count_error(error)
             raise
 
     return counted
@@ -339,7 +339,7 @@ class S3ReplicaClient:
                 async for chunk in chunks:
                     yield chunk
         except ReplicaError as error:
-            self._stats.count_error(_error_kind(error))
+            self._stats.count_error(error)
             raise
 
     @_counting_errors
@@ -370,14 +370,14 @@ class S3ReplicaClient:
 
     async def _put(self, full_key: str, data: bytes, *, create_only: bool = False) -> None:
         """PutObject with Content-MD5; a 412 over identical bytes (our own lost try) is success."""
-        digest = hashlib.md5(data)
+        digest = _md5(data)
         params = self._put_params(full_key) | {"Body": data, "ContentMD5": _b64(digest)}
         if create_only and self._conditional_writes:
             params["IfNoneMatch"] = "*"
         try:
             await self._call(f"PUT {full_key!r}", "put_object", **params)
         except ObjectExistsError:
-            if not await self._holds(full_key, digest.hexdigest()):
+            if not await self._holds(full_key, {digest.hexdigest()}):
                 raise
         self._stats.bytes_uploaded += len(data)
 
@@ -399,15 +399,15 @@ class S3ReplicaClient:
         finally:
             body.close()
 
-    async def _holds(self, full_key: str, etag: str) -> bool:
-        """Whether the object at `full_key` now has this ETag (so holds the bytes we sent)."""
+    async def _holds(self, full_key: str, etags: set[str]) -> bool:
+        """Whether the object at `full_key` now has one of these ETags (holds our bytes)."""
         try:
             head = await self._call(
                 f"HEAD {full_key!r}", "head_object", Bucket=self._bucket, Key=full_key
             )
         except ObjectNotFoundError:
             return False
-        return str(head.get("ETag", "")).strip('"') == etag
+        return str(head.get("ETag", "")).strip('"') in etags
 
     # -- multipart -----------------------------------------------------------------------------
 
@@ -417,65 +417,73 @@ class S3ReplicaClient:
         upload = await self._call(what, "create_multipart_upload", **self._put_params(full_key))
         target = {"Bucket": self._bucket, "Key": full_key, "UploadId": upload["UploadId"]}
         try:
-            parts = await self._upload_parts(what, target, path, part_size)
-            await self._complete(what, target, parts)
+            parts, whole_md5 = await self._upload_parts(what, target, path, part_size)
+            await self._complete(what, target, parts, {_multipart_etag(parts), whole_md5})
         except BaseException:
             await self._abort_upload(what, target)
             raise
 
     async def _upload_parts(
         self, what: str, target: dict[str, Any], path: Path, part_size: int
-    ) -> list[dict[str, Any]]:
-        """Read `path` in order and upload parts with at most `concurrency` in flight."""
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Read `path` in order and upload parts with at most `concurrency` in flight.
+
+        Returns the parts for CompleteMultipartUpload and the MD5 of the whole file (the ETag
+        servers such as rclone give a multipart object).
+        """
         slots = asyncio.Semaphore(self._concurrency)
         uploads: list[asyncio.Task[str]] = []
+        whole = _md5()
         source = await asyncio.to_thread(path.open, "rb")
         try:
             async with asyncio.TaskGroup() as group:
                 for number in itertools.count(1):
                     await slots.acquire()  # taken before reading: bounds the parts in memory
-                    chunk = await asyncio.to_thread(source.read, part_size)
+                    chunk, digest = await asyncio.to_thread(_read_part, source, part_size, whole)
                     if not chunk:
                         slots.release()
                         break
-                    upload = group.create_task(self._upload_part(what, target, number, chunk))
+                    upload = group.create_task(
+                        self._upload_part(what, target, number, chunk, digest)
+                    )
                     upload.add_done_callback(lambda _: slots.release())
                     uploads.append(upload)
         except BaseExceptionGroup as failures:
             raise _first_error(failures)  # noqa: B904 - the leaf keeps its own cause
         finally:
             await asyncio.to_thread(source.close)
-        return [{"PartNumber": n, "ETag": u.result()} for n, u in enumerate(uploads, start=1)]
+        parts = [{"PartNumber": n, "ETag": u.result()} for n, u in enumerate(uploads, start=1)]
+        return parts, whole.hexdigest()
 
     async def _upload_part(
-        self, what: str, target: dict[str, Any], number: int, chunk: bytes
+        self, what: str, target: dict[str, Any], number: int, chunk: bytes, md5: str
     ) -> str:
         """Upload one part; its ETag."""
-        digest = await asyncio.to_thread(hashlib.md5, chunk)
         response = await self._call(
             f"{what}, part {number}",
             "upload_part",
             **target,
             PartNumber=number,
             Body=chunk,
-            ContentMD5=_b64(digest),
+            ContentMD5=md5,
         )
         self._stats.bytes_uploaded += len(chunk)
         return str(response["ETag"])
 
     async def _complete(
-        self, what: str, target: dict[str, Any], parts: list[dict[str, Any]]
+        self, what: str, target: dict[str, Any], parts: list[dict[str, Any]], etags: set[str]
     ) -> None:
-        """CompleteMultipartUpload; `NoSuchUpload` after a retry may mean our first try worked."""
+        """CompleteMultipartUpload.
+
+        `NoSuchUpload` after a lost response and a retry means the first try may have worked:
+        then the object's ETag is one of `etags` (multipart-style or whole-file MD5).
+        """
         try:
             await self._call(
                 what, "complete_multipart_upload", **target, MultipartUpload={"Parts": parts}
             )
         except ReplicaUnavailableError as error:
-            landed = _s3_code(error) == "NoSuchUpload" and await self._holds(
-                target["Key"], _multipart_etag(parts)
-            )
-            if not landed:
+            if _s3_code(error) != "NoSuchUpload" or not await self._holds(target["Key"], etags):
                 raise
 
     async def _abort_upload(self, what: str, target: dict[str, Any]) -> None:
@@ -615,15 +623,27 @@ def _botocore_config(
     )
 
 
+def _md5(data: bytes = b"") -> Any:
+    """An MD5 hash object; an integrity check, not security, so allowed on FIPS systems too."""
+    return hashlib.md5(data, usedforsecurity=False)
+
+
 def _b64(digest: Any) -> str:
     """A hashlib digest as the base64 text `Content-MD5` wants."""
     return base64.b64encode(digest.digest()).decode("ascii")
 
 
+def _read_part(source: IO[bytes], size: int, whole: Any) -> tuple[bytes, str]:
+    """Read the next part (in a worker thread): its bytes and Content-MD5; feed `whole`."""
+    chunk = source.read(size)
+    whole.update(chunk)
+    return chunk, _b64(_md5(chunk))
+
+
 def _multipart_etag(parts: list[dict[str, Any]]) -> str:
     """The ETag S3 gives a completed multipart upload: MD5 of the parts' MD5s, dash, count."""
     digests = b"".join(bytes.fromhex(str(part["ETag"]).strip('"')) for part in parts)
-    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+    return f"{_md5(digests).hexdigest()}-{len(parts)}"
 
 
 def _s3_code(error: ReplicaError) -> str:
@@ -663,12 +683,3 @@ def _display_endpoint(endpoint_url: str | None, region: str | None) -> str:
     return f"AWS S3 ({region or 'default region'})"
 
 
-def _error_kind(error: ReplicaError) -> str:
-    """The `ClientStats.errors` bucket for an error."""
-    if isinstance(error, ObjectNotFoundError):
-        return "not_found"
-    if isinstance(error, ObjectExistsError):
-        return "exists"
-    if isinstance(error, ReplicaAccessError):
-        return "access"
-    return "unavailable"
