@@ -10,9 +10,13 @@ so what they measure is what an application would see.  This module is also the 
 `init` creates DB in WAL mode with the table ``rows(id INTEGER PRIMARY KEY, payload BLOB)`` and
 nothing else.  `write` commits one transaction per row (a random, incompressible payload) on a
 fixed schedule, with the connection's default settings (``wal_autocheckpoint``, ``synchronous``)
-as an application would have them, and logs ``k commit_time_ns`` after each COMMIT returns,
-k = 1, 2, ...  Both run in their own processes, started with a clean environment: the benchmark
-process itself never holds a SQLite connection while it starts children.
+as an application would have them, and logs ``k commit_time_ns start_ns`` after each COMMIT
+returns, k = 1, 2, ...: when COMMIT returned, then when it was issued.  The start matters
+because a replicator reading the -wal file can see a transaction before COMMIT returns (the WAL
+fsync and the autocheckpoint run inside COMMIT), but never before it was issued.
+
+Both run in their own processes, started with a clean environment: the benchmark process
+itself never holds a SQLite connection while it starts children.
 """
 
 from __future__ import annotations
@@ -81,14 +85,35 @@ def _write(db: Path, log_path: Path, *, rate: float, count: int, row_bytes: int)
             for k in range(1, count + 1):
                 conn.execute("BEGIN")
                 conn.execute("INSERT INTO rows(payload) VALUES (?)", (os.urandom(row_bytes),))
+                start_ns = time.time_ns()
                 conn.execute("COMMIT")
-                log.write(f"{k} {time.time_ns()}\n")
+                log.write(f"{k} {time.time_ns()} {start_ns}\n")
                 next_at += interval
                 delay = next_at - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
     finally:
         conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """One transaction of the writer."""
+
+    k: int
+    #: When COMMIT returned, Unix ns: the application's commit time.
+    time_ns: int
+    #: When COMMIT was issued, Unix ns: nothing of transaction k exists before this.
+    start_ns: int
+
+
+def read_commits(log: Path) -> list[Commit]:
+    """The writer's log, in commit order."""
+    commits = []
+    for line in log.read_text().splitlines():
+        k, time_ns, start_ns = (int(field) for field in line.split())
+        commits.append(Commit(k, time_ns, start_ns))
+    return commits
 
 
 # -- /proc -----------------------------------------------------------------------------------
@@ -265,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     init.add_argument("db", type=Path)
     write = sub.add_parser("write", help="commit one row per transaction at a steady rate")
     write.add_argument("db", type=Path)
-    write.add_argument("--log", type=Path, required=True, help="'k commit_time_ns' per commit")
+    write.add_argument("--log", type=Path, required=True, help="'k time_ns start_ns' lines")
     write.add_argument("--rate", type=float, required=True, help="transactions per second")
     write.add_argument("--count", type=int, required=True, help="transactions in all")
     write.add_argument("--row-bytes", type=int, default=1024, help="payload per row")

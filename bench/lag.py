@@ -1,20 +1,23 @@
 """Replication lag from commit to replica: ``python -m bench.lag`` from the repo root.
 
     python -m bench.lag [--rate 100] [--seconds 30] [--row-bytes 1024] [--quick] [--runs N]
+                        [--keep]
 
 One run: a fresh database in a temporary directory; the daemon as its own process,
 ``replicad replicate DB file:///TMP/replica``; once its first snapshot (TXID 1) is in the
-replica, a writer process (`bench.common`) commits one row per transaction at `rate` per second
-and logs each commit's time.  Meanwhile this process lists ``segments/00/`` every 2 ms and
-stamps each new segment with the time it first appeared.  Writer commit k is replica TXID k+1
-(the snapshot took TXID 1), so the lag of commit k is the first-seen time of the segment
-holding TXID k+1 minus the commit time.  That mapping is checked, not assumed: the snapshot
-must be TXID 1 and the segments must cover exactly TXIDs 2..commits+1 with no gap; otherwise
-the run fails rather than report numbers for the wrong transactions.
+replica and the daemon is idle, a writer process (`bench.common`) commits one row per
+transaction at `rate` per second and logs when each COMMIT was issued and when it returned.
+Meanwhile this process lists ``segments/00/`` every 2 ms and stamps each new segment with the
+time it first appeared.  Writer commit k is replica TXID k+1 (the snapshot took TXID 1), so the
+lag of commit k is the first-seen time of the segment holding TXID k+1 minus the time COMMIT k
+returned.  That mapping is checked, not assumed: the snapshot must be TXID 1, the segments must
+cover exactly TXIDs 2..commits+1 with no gap, and no segment may be seen before the COMMIT of a
+transaction it holds was issued; otherwise the run fails rather than report numbers for the
+wrong transactions.
 
 Once the last commit is in the replica, the daemon's CPU time and peak RSS are read from /proc,
 it gets SIGTERM (exit status must be 0), and a restore must hold exactly the writer's rows.
-MB are 10**6 bytes.
+MB are 10**6 bytes.  Results and how to read them: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import (
+    Commit,
     DirectoryWatch,
     PeakSize,
     Poller,
@@ -42,12 +46,12 @@ from bench.common import (
     percentile,
     print_table,
     proc_usage,
+    read_commits,
     start_writer,
     tree_size,
 )
 from replicad.position import ObjectKind, ObjectName, parse_key
 from tests.procs import replicad, start_daemon, stop
-from tests.workload import read_log
 
 DEFAULT_RATE = 100.0
 DEFAULT_SECONDS = 30.0
@@ -124,7 +128,7 @@ class Result:
     """Everything measured in one run."""
 
     rate: float
-    commits: list[tuple[int, int]]
+    commits: list[Commit]
     lags_ms: list[float]  # in commit order
     segments: list[Segment]
     startup: ProcUsage
@@ -136,7 +140,7 @@ class Result:
     @property
     def duration(self) -> float:
         """Seconds from the first commit to the last."""
-        return (self.commits[-1][1] - self.commits[0][1]) / 1e9
+        return (self.commits[-1].time_ns - self.commits[0].time_ns) / 1e9
 
 
 def run_once(paths: Paths, *, rate: float, seconds: float, row_bytes: int) -> Result:
@@ -168,7 +172,7 @@ def run_once(paths: Paths, *, rate: float, seconds: float, row_bytes: int) -> Re
                 proc.wait()
     if status != 0:
         raise BenchError(f"the daemon exited with status {status}\n{_log_tail(paths)}")
-    commits = read_log(paths.writer_log)
+    commits = read_commits(paths.writer_log)
     segments = _segments(watch)
     _check_mapping(paths.replica, commits, segments, count)
     _check_restore(paths, count)
@@ -223,10 +227,10 @@ def _segments(watch: DirectoryWatch) -> list[Segment]:
 
 
 def _check_mapping(
-    replica: Path, commits: list[tuple[int, int]], segments: list[Segment], count: int
+    replica: Path, commits: list[Commit], segments: list[Segment], count: int
 ) -> None:
     """Fail unless commit k is exactly replica TXID k + 1 for every k."""
-    if [k for k, _ in commits] != list(range(1, count + 1)):
+    if [c.k for c in commits] != list(range(1, count + 1)):
         raise BenchError(f"the writer logged {len(commits)} commits, not 1..{count} in order")
     snapshots = [n.last_txid for n in _snapshots(replica)]
     if snapshots != [TXID_OFFSET]:
@@ -243,19 +247,21 @@ def _check_mapping(
         )
 
 
-def _lags_ms(commits: list[tuple[int, int]], segments: list[Segment]) -> list[float]:
-    """Lags in commit order; fails if a commit appears to reach the replica before it was made."""
+def _lags_ms(commits: list[Commit], segments: list[Segment]) -> list[float]:
+    """Lags in commit order, from COMMIT returning; slightly negative when the daemon shipped
+    the transaction while COMMIT was still fsyncing or checkpointing.  Fails if a segment was
+    seen before the COMMIT of a transaction it holds was even issued."""
     firsts = [s.name.first_txid for s in segments]
     lags = []
-    for k, commit_ns in commits:
-        segment = segments[bisect.bisect_right(firsts, k + TXID_OFFSET) - 1]
-        lag = segment.seen_ns - commit_ns
-        if lag < 0:
+    for commit in commits:
+        segment = segments[bisect.bisect_right(firsts, commit.k + TXID_OFFSET) - 1]
+        if segment.seen_ns < commit.start_ns:
             raise BenchError(
-                f"commit {k} was seen in {segment.name.key} {-lag / 1e6:.1f} ms before the "
-                "writer logged it: the commit-to-TXID mapping is wrong"
+                f"commit {commit.k} was seen in {segment.name.key} "
+                f"{(commit.start_ns - segment.seen_ns) / 1e6:.1f} ms before the writer issued "
+                "COMMIT: the commit-to-TXID mapping is wrong"
             )
-        lags.append(lag / 1e6)
+        lags.append((segment.seen_ns - commit.time_ns) / 1e6)
     return lags
 
 
@@ -299,6 +305,8 @@ TIME_HEADERS = (
     "lag min (ms)",
     "commit to capture p50 (ms)",
     "capture to visible p50 (ms)",
+    "COMMIT p99 (ms)",
+    "COMMIT max (ms)",
     "start-up CPU-s",
 )
 
@@ -325,12 +333,14 @@ def time_row(run: int, r: Result) -> list[object]:
     A segment's name carries the daemon's capture times (ms) of its first and last
     transaction: capture minus the writer's commit time is the wake-up and read delay;
     first-seen minus the last capture is the rest of the wait for the upload slot plus encode
-    and write.  Same-slot segments are written right after another one: what was captured
-    while the slot's first write was in flight.
+    and write.  COMMIT is how long the writer's COMMIT took (WAL fsync, autocheckpoint): a lag
+    can be that much below zero.  Same-slot segments are written right after another one: what
+    was captured while the slot's first write was in flight.
     """
-    commit_ns = dict(r.commits)
+    commit_ns = {c.k: c.time_ns for c in r.commits}
     segs = r.segments
     capture = [s.name.min_time_ms - commit_ns[s.name.first_txid - TXID_OFFSET] / 1e6 for s in segs]
+    commit_ms = sorted((c.time_ns - c.start_ns) / 1e6 for c in r.commits)
     visible = [s.seen_ns / 1e6 - s.name.max_time_ms for s in segs]
     return [
         run,
@@ -342,6 +352,8 @@ def time_row(run: int, r: Result) -> list[object]:
         round(min(r.lags_ms)),
         round(statistics.median(capture)),
         round(statistics.median(visible)),
+        round(percentile(commit_ms, 0.99), 1),
+        round(commit_ms[-1]),
         round(r.startup.cpu_seconds, 2),
     ]
 

@@ -260,16 +260,16 @@ class _Reader:
         options = S3Options(
             bucket=parts.netloc,
             prefix=prefix,
-            endpoint=t.string("endpoint"),
-            region=t.string("region"),
+            endpoint=t.optional("endpoint"),
+            region=t.optional("region"),
             path_style=t.boolean("path_style", False),
             access_key_id=t.secret("access_key_id"),
             secret_access_key=t.secret("secret_access_key"),
             session_token=t.secret("session_token"),
-            profile=t.string("profile"),
-            ca_bundle=t.string("ca_bundle"),
+            profile=t.optional("profile"),
+            ca_bundle=t.optional("ca_bundle"),
             verify_tls=t.boolean("verify_tls", True),
-            storage_class=t.string("storage_class"),
+            storage_class=t.optional("storage_class"),
             part_size=t.positive_int("part_size", DEFAULT_S3_PART_SIZE, minimum=5 << 20),
             concurrency=t.positive_int("concurrency", DEFAULT_S3_CONCURRENCY),
             conditional_writes=t.boolean("conditional_writes", True),
@@ -347,6 +347,10 @@ class _Table:
                 raise self.reader.error(self.key(name), "missing (required)")
             return ""
         return self.reader.expand(value, self.key(name))
+
+    def optional(self, name: str) -> str | None:
+        """A string that is None when absent or empty."""
+        return self.string(name) or None
 
     def secret(self, name: str) -> Secret | None:
         value = self.string(name)
