@@ -103,7 +103,8 @@ class Commit:
     k: int
     #: When COMMIT returned, Unix ns: the application's commit time.
     time_ns: int
-    #: When COMMIT was issued, Unix ns: nothing of transaction k exists before this.
+    #: When COMMIT was issued, Unix ns: a one-row transaction writes its WAL frames in COMMIT,
+    #: so no replica can hold it before this.
     start_ns: int
 
 

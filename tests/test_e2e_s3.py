@@ -43,16 +43,16 @@ async def _count_snapshots(server: S3Server, bucket: str) -> int:
     return len(listing.get("Contents", []))
 
 
-async def _wait_snapshot(server: S3Server, bucket: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_snapshot(server: S3Server, bucket: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
     while await _count_snapshots(server, bucket) == 0:
         if time.monotonic() > deadline:
             raise AssertionError("no snapshot appeared")
         await asyncio.sleep(0.1)
 
 
-async def _wait_process(proc: object, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
+async def _wait_process(proc: object, seconds: float) -> int:
+    deadline = time.monotonic() + seconds
     while (code := proc.poll()) is None:  # type: ignore[attr-defined]
         if time.monotonic() > deadline:
             raise AssertionError("process did not finish")
@@ -113,7 +113,7 @@ async def test_replication_survives_faults_and_an_outage(
         )
         daemon = start_daemon(["-c", str(config)], tmp_path / "d.log", env=env)
         try:
-            await _wait_snapshot(rclone_server, bucket, timeout=60)
+            await _wait_snapshot(rclone_server, bucket, seconds=60)
             # More consecutive failures than the client's own attempts: the daemon must retry.
             for kind in ("error", "drop", "drop_after_forward"):
                 proxy.force(kind, method="PUT", times=3)
