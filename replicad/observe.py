@@ -1,4 +1,4 @@
-"""Logging set-up (and, later, metrics and health endpoints).
+"""Logging set-up and the metrics endpoint.
 
 Logs are structlog events: JSON when stderr is not a terminal or when asked for, human
 key-value otherwise.  Components bind `db=` and `replica=` so every line says what it is about.
@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, TextIO
 
 import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from replicad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from replicad.replicator import DatabaseReplicator
 
 
 def configure_logging(
@@ -38,3 +48,133 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+class ReplicadCollector(Collector):
+    """Prometheus metrics read from the replicators' counters at scrape time.
+
+    Reading at scrape time keeps the sync and upload paths free of metric bookkeeping; the
+    counters themselves are plain integers on `ReplicatorStats` and `ClientStats`.
+    """
+
+    def __init__(self, replicators: Sequence[DatabaseReplicator]) -> None:
+        self.replicators = replicators
+
+    def collect(self) -> Iterator[Metric]:
+        """One family per metric, labelled by database (and replica)."""
+        yield from self._database_metrics()
+        yield from self._replica_metrics()
+
+    def _database_metrics(self) -> Iterator[Metric]:
+        families = {
+            name: CounterMetricFamily(f"replicad_{name}", text, labels=["db"])
+            for name, text in _DB_COUNTERS.items()
+        }
+        wal = GaugeMetricFamily(
+            "replicad_wal_size_bytes", "Size of the -wal file at the last sync", labels=["db"]
+        )
+        for r in self.replicators:
+            for name, family in families.items():
+                family.add_metric([r.name], getattr(r.stats, name))
+            wal.add_metric([r.name], r.stats.wal_size)
+        yield from families.values()
+        yield wal
+
+    def _replica_metrics(self) -> Iterator[Metric]:
+        labels = ["db", "replica"]
+        requests = CounterMetricFamily(
+            "replicad_replica_requests",
+            "Storage requests by operation",
+            labels=[*labels, "operation"],
+        )
+        errors = CounterMetricFamily(
+            "replicad_replica_errors", "Failed storage calls by kind", labels=[*labels, "kind"]
+        )
+        uploaded = CounterMetricFamily(
+            "replicad_replica_uploaded_bytes", "Bytes uploaded", labels=labels
+        )
+        downloaded = CounterMetricFamily(
+            "replicad_replica_downloaded_bytes", "Bytes downloaded", labels=labels
+        )
+        lag = GaugeMetricFamily(
+            "replicad_replication_lag_seconds",
+            "Age of the oldest commit not yet uploaded",
+            labels=labels,
+        )
+        shipped = GaugeMetricFamily(
+            "replicad_replica_txid", "Last TXID the replica holds", labels=labels
+        )
+        pending = GaugeMetricFamily(
+            "replicad_replica_pending_bytes", "Captured bytes not yet uploaded", labels=labels
+        )
+        for r in self.replicators:
+            for replica in r.replicas:
+                key = [r.name, replica.name]
+                stats = replica.client.stats
+                for op, n in stats.requests.items():
+                    requests.add_metric([*key, op], n)
+                for kind, n in stats.errors.items():
+                    errors.add_metric([*key, kind], n)
+                uploaded.add_metric(key, stats.bytes_uploaded)
+                downloaded.add_metric(key, stats.bytes_downloaded)
+                lag.add_metric(key, replica.lag_seconds())
+                shipped.add_metric(key, replica.shipped_txid)
+                pending.add_metric(key, replica.pending_bytes)
+        yield from (requests, errors, uploaded, downloaded, lag, shipped, pending)
+
+
+_DB_COUNTERS = {
+    "syncs": "Sync steps run",
+    "sync_errors": "Sync steps that failed",
+    "transactions": "SQLite commits captured from the WAL",
+    "snapshots": "Snapshots taken",
+    "continuity_losses": "Times the WAL no longer continued from our position (a snapshot followed)",
+}
+
+
+class MetricsServer:
+    """HTTP endpoint serving `/metrics` (Prometheus text format) on one address."""
+
+    def __init__(self, replicators: Sequence[DatabaseReplicator], *, host: str, port: int) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(ReplicadCollector(replicators))
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Listen; raises `ConfigError` if the address cannot be bound."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(
+                f"cannot listen on {self.host}:{self.port} for metrics: {exc.strerror}",
+                hint="choose another --metrics-addr or stop what is using that port",
+            ) from exc
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `:PORT`, meaning 127.0.0.1) into its parts; ConfigError if malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"metrics address {value!r} is not HOST:PORT", hint="e.g. 127.0.0.1:9090")
+    return (host.strip("[]") or "127.0.0.1"), int(port)

@@ -213,20 +213,18 @@ class Replica:
     # -- upload step ------------------------------------------------------------------------
 
     async def upload(self) -> int:
-        """Upload everything queued, in TXID order. Returns the number of objects written.
+        """Upload what is queued now, in TXID order. Returns the number of objects written.
 
         Transactions older than an offered snapshot go first (they are history the snapshot
-        does not replace), then the snapshot, then the rest.  A failure raises and leaves the
-        queue as it was, so the caller retries by calling again.
+        does not replace), then the snapshot, then the rest.  Commits captured while this runs
+        wait for the next call, so one interval costs one object rather than a trailing tiny
+        one.  A failure raises and leaves the queue as it was, so the caller just calls again.
         """
+        upto = self.pending[-1].txid if self.pending else 0
         written = 0
         while True:
-            limit = self.snapshot.db_txid if self.snapshot is not None else None
-            if (
-                self.pending
-                and self.offset is not None
-                and (limit is None or self.pending[0].txid <= limit)
-            ):
+            limit = upto if self.snapshot is None else min(upto, self.snapshot.db_txid)
+            if self.pending and self.offset is not None and self.pending[0].txid <= limit:
                 await self._upload_segment(limit)
             elif self.snapshot is not None:
                 await self._upload_snapshot(self.snapshot)
@@ -234,7 +232,7 @@ class Replica:
                 return written
             written += 1
 
-    async def _upload_segment(self, limit: int | None) -> None:
+    async def _upload_segment(self, limit: int) -> None:
         assert self.offset is not None
         batch = self._next_batch(limit)
         name, data = await asyncio.to_thread(_encode_segment, batch, self.page_size, self.offset)
@@ -256,11 +254,11 @@ class Replica:
         self._uploaded()
         self.log.info("snapshot uploaded", txid=snapshot.name.last_txid, bytes=snapshot.size)
 
-    def _next_batch(self, limit: int | None) -> list[CapturedTxn]:
+    def _next_batch(self, limit: int) -> list[CapturedTxn]:
         batch: list[CapturedTxn] = []
         size = 0
         for txn in self.pending:
-            if limit is not None and txn.txid > limit:
+            if txn.txid > limit:
                 break
             if batch and size + txn.nbytes > self.segment_max_bytes:
                 break
