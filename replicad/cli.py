@@ -31,7 +31,7 @@ from replicad.config import (
 from replicad.daemon import Daemon
 from replicad.db import Database
 from replicad.errors import ConfigError, ReplicadError
-from replicad.observe import configure_logging
+from replicad.observe import MetricsServer, configure_logging, parse_address
 from replicad.replica import Replica
 from replicad.replicator import DatabaseReplicator
 from replicad.restore import INTEGRITY_MODES, RestoreResult, restore
@@ -79,6 +79,12 @@ def _add_replicate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         nargs="?",
         metavar="REPLICA_URL",
         help="file:///dir or s3://bucket/prefix?endpoint=URL (quick form)",
+    )
+    p.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
+        "use 127.0.0.1 unless the port must be reached from elsewhere)",
     )
     _add_logging(p)
 
@@ -131,7 +137,7 @@ def _replicate(args: argparse.Namespace) -> int:
     configure_logging(
         level=args.log_level or config.log_level, fmt=args.log_format or config.log_format
     )
-    return asyncio.run(_serve(config))
+    return asyncio.run(_serve(config, args.metrics_addr or config.metrics_addr))
 
 
 def _replicate_config(args: argparse.Namespace) -> Config:
@@ -147,7 +153,7 @@ def _replicate_config(args: argparse.Namespace) -> Config:
     return load_config(args.config or DEFAULT_CONFIG_PATH)
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, metrics_addr: str | None) -> int:
     clients: list[ReplicaClient] = []
     replicators = []
     try:
@@ -158,7 +164,11 @@ async def _serve(config: Config) -> int:
             await client.close()
         raise
     log.info("starting", databases=[str(db.path) for db in config.databases])
-    daemon = Daemon(replicators, clients, shutdown_timeout=config.shutdown_timeout)
+    metrics = None
+    if metrics_addr:
+        host, port = parse_address(metrics_addr)
+        metrics = MetricsServer(replicators, host=host, port=port)
+    daemon = Daemon(replicators, clients, shutdown_timeout=config.shutdown_timeout, metrics=metrics)
     return await daemon.serve()
 
 

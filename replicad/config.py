@@ -113,6 +113,8 @@ class Config:
     log_level: str = "info"
     log_format: str = "auto"
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    #: HOST:PORT of the metrics endpoint; None (the default) serves none.
+    metrics_addr: str | None = None
 
     def database(self, path_or_name: str) -> DatabaseConfig:
         """The database configured under this path or name; ConfigError if none."""
@@ -175,6 +177,7 @@ class _Reader:
         log_level = t.choice("log_level", LOG_LEVELS, "info")
         log_format = t.choice("log_format", LOG_FORMATS, "auto")
         shutdown_timeout = t.positive_float("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
+        metrics_addr = t.optional("metrics_addr")
         dbs = t.list_of_tables("databases", required=True)
         if not dbs:
             raise self.error("databases", "at least one database is required")
@@ -186,6 +189,7 @@ class _Reader:
             log_level=log_level,
             log_format=log_format,
             shutdown_timeout=shutdown_timeout,
+            metrics_addr=metrics_addr,
         )
 
     def database(self, raw: dict[str, Any], where: str) -> DatabaseConfig:
@@ -408,7 +412,7 @@ def _url_value(value: str) -> Any:
     return value
 
 
-_TOP_KEYS = frozenset({"databases", "log_level", "log_format", "shutdown_timeout"})
+_TOP_KEYS = frozenset({"databases", "log_level", "log_format", "shutdown_timeout", "metrics_addr"})
 _DB_KEYS = frozenset({"path", "name", "state_dir", "replicas", "poll_interval", "sync_interval"})
 _COMMON_REPLICA_KEYS = frozenset({"url", "name", "max_pending_bytes"})
 _S3_URL_KEYS = frozenset({"endpoint", "region", "path_style", "verify_tls", "storage_class"})

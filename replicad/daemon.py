@@ -21,6 +21,7 @@ import watchfiles
 
 from replicad.clients.base import ReplicaClient
 from replicad.errors import DatabaseError, ReplicadError, ShutdownError
+from replicad.observe import MetricsServer
 from replicad.replicator import DatabaseReplicator
 
 #: watchfiles batches events for up to `debounce` ms, checking every `step` ms; its defaults
@@ -43,12 +44,14 @@ class Daemon:
         shutdown_timeout: float,
         watch: bool = True,
         on_ready: Callable[[], None] | None = None,
+        metrics: MetricsServer | None = None,
     ) -> None:
         self.replicators = replicators
         self.clients = clients
         self.shutdown_timeout = shutdown_timeout
         self.watch = watch
         self.on_ready = on_ready
+        self.metrics = metrics
         self.stop = asyncio.Event()
         self._signals = 0
         self._started: list[DatabaseReplicator] = []
@@ -56,6 +59,8 @@ class Daemon:
     async def serve(self) -> int:
         """Replicate until a stop is requested; returns the process exit status."""
         self._install_signals()
+        if self.metrics is not None:
+            await self.metrics.start()
         failure: ReplicadError | None = None
         try:
             async with asyncio.TaskGroup() as tg:
@@ -161,6 +166,8 @@ class Daemon:
                 log.warning("closing database failed", db=replicator.name, error=str(exc))
         for client in self.clients:
             await client.close()
+        if self.metrics is not None:
+            await self.metrics.stop()
         if not problems:
             log.info("stopped: everything committed was shipped")
         return problems

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,33 @@ def test_sigkill_leaves_a_committed_prefix(paths: dict[str, Path]) -> None:
     k = workload.seq_of(paths["out"])
     assert 0 < k <= committed
     assert workload.dump(paths["out"]) == workload.replay(13, k, paths["replay"])
+
+
+def test_metrics_endpoint_counts_requests_and_transactions(paths: dict[str, Path]) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _make_db(paths["db"])
+    args = [str(paths["db"]), paths["replica"].as_uri(), "--metrics-addr", f"127.0.0.1:{port}"]
+    daemon = start_daemon(args, paths["dlog"])
+    try:
+        wait_for(lambda: bool(_snapshots(paths["replica"])), 20, "the first snapshot")
+        writer = start_writer(paths["db"], paths["wlog"], seed=14, count=50, rate=200)
+        assert writer.wait(timeout=60) == 0
+        time.sleep(1.5)
+        url = f"http://127.0.0.1:{port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        assert stop(daemon) == 0
+    assert 'replicad_transactions_total{db="app"}' in text
+    assert 'replicad_replica_requests_total{db="app",operation="PUT",replica="file0"}' in text
+    assert 'replicad_replication_lag_seconds{db="app",replica="file0"} 0.0' in text
+    transactions = next(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('replicad_transactions_total{db="app"}')
+    )
+    assert transactions >= 50

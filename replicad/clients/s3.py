@@ -681,5 +681,3 @@ def _display_endpoint(endpoint_url: str | None, region: str | None) -> str:
     if endpoint_url:
         return _strip_userinfo(endpoint_url)
     return f"AWS S3 ({region or 'default region'})"
-
-
