@@ -131,7 +131,7 @@ _DB_COUNTERS = {
     "sync_errors": "Sync steps that failed",
     "transactions": "SQLite commits captured from the WAL",
     "snapshots": "Snapshots taken",
-    "continuity_losses": "Times the WAL no longer continued from our position (a snapshot followed)",
+    "continuity_losses": "Times the WAL stopped continuing our position (a snapshot followed)",
 }
 
 
