@@ -130,6 +130,7 @@ _DB_COUNTERS = {
     "syncs": "Sync steps run",
     "sync_errors": "Sync steps that failed",
     "transactions": "SQLite commits captured from the WAL",
+    "captured_bytes": "Page bytes captured from committed WAL frames",
     "snapshots": "Snapshots taken",
     "continuity_losses": "Times the WAL stopped continuing our position (a snapshot followed)",
 }

@@ -41,6 +41,8 @@ class ReplicatorStats:
     syncs: int = 0
     sync_errors: int = 0
     transactions: int = 0
+    #: Page bytes captured from committed WAL frames (the WAL volume replicated).
+    captured_bytes: int = 0
     snapshots: int = 0
     continuity_losses: int = 0
     wal_size: int = 0
@@ -186,6 +188,7 @@ class DatabaseReplicator:
     def _distribute(self, result: SyncResult) -> None:
         if result.transactions:
             self.stats.transactions += len(result.transactions)
+            self.stats.captured_bytes += sum(t.nbytes for t in result.transactions)
             for replica in self.replicas:
                 replica.enqueue(result.transactions)
         if result.lost_continuity is not None:
