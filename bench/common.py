@@ -1,4 +1,5 @@
-"""Shared pieces of the end-to-end benchmarks: a writer process, /proc readers, a replica poller.
+"""Shared pieces of the end-to-end benchmarks: a writer process, /proc readers, a replica poller,
+S3 replica URLs and credentials, metric scrapes, log events and measured child processes.
 
 The benchmarks run the daemon (or another replicator) as a separate process against a database
 that a separate writer process fills at a steady rate, and watch the replica from the outside,
@@ -23,20 +24,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import platform
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.procs import ROOT, clean_env
+
+if TYPE_CHECKING:  # only for annotations: the writer process should not import aiobotocore
+    from tests.s3servers import S3Server
 
 #: How often the replica and the WAL are looked at: the resolution of a first-seen time.
 DEFAULT_POLL_INTERVAL = 0.002
@@ -142,6 +152,18 @@ def proc_usage(pid: int) -> ProcUsage:
         if line.startswith("VmHWM:"):
             peak_kb = int(line.split()[1])
     return ProcUsage((utime + stime) / ticks, peak_kb * 1024)
+
+
+def current_rss(pid: int) -> int:
+    """Resident set size (VmRSS) of a live process now, bytes; 0 once it has exited."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 # -- watching from the outside ---------------------------------------------------------------
@@ -278,6 +300,130 @@ def machine() -> str:
         f"{cpu}, {len(os.sched_getaffinity(0))} CPUs, Linux {platform.release()}, "
         f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"
     )
+
+
+# -- S3 servers, the daemon's metrics and log, measured child processes ---------------------
+
+
+def s3_url(server: S3Server, bucket: str, prefix: str, *, endpoint: str | None = None) -> str:
+    """The replica URL of `prefix` in `bucket` on `server`, reached at `endpoint` (default: the
+    server itself; pass a proxy's URL to go through it)."""
+    endpoint = endpoint or server.endpoint_url
+    return f"s3://{bucket}/{prefix}?endpoint={endpoint}&path_style=true&region={server.region}"
+
+
+def s3_env(server: S3Server, workdir: Path) -> dict[str, str]:
+    """Credentials for `server` through the standard variables, and nothing else of this
+    machine's AWS set-up: absent config files, no instance-metadata lookup."""
+    return {
+        "AWS_ACCESS_KEY_ID": server.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": server.secret_access_key,
+        "AWS_CONFIG_FILE": str(workdir / "absent-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "absent-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """One scrape of the daemon's ``/metrics``: sample name and labels -> value."""
+
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
+        wanted = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == name and wanted <= ls)
+
+    def by_label(self, name: str, label: str) -> dict[str, float]:
+        """Samples called `name`, summed per value of `label`."""
+        out: dict[str, float] = {}
+        for (n, ls), v in self.samples.items():
+            key = dict(ls).get(label)
+            if n == name and key is not None:
+                out[key] = out.get(key, 0.0) + v
+        return out
+
+
+def read_metrics(address: str, *, timeout: float = 5.0) -> Metrics:
+    """Scrape ``http://ADDRESS/metrics`` (a daemon started with ``--metrics-addr ADDRESS``)."""
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with no_proxy.open(f"http://{address}/metrics", timeout=timeout) as response:
+        text = response.read().decode()
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    return Metrics(samples)
+
+
+def log_events(log: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a daemon log (``--log-format json``); other lines are skipped."""
+    events = []
+    text = log.read_text(errors="replace") if log.exists() else ""
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict):
+                events.append(event)
+    return events
+
+
+def event_time(event: dict[str, Any]) -> float:
+    """A log event's ISO timestamp as Unix seconds."""
+    return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+def log_tail(log: Path, lines: int = 20) -> str:
+    """The last lines of a log, for an error message."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return f"{log.name} (tail):\n" + "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass(frozen=True, slots=True)
+class MeasuredRun:
+    """A child process run to completion, with what the kernel accounted for it."""
+
+    returncode: int
+    wall_seconds: float
+    cpu_seconds: float
+    #: ru_maxrss: the largest resident set the process had, bytes.
+    peak_rss_bytes: int
+    stdout: str
+    stderr: str
+
+
+def run_measured(
+    cmd: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 3600
+) -> MeasuredRun:
+    """Run `cmd` (clean environment plus `env`, repo root as cwd) and measure it.
+
+    Peak RSS and CPU come from `wait4`'s rusage of that one child, the numbers
+    ``/usr/bin/time -v`` reports; wall time is from just before the fork to the reap.
+    The child is killed after `timeout` seconds (then the run fails with a nonzero status).
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=clean_env(env), cwd=ROOT)
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        try:
+            _pid, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen.wait
+        out.seek(0)
+        err.seek(0)
+        return MeasuredRun(
+            returncode=proc.returncode,
+            wall_seconds=wall,
+            cpu_seconds=usage.ru_utime + usage.ru_stime,
+            peak_rss_bytes=usage.ru_maxrss * 1024,  # kilobytes on Linux
+            stdout=out.read().decode(errors="replace"),
+            stderr=err.read().decode(errors="replace"),
+        )
 
 
 # -- command line of the child processes -----------------------------------------------------

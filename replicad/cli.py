@@ -195,6 +195,7 @@ async def _replicator(
         state_dir=db_config.state_dir,
         poll_interval=db_config.poll_interval,
         sync_interval=db_config.sync_interval,
+        checkpoints=db_config.checkpoints,
         log=db_log,
     )
 

@@ -20,6 +20,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from replicad.checkpoint import (
+    DEFAULT_CHECKPOINT_INTERVAL,
+    DEFAULT_CHECKPOINT_PAGES,
+    DEFAULT_CHECKPOINT_TIMEOUT,
+    DEFAULT_TRUNCATE_PAGES,
+    CheckpointPolicy,
+)
 from replicad.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/replicad.toml")
@@ -102,6 +109,7 @@ class DatabaseConfig:
     replicas: tuple[ReplicaConfig, ...]
     poll_interval: float = DEFAULT_POLL_INTERVAL
     sync_interval: float = DEFAULT_SYNC_INTERVAL
+    checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +218,16 @@ class _Reader:
             replicas=replicas,
             poll_interval=t.positive_float("poll_interval", DEFAULT_POLL_INTERVAL),
             sync_interval=t.non_negative_float("sync_interval", DEFAULT_SYNC_INTERVAL),
+            checkpoints=CheckpointPolicy(
+                checkpoint_pages=t.non_negative_int("checkpoint_pages", DEFAULT_CHECKPOINT_PAGES),
+                checkpoint_interval=t.positive_float(
+                    "checkpoint_interval", DEFAULT_CHECKPOINT_INTERVAL
+                ),
+                truncate_pages=t.non_negative_int("truncate_pages", DEFAULT_TRUNCATE_PAGES),
+                checkpoint_timeout=t.positive_float(
+                    "checkpoint_timeout", DEFAULT_CHECKPOINT_TIMEOUT
+                ),
+            ),
         )
 
     def replica(self, raw: dict[str, Any], where: str, index: int) -> ReplicaConfig:
@@ -386,6 +404,9 @@ class _Table:
             raise self.reader.error(self.key(name), f"must be at least {minimum}, got {value}")
         return int(value)
 
+    def non_negative_int(self, name: str, default: int) -> int:
+        return self.positive_int(name, default, minimum=0)
+
     def choice(self, name: str, choices: tuple[str, ...], default: str) -> str:
         value = self.string(name) or default
         if value not in choices:
@@ -413,7 +434,20 @@ def _url_value(value: str) -> Any:
 
 
 _TOP_KEYS = frozenset({"databases", "log_level", "log_format", "shutdown_timeout", "metrics_addr"})
-_DB_KEYS = frozenset({"path", "name", "state_dir", "replicas", "poll_interval", "sync_interval"})
+_DB_KEYS = frozenset(
+    {
+        "path",
+        "name",
+        "state_dir",
+        "replicas",
+        "poll_interval",
+        "sync_interval",
+        "checkpoint_pages",
+        "checkpoint_interval",
+        "truncate_pages",
+        "checkpoint_timeout",
+    }
+)
 _COMMON_REPLICA_KEYS = frozenset({"url", "name", "max_pending_bytes"})
 _S3_URL_KEYS = frozenset({"endpoint", "region", "path_style", "verify_tls", "storage_class"})
 _S3_KEYS = _S3_URL_KEYS | frozenset(
@@ -436,7 +470,6 @@ __all__ = [
     "S3Options",
     "Secret",
     "config_from_args",
-    "field",
     "load_config",
     "replica_from_url",
 ]

@@ -201,6 +201,13 @@ class Database:
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
         return conn
 
+    def generation_frames(self) -> int:
+        """Frames of the current WAL generation captured so far (what a checkpoint would copy)."""
+        pos = self.state.position
+        if pos is None or pos.salt1 < 0 or not self.page_size:
+            return 0
+        return (pos.offset - WAL_HEADER_SIZE) // (FRAME_HEADER_SIZE + self.page_size)
+
     # -- read holders ------------------------------------------------------------------------
 
     def _begin(self, index: int) -> None:

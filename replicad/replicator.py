@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
+from replicad.checkpoint import Checkpointer, CheckpointPolicy, CheckpointResult
 from replicad.db import Database, SnapshotRetry, SnapshotSource, SyncResult
 from replicad.errors import ReplicadError
 from replicad.format import ObjectHeader, ObjectWriter
@@ -31,6 +32,8 @@ DEFAULT_SYNC_INTERVAL = 1.0
 #: Longest wait between retries of a failing replica.
 DEFAULT_RETRY_MAX = 30.0
 _RETRY_MIN = 0.2
+#: How often the read mark moves while a checkpoint waits for it.
+_LEAPFROG_DURING_CHECKPOINT = 0.005
 _SNAPSHOT_ATTEMPTS = 5
 
 
@@ -46,7 +49,14 @@ class ReplicatorStats:
     snapshots: int = 0
     continuity_losses: int = 0
     wal_size: int = 0
+    #: Largest -wal file size seen: a workload outgrowing one SQLite file shows here first.
+    wal_high_water: int = 0
     last_sync_duration: float = 0.0
+    #: Checkpoints run by replicad, by mode; those SQLite reported busy; time spent in them.
+    checkpoints: dict[str, int] = field(default_factory=dict)
+    checkpoints_busy: int = 0
+    checkpoint_seconds: float = 0.0
+    checkpoint_errors: int = 0
 
 
 class Backoff:
@@ -80,6 +90,7 @@ class DatabaseReplicator:
         state_dir: Path,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         sync_interval: float = DEFAULT_SYNC_INTERVAL,
+        checkpoints: CheckpointPolicy | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.db = db
@@ -93,6 +104,10 @@ class DatabaseReplicator:
         self.wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._lost: str | None = None
+        self.policy = checkpoints or CheckpointPolicy()
+        self.checkpointer = Checkpointer(db.path, timeout=self.policy.checkpoint_timeout)
+        self._last_checkpoint = time.monotonic()
+        self._checkpoint_failed = False
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -182,6 +197,7 @@ class DatabaseReplicator:
         self.stats.syncs += 1
         self.stats.last_sync_duration = time.perf_counter() - started
         self.stats.wal_size = result.wal_size
+        self.stats.wal_high_water = max(self.stats.wal_high_water, result.wal_size)
         self._distribute(result)
         return result
 
@@ -283,6 +299,79 @@ class DatabaseReplicator:
             raise
         return SnapshotFile(name, source.txid, path, size)
 
+    async def checkpoint_step(self) -> CheckpointResult | None:
+        """Checkpoint if the policy says so; None if none was due (see checkpoint.py)."""
+        since = time.monotonic() - self._last_checkpoint
+        mode = self.policy.mode_for(self.db.generation_frames(), since)
+        if mode is None or self._checkpoint_failed or self._lost is not None:
+            return None
+        try:
+            if mode == "PASSIVE":
+                result = await self._passive_checkpoint()
+            else:
+                result = await self._waiting_checkpoint(mode)
+        except ReplicadError as exc:
+            self._checkpoint_failed = True
+            self.stats.checkpoint_errors += 1
+            self.log.error("checkpoint failed; replicad will not checkpoint", error=str(exc))
+            return None
+        finally:
+            self._last_checkpoint = time.monotonic()
+        self._record_checkpoint(result)
+        return result
+
+    async def _passive_checkpoint(self) -> CheckpointResult:
+        """Copy the bulk lock-free, then finish with writers held off for a moment."""
+        bulk = await asyncio.to_thread(self.checkpointer.run, "PASSIVE")
+        if not await asyncio.to_thread(self.checkpointer.hold_writers):
+            return bulk  # the application held its write lock too long; next time
+        try:
+            await self._leapfrog()  # capture the last frames; the new read mark is the end
+            rest = await asyncio.to_thread(self.checkpointer.run, "PASSIVE")
+            await self._leapfrog()  # begins on a fully copied WAL: read mark 0
+        finally:
+            await asyncio.to_thread(self.checkpointer.release_writers)
+        return CheckpointResult(
+            "PASSIVE",
+            rest.busy,
+            rest.log_frames,
+            rest.checkpointed_frames,
+            bulk.seconds + rest.seconds,
+        )
+
+    async def _waiting_checkpoint(self, mode: str) -> CheckpointResult:
+        """RESTART/TRUNCATE wait for every reader; keep moving ours until the wait is over."""
+        job = asyncio.get_running_loop().run_in_executor(None, self.checkpointer.run, mode)
+        try:
+            while not job.done():
+                await self._leapfrog()
+                await asyncio.wait([job], timeout=_LEAPFROG_DURING_CHECKPOINT)
+        finally:
+            await asyncio.wait([job])
+        result = job.result()
+        await self._leapfrog()
+        return result
+
+    async def _leapfrog(self) -> None:
+        """One sync, for its read-mark move; a lost continuity is handled by the next sync_step."""
+        if self._lost is None:
+            async with self._lock:
+                await self._sync_once()
+
+    def _record_checkpoint(self, result: CheckpointResult) -> None:
+        stats = self.stats
+        stats.checkpoints[result.mode] = stats.checkpoints.get(result.mode, 0) + 1
+        stats.checkpoints_busy += result.busy
+        stats.checkpoint_seconds += result.seconds
+        self.log.debug(
+            "checkpoint",
+            mode=result.mode,
+            busy=result.busy,
+            frames=result.log_frames,
+            copied=result.checkpointed_frames,
+            seconds=round(result.seconds, 4),
+        )
+
     # -- loops ------------------------------------------------------------------------------
 
     async def sync_loop(self, stop: asyncio.Event) -> None:
@@ -295,6 +384,7 @@ class DatabaseReplicator:
                 return
             try:
                 await self.sync_step()
+                await self.checkpoint_step()
                 backoff.reset()
             except ReplicadError as exc:
                 self.log.error("sync failed; will retry", error=str(exc))
@@ -373,7 +463,9 @@ class DatabaseReplicator:
             replica.wake.set()
 
     def close(self) -> None:
-        """Release the database (blocking; SQLite connections before the raw descriptor)."""
+        """Release the database (blocking): the checkpoint connection first, so it is never the
+        last one to close, then the read holders, then the raw descriptor."""
+        self.checkpointer.close()
         self.db.close()
 
 

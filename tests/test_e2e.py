@@ -60,9 +60,14 @@ def test_sigterm_ships_everything_committed(paths: dict[str, Path]) -> None:
 
 
 def test_sigkill_restart_resumes_without_snapshot(paths: dict[str, Path]) -> None:
-    """Autocheckpoint off: a killed daemon restarts from the replica's position, no new snapshot."""
+    """Nobody checkpoints: a killed daemon restarts from the replica's position, no snapshot."""
     _make_db(paths["db"])
-    args = [str(paths["db"]), paths["replica"].as_uri()]
+    config = paths["db"].with_name("c.toml")
+    config.write_text(  # the app's autocheckpoint is off too, so the WAL stays as it was
+        f"[[databases]]\npath = '{paths['db']}'\ncheckpoint_pages = 0\n"
+        f"[[databases.replicas]]\nurl = '{paths['replica'].as_uri()}'\n"
+    )
+    args = ["-c", str(config)]
     daemon = start_daemon(args, paths["dlog"])
     writer = start_writer(
         paths["db"], paths["wlog"], seed=12, count=1200, rate=300, autocheckpoint=0
