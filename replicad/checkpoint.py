@@ -71,11 +71,17 @@ class CheckpointPolicy:
     truncate_pages: int = DEFAULT_TRUNCATE_PAGES
     checkpoint_timeout: float = DEFAULT_CHECKPOINT_TIMEOUT
 
-    def mode_for(self, frames: int, seconds_since_last: float) -> str | None:
-        """The checkpoint to run for a WAL generation of `frames` frames, or None."""
+    def mode_for(
+        self, frames: int, seconds_since_last: float, *, may_wait: bool = True
+    ) -> str | None:
+        """The checkpoint to run for a WAL generation of `frames` frames, or None.
+
+        `may_wait` False rules out TRUNCATE: after one was held off by a long reader, trying
+        again at once would stall the application's writers again for nothing.
+        """
         if self.checkpoint_pages <= 0 or frames <= 0:
             return None
-        if self.truncate_pages and frames >= self.truncate_pages:
+        if may_wait and self.truncate_pages and frames >= self.truncate_pages:
             return "TRUNCATE"
         if frames >= self.checkpoint_pages or seconds_since_last >= self.checkpoint_interval:
             return "PASSIVE"

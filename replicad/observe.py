@@ -73,6 +73,20 @@ class ReplicadCollector(Collector):
             name: CounterMetricFamily(f"replicad_{name}", text, labels=["db"])
             for name, text in _DB_COUNTERS.items()
         }
+        checkpoints = CounterMetricFamily(
+            "replicad_checkpoints", "Checkpoints run by replicad", labels=["db", "mode"]
+        )
+        busy = CounterMetricFamily(
+            "replicad_checkpoints_busy",
+            "Checkpoints that could not finish because a reader held the WAL",
+            labels=["db"],
+        )
+        seconds = CounterMetricFamily(
+            "replicad_checkpoint_seconds", "Time spent in checkpoints", labels=["db"]
+        )
+        high = GaugeMetricFamily(
+            "replicad_wal_high_water_bytes", "Largest -wal file size seen", labels=["db"]
+        )
         wal = GaugeMetricFamily(
             "replicad_wal_size_bytes", "Size of the -wal file at the last sync", labels=["db"]
         )
@@ -80,8 +94,13 @@ class ReplicadCollector(Collector):
             for name, family in families.items():
                 family.add_metric([r.name], getattr(r.stats, name))
             wal.add_metric([r.name], r.stats.wal_size)
+            high.add_metric([r.name], r.stats.wal_high_water)
+            for mode, n in r.stats.checkpoints.items():
+                checkpoints.add_metric([r.name, mode], n)
+            busy.add_metric([r.name], r.stats.checkpoints_busy)
+            seconds.add_metric([r.name], r.stats.checkpoint_seconds)
         yield from families.values()
-        yield wal
+        yield from (wal, high, checkpoints, busy, seconds)
 
     def _replica_metrics(self) -> Iterator[Metric]:
         labels = ["db", "replica"]

@@ -108,6 +108,7 @@ class DatabaseReplicator:
         self.checkpointer = Checkpointer(db.path, timeout=self.policy.checkpoint_timeout)
         self._last_checkpoint = time.monotonic()
         self._checkpoint_failed = False
+        self._no_waiting_until = 0.0
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -301,8 +302,12 @@ class DatabaseReplicator:
 
     async def checkpoint_step(self) -> CheckpointResult | None:
         """Checkpoint if the policy says so; None if none was due (see checkpoint.py)."""
-        since = time.monotonic() - self._last_checkpoint
-        mode = self.policy.mode_for(self.db.generation_frames(), since)
+        now = time.monotonic()
+        mode = self.policy.mode_for(
+            self.db.generation_frames(),
+            now - self._last_checkpoint,
+            may_wait=now >= self._no_waiting_until,
+        )
         if mode is None or self._checkpoint_failed or self._lost is not None:
             return None
         try:
@@ -362,6 +367,16 @@ class DatabaseReplicator:
         stats = self.stats
         stats.checkpoints[result.mode] = stats.checkpoints.get(result.mode, 0) + 1
         stats.checkpoints_busy += result.busy
+        if result.busy and result.mode != "PASSIVE":
+            # A reader held it off for the whole timeout (and the app's writers with it):
+            # copy what PASSIVE can until the interval has passed, then try again.
+            self._no_waiting_until = time.monotonic() + self.policy.checkpoint_interval
+            self.log.warning(
+                "checkpoint could not finish: a long read transaction holds the WAL",
+                mode=result.mode,
+                waited=round(result.seconds, 3),
+                retry_in=self.policy.checkpoint_interval,
+            )
         stats.checkpoint_seconds += result.seconds
         self.log.debug(
             "checkpoint",

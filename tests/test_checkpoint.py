@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -137,3 +139,65 @@ def test_policy_thresholds() -> None:
     assert policy.mode_for(5, 61) == "PASSIVE"
     assert policy.mode_for(10000, 1) == "TRUNCATE"
     assert CheckpointPolicy(checkpoint_pages=0).mode_for(50000, 1000) is None
+
+
+async def test_long_reader_makes_truncate_back_off(tmp_path: Path) -> None:
+    """A reader in the app pins the WAL: TRUNCATE gives up once, then PASSIVE until the interval."""
+    db_path = tmp_path / "app.db"
+    app = sqlite3.connect(db_path, isolation_level=None, timeout=10)
+    app.execute("PRAGMA journal_mode=WAL")
+    app.execute("PRAGMA wal_autocheckpoint=0")
+    app.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
+    app.execute("INSERT INTO t(b) VALUES (x'00')")
+    reader = _start_long_reader(db_path)
+    try:
+        replica = Replica("r", FileReplicaClient(tmp_path / "rep"))
+        policy = CheckpointPolicy(
+            checkpoint_pages=10, truncate_pages=50, checkpoint_timeout=0.3, checkpoint_interval=30
+        )
+        rep = DatabaseReplicator(
+            Database(db_path),
+            [replica],
+            name="app",
+            state_dir=tmp_path / "s",
+            sync_interval=0,
+            checkpoints=policy,
+        )
+        await rep.start()
+        modes = []
+        for _ in range(4):
+            for _ in range(60):
+                app.execute("INSERT INTO t(b) VALUES (?)", (os.urandom(3000),))
+            await rep.sync_step()
+            result = await rep.checkpoint_step()
+            assert result is not None
+            modes.append((result.mode, result.busy))
+        assert modes[0] == ("TRUNCATE", True)
+        assert all(mode == "PASSIVE" for mode, _ in modes[1:])
+        assert rep.stats.checkpoints_busy >= 1
+        assert rep.stats.continuity_losses == 0
+        await replica.upload()
+        rep.close()
+    finally:
+        reader.kill()
+        reader.wait()
+    await restore(FileReplicaClient(tmp_path / "rep"), tmp_path / "out.db")
+    assert workload.dump(tmp_path / "out.db") == workload.dump(db_path)
+
+
+def _start_long_reader(db: Path) -> subprocess.Popen[str]:
+    """Another process holding a read transaction open (a long report, a backup tool)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LONG_READER, str(db)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "reading"
+    return proc
+
+
+_LONG_READER = (
+    "import sqlite3,sys,time;"
+    "c=sqlite3.connect(sys.argv[1], isolation_level=None);"
+    "c.execute('BEGIN'); c.execute('SELECT count(*) FROM t').fetchone();"
+    "print('reading', flush=True); time.sleep(60)"
+)
