@@ -34,7 +34,14 @@ from replicad.errors import ConfigError, ReplicadError
 from replicad.observe import MetricsServer, configure_logging, parse_address
 from replicad.replica import Replica
 from replicad.replicator import DatabaseReplicator
-from replicad.restore import INTEGRITY_MODES, RestoreResult, restore
+from replicad.restore import (
+    INTEGRITY_MODES,
+    RestorePlan,
+    RestoreResult,
+    make_plan,
+    parse_timestamp,
+    restore,
+)
 
 log = structlog.get_logger()
 
@@ -93,16 +100,38 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "restore",
         help="rebuild a database from a replica",
-        description="Restore a database from a replica, as of the newest transaction or "
-        "--txid. SOURCE is a database path or name from the config (-c), or a replica URL. "
+        description="Restore a database from a replica, as of the newest transaction, "
+        "--txid or --timestamp. SOURCE is a database path or name from the config (-c), or a replica URL. "
         "The result is written to OUT.tmp, checked, and moved to OUT atomically.",
     )
     p.add_argument("source", metavar="SOURCE", help="DB_PATH/name (with -c) or REPLICA_URL")
     p.add_argument("-o", "--output", type=Path, required=True, help="where to write the database")
     p.add_argument("-c", "--config", type=Path, help="TOML file naming the database's replicas")
     p.add_argument("--replica", help="which of the database's replicas (default: the first)")
-    p.add_argument("--txid", type=int, help="restore the state right after this transaction")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--txid", type=int, help="restore the state right after this transaction")
+    target.add_argument(
+        "--timestamp",
+        metavar="RFC3339",
+        help="restore the last transaction committed at or before this moment, e.g. "
+        "2026-11-24T01:30:00Z or 2026-11-24T02:30:00+01:00",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (objects, bytes, TXID range) as JSON without downloading",
+    )
+    p.add_argument(
+        "--if-replica-exists",
+        action="store_true",
+        help="exit 0 without restoring when the replica holds nothing (first deployment)",
+    )
+    p.add_argument(
+        "--if-db-not-exists",
+        action="store_true",
+        help="exit 0 without restoring when OUT already exists (init containers)",
+    )
     p.add_argument(
         "--integrity-check",
         choices=INTEGRITY_MODES,
@@ -235,7 +264,12 @@ async def make_client(config: ReplicaConfig) -> ReplicaClient:
 
 def _restore(args: argparse.Namespace) -> int:
     replica_config = _restore_replica(args)
+    if args.if_db_not_exists and args.output.exists():
+        print(json.dumps({"skipped": f"{args.output} exists (--if-db-not-exists)"}))
+        return 0
     result = asyncio.run(_run_restore(replica_config, args))
+    if result is None:
+        return 0
     print(
         json.dumps(
             {
@@ -271,15 +305,40 @@ def _restore_replica(args: argparse.Namespace) -> ReplicaConfig:
     raise ConfigError(f"database {db_config.name} has no replica {args.replica!r} ({names})")
 
 
-async def _run_restore(config: ReplicaConfig, args: argparse.Namespace) -> RestoreResult:
+async def _run_restore(config: ReplicaConfig, args: argparse.Namespace) -> RestoreResult | None:
+    at_ns = parse_timestamp(args.timestamp) if args.timestamp else None
     client = await make_client(config)
     try:
+        if args.if_replica_exists and not await client.list_objects():
+            print(json.dumps({"skipped": f"{client.url} holds nothing (--if-replica-exists)"}))
+            return None
+        if args.dry_run:
+            plan = await make_plan(client, target_txid=args.txid, at_ns=at_ns)
+            print(json.dumps(_plan_json(plan), indent=2))
+            return None
         return await restore(
             client,
             args.output,
             target_txid=args.txid,
+            at_ns=at_ns,
             force=args.force,
             integrity=args.integrity_check,
         )
     finally:
         await client.close()
+
+
+def _plan_json(plan: RestorePlan) -> dict[str, object]:
+    return {
+        "target_txid": plan.target_txid,
+        "bytes": plan.total_bytes,
+        "objects": [
+            {
+                "key": name.key,
+                "bytes": size,
+                "first_txid": name.first_txid,
+                "last_txid": name.last_txid,
+            }
+            for name, size in zip(plan.objects, plan.sizes, strict=True)
+        ],
+    }

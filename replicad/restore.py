@@ -20,13 +20,23 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
 from replicad.clients.base import ObjectInfo, ReplicaClient
-from replicad.errors import RestoreError
-from replicad.format import EndEvent, ObjectDecoder, PageEvent, TxnEndEvent
+from replicad.errors import FormatError, RestoreError
+from replicad.format import (
+    HEADER_SIZE,
+    EndEvent,
+    ObjectDecoder,
+    PageEvent,
+    TxnEndEvent,
+    TxnInfo,
+    decode_header,
+    read_trailer,
+)
 from replicad.position import ObjectKind, ObjectName, parse_key
 
 #: Objects downloaded ahead of the one being applied.
@@ -139,11 +149,65 @@ def _chain(names: Iterable[ObjectName], after: int, target: int) -> list[ObjectN
     return chain
 
 
+def parse_timestamp(text: str) -> int:
+    """An RFC 3339 timestamp (any time zone) as Unix nanoseconds; RestoreError if malformed."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise RestoreError(
+            f"cannot read timestamp {text!r}", hint="use RFC 3339, e.g. 2026-11-24T01:30:00Z"
+        ) from exc
+    if moment.tzinfo is None:
+        raise RestoreError(
+            f"timestamp {text!r} has no time zone",
+            hint="add Z for UTC or an offset such as +01:00, so the moment is unambiguous",
+        )
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+async def txid_at(client: ReplicaClient, names: dict[ObjectName, int], at_ns: int) -> int:
+    """The last TXID committed at or before `at_ns`, exactly (commit times as replicad saw them).
+
+    Key names narrow the search to one segment; its trailer gives each transaction's time.
+    """
+    at_ms = at_ns // 1_000_000
+    best = max(
+        (n.last_txid for n in names if n.kind is ObjectKind.SNAPSHOT and n.max_time_ms < at_ms),
+        default=0,
+    )
+    segments = sorted(
+        (n for n in names if n.kind is ObjectKind.SEGMENT and n.level == 0),
+        key=lambda n: n.first_txid,
+    )
+    for name in segments:
+        if name.max_time_ms < at_ms:
+            best = max(best, name.last_txid)
+        elif name.min_time_ms <= at_ms:
+            for info in _trailer(await client.get_object(name.key), name):
+                if info.commit_time_ns <= at_ns:
+                    best = max(best, info.txid)
+    if best == 0:
+        raise RestoreError(
+            "no transaction in the replica was committed at or before that time",
+            hint="the oldest restorable moment is the oldest snapshot's; see `replicad ls`",
+        )
+    return best
+
+
+def _trailer(data: bytes, name: ObjectName) -> list[TxnInfo]:
+    header = decode_header(data[:HEADER_SIZE])
+    if header.kind is not name.kind or header.last_txid != name.last_txid:
+        raise FormatError(f"object {name.key} does not match its name")
+    return read_trailer(data)
+
+
 async def restore(
     client: ReplicaClient,
     output: Path,
     *,
     target_txid: int | None = None,
+    at_ns: int | None = None,
     force: bool = False,
     integrity: str = "full",
     prefetch: int = DEFAULT_PREFETCH,
@@ -155,7 +219,7 @@ async def restore(
     """
     started = time.monotonic()
     output, tmp = await asyncio.to_thread(_prepare_target, output, force)
-    plan = plan_restore(names_from_listing(await client.list_objects()), target_txid=target_txid)
+    plan = await make_plan(client, target_txid=target_txid, at_ns=at_ns)
     try:
         page_size, db_pages = await _apply(client, plan, tmp, prefetch)
         await asyncio.to_thread(_check_integrity, tmp, integrity)
@@ -172,6 +236,16 @@ async def restore(
         plan.total_bytes,
         time.monotonic() - started,
     )
+
+
+async def make_plan(
+    client: ReplicaClient, *, target_txid: int | None = None, at_ns: int | None = None
+) -> RestorePlan:
+    """List the replica and plan a restore to a TXID, a moment (`at_ns`), or the newest state."""
+    names = names_from_listing(await client.list_objects())
+    if at_ns is not None and names:
+        target_txid = await txid_at(client, names, at_ns)
+    return plan_restore(names, target_txid=target_txid)
 
 
 def _prepare_target(output: Path, force: bool) -> tuple[Path, Path]:
