@@ -101,8 +101,8 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "restore",
         help="rebuild a database from a replica",
         description="Restore a database from a replica, as of the newest transaction, "
-        "--txid or --timestamp. SOURCE is a database path or name from the config (-c), or a replica URL. "
-        "The result is written to OUT.tmp, checked, and moved to OUT atomically.",
+        "--txid or --timestamp. SOURCE is a database path or name from the config (-c), "
+        "or a replica URL. The result is written to OUT.tmp, checked, and moved to OUT atomically.",
     )
     p.add_argument("source", metavar="SOURCE", help="DB_PATH/name (with -c) or REPLICA_URL")
     p.add_argument("-o", "--output", type=Path, required=True, help="where to write the database")
