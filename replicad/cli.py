@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
@@ -31,7 +35,9 @@ from replicad.config import (
 from replicad.daemon import Daemon
 from replicad.db import Database
 from replicad.errors import ConfigError, ReplicadError
+from replicad.inspect import LogEntry, summarize, transaction_log
 from replicad.observe import MetricsServer, configure_logging, parse_address
+from replicad.pidfile import running_daemon
 from replicad.replica import Replica
 from replicad.replicator import DatabaseReplicator
 from replicad.restore import (
@@ -44,6 +50,7 @@ from replicad.restore import (
 )
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +64,56 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_replicate(sub)
     _add_restore(sub)
+    _add_snapshot(sub)
+    _add_ls(sub)
+    _add_log(sub)
     return parser
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE", help="DB_PATH/name (with -c) or REPLICA_URL")
+    p.add_argument("-c", "--config", type=Path, help="TOML file naming the database's replicas")
+    p.add_argument("--replica", help="which of the database's replicas (default: the first)")
+
+
+def _add_snapshot(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "snapshot",
+        help="ask the running daemon to snapshot now",
+        description="Signal the replicad daemon replicating these databases (SIGUSR1) to take "
+        "a snapshot for every replica at its next sync. With -c, every configured database "
+        "unless DB_PATH names one.",
+    )
+    p.add_argument("db_path", nargs="?", metavar="DB_PATH", help="database file")
+    p.add_argument("-c", "--config", type=Path, help="TOML file (needed for a custom state_dir)")
+    _add_logging(p)
+
+
+def _add_ls(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name in ("ls", "status"):
+        p = sub.add_parser(
+            name,
+            help="summarize what a replica holds" + (" (same as ls)" if name == "status" else ""),
+            description="Newest TXID and its commit time and age, snapshots, and objects and "
+            "bytes per level, from one listing of the replica.",
+        )
+        _add_source(p)
+        p.add_argument("--json", action="store_true", help="print JSON")
+        _add_logging(p)
+
+
+def _add_log(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "log",
+        help="list transactions in a time range (to find the bad one)",
+        description="TXID, commit time, pages changed and database size of each transaction "
+        "committed between --since and --until (RFC 3339), from the replica.",
+    )
+    _add_source(p)
+    p.add_argument("--since", metavar="RFC3339", help="earliest commit time")
+    p.add_argument("--until", metavar="RFC3339", help="latest commit time")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    _add_logging(p)
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
@@ -104,10 +160,8 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--txid or --timestamp. SOURCE is a database path or name from the config (-c), "
         "or a replica URL. The result is written to OUT.tmp, checked, and moved to OUT atomically.",
     )
-    p.add_argument("source", metavar="SOURCE", help="DB_PATH/name (with -c) or REPLICA_URL")
+    _add_source(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="where to write the database")
-    p.add_argument("-c", "--config", type=Path, help="TOML file naming the database's replicas")
-    p.add_argument("--replica", help="which of the database's replicas (default: the first)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--txid", type=int, help="restore the state right after this transaction")
     target.add_argument(
@@ -146,9 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(level=args.log_level or "info", fmt=args.log_format or "auto")
     try:
-        if args.command == "replicate":
-            return _replicate(args)
-        return _restore(args)
+        return _COMMANDS[args.command](args)
     except ReplicadError as exc:
         print(f"replicad: error: {exc.message}", file=sys.stderr)
         if exc.hint:
@@ -214,6 +266,7 @@ async def _replicator(
                 replica_config.name,
                 client,
                 max_pending_bytes=replica_config.max_pending_bytes,
+                retention=replica_config.retention,
                 log=db_log.bind(replica=replica_config.name),
             )
         )
@@ -225,6 +278,7 @@ async def _replicator(
         poll_interval=db_config.poll_interval,
         sync_interval=db_config.sync_interval,
         checkpoints=db_config.checkpoints,
+        snapshot_interval=db_config.snapshot_interval,
         log=db_log,
     )
 
@@ -263,7 +317,7 @@ async def make_client(config: ReplicaConfig) -> ReplicaClient:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    replica_config = _restore_replica(args)
+    replica_config = _source_replica(args)
     if args.if_db_not_exists and args.output.exists():
         print(json.dumps({"skipped": f"{args.output} exists (--if-db-not-exists)"}))
         return 0
@@ -286,7 +340,7 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _restore_replica(args: argparse.Namespace) -> ReplicaConfig:
+def _source_replica(args: argparse.Namespace) -> ReplicaConfig:
     if args.config is None:
         if "://" not in args.source:
             raise ConfigError(
@@ -342,3 +396,82 @@ def _plan_json(plan: RestorePlan) -> dict[str, object]:
             for name, size in zip(plan.objects, plan.sizes, strict=True)
         ],
     }
+
+
+# -- snapshot, ls, log -----------------------------------------------------------------------
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    if args.config:
+        config = load_config(args.config)
+        dbs = [config.database(args.db_path)] if args.db_path else list(config.databases)
+    elif args.db_path:
+        dbs = list(config_from_args(args.db_path, "file:///unused").databases)
+    else:
+        raise ConfigError("name a database (DB_PATH) or a configuration (-c CONFIG)")
+    for db in dbs:
+        pid = running_daemon(db.state_dir)
+        if pid is None:
+            raise ReplicadError(
+                f"no replicad daemon is running for {db.path}",
+                hint="snapshots are taken by the daemon: start `replicad replicate` (it takes "
+                "one at start when a replica needs it)",
+            )
+        os.kill(pid, signal.SIGUSR1)
+        print(json.dumps({"requested": str(db.path), "pid": pid}))
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    summary = asyncio.run(_with_client(_source_replica(args), summarize))
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+        return 0
+    print(f"replica   {summary.url}")
+    print(
+        f"newest    TXID {summary.newest_txid} committed {summary.newest_commit} "
+        f"({summary.age_seconds} s ago)"
+    )
+    print(f"objects   {summary.objects}, {summary.bytes} bytes")
+    for level in summary.levels:
+        print(
+            f"  {level.kind:<8} L{level.level}  {level.objects:>6} objects {level.bytes:>12} bytes"
+            f"  TXID {level.first_txid}..{level.last_txid}  {level.oldest} .. {level.newest}"
+        )
+    for snap in summary.snapshots:
+        print(f"  snapshot TXID {snap['txid']} taken {snap['taken']} ({snap['bytes']} bytes)")
+    return 0
+
+
+def _log(args: argparse.Namespace) -> int:
+    since = parse_timestamp(args.since) if args.since else None
+    until = parse_timestamp(args.until) if args.until else None
+
+    async def run(client: ReplicaClient) -> list[LogEntry]:
+        return await transaction_log(client, since_ns=since, until_ns=until)
+
+    entries = asyncio.run(_with_client(_source_replica(args), run))
+    for e in entries:
+        if args.json:
+            print(json.dumps(dataclasses.asdict(e)))
+        else:
+            print(f"{e.txid:>10}  {e.committed}  pages {e.pages:>6}  db_pages {e.db_pages}")
+    return 0
+
+
+async def _with_client(config: ReplicaConfig, action: Callable[[ReplicaClient], Awaitable[T]]) -> T:
+    client = await make_client(config)
+    try:
+        return await action(client)
+    finally:
+        await client.close()
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "replicate": _replicate,
+    "restore": _restore,
+    "snapshot": _snapshot,
+    "ls": _ls,
+    "status": _ls,
+    "log": _log,
+}

@@ -28,6 +28,8 @@ from replicad.checkpoint import (
     CheckpointPolicy,
 )
 from replicad.errors import ConfigError
+from replicad.replicator import DEFAULT_SNAPSHOT_INTERVAL
+from replicad.retention import DEFAULT_RETENTION
 
 DEFAULT_CONFIG_PATH = Path("/etc/replicad.toml")
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
@@ -97,6 +99,7 @@ class ReplicaConfig:
     path: Path | None = None
     s3: S3Options | None = None
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    retention: float = DEFAULT_RETENTION
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,7 @@ class DatabaseConfig:
     poll_interval: float = DEFAULT_POLL_INTERVAL
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +222,7 @@ class _Reader:
             replicas=replicas,
             poll_interval=t.positive_float("poll_interval", DEFAULT_POLL_INTERVAL),
             sync_interval=t.non_negative_float("sync_interval", DEFAULT_SYNC_INTERVAL),
+            snapshot_interval=t.non_negative_float("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL),
             checkpoints=CheckpointPolicy(
                 checkpoint_pages=t.non_negative_int("checkpoint_pages", DEFAULT_CHECKPOINT_PAGES),
                 checkpoint_interval=t.positive_float(
@@ -260,6 +265,7 @@ class _Reader:
             url=url,
             path=Path(unquote(path)),
             max_pending_bytes=t.positive_int("max_pending_bytes", DEFAULT_MAX_PENDING_BYTES),
+            retention=t.positive_float("retention", DEFAULT_RETENTION),
         )
 
     def _s3_replica(self, raw: dict[str, Any], where: str, index: int, url: str) -> ReplicaConfig:
@@ -306,6 +312,7 @@ class _Reader:
             url=display,
             s3=options,
             max_pending_bytes=t.positive_int("max_pending_bytes", DEFAULT_MAX_PENDING_BYTES),
+            retention=t.positive_float("retention", DEFAULT_RETENTION),
         )
 
     def expand(self, value: str, key: str) -> str:
@@ -446,9 +453,10 @@ _DB_KEYS = frozenset(
         "checkpoint_interval",
         "truncate_pages",
         "checkpoint_timeout",
+        "snapshot_interval",
     }
 )
-_COMMON_REPLICA_KEYS = frozenset({"url", "name", "max_pending_bytes"})
+_COMMON_REPLICA_KEYS = frozenset({"url", "name", "max_pending_bytes", "retention"})
 _S3_URL_KEYS = frozenset({"endpoint", "region", "path_style", "verify_tls", "storage_class"})
 _S3_KEYS = _S3_URL_KEYS | frozenset(
     {

@@ -22,6 +22,7 @@ import watchfiles
 from replicad.clients.base import ReplicaClient
 from replicad.errors import DatabaseError, ReplicadError, ShutdownError
 from replicad.observe import MetricsServer
+from replicad.pidfile import StateLock
 from replicad.replicator import DatabaseReplicator
 
 #: watchfiles batches events for up to `debounce` ms, checking every `step` ms; its defaults
@@ -58,6 +59,14 @@ class Daemon:
 
     async def serve(self) -> int:
         """Replicate until a stop is requested; returns the process exit status."""
+        locks = [StateLock(r.state_dir, str(r.db.path)) for r in self.replicators]
+        try:
+            return await self._serve()
+        finally:
+            for lock in locks:
+                lock.release()
+
+    async def _serve(self) -> int:
         self._install_signals()
         if self.metrics is not None:
             await self.metrics.start()
@@ -92,6 +101,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGUSR1, self.request_snapshots)
+
+    def request_snapshots(self) -> None:
+        """Snapshot every database now (SIGUSR1, which `replicad snapshot` sends)."""
+        log.info("snapshot requested")
+        for replicator in self.replicators:
+            replicator.request_snapshot()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1

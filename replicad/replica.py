@@ -29,6 +29,7 @@ from replicad.format import (
     encode_object,
 )
 from replicad.position import ObjectKind, ObjectName, WalPosition, parse_key, segment_name
+from replicad.retention import DEFAULT_RETENTION, DEFAULT_RETENTION_GRACE, plan_retention
 
 #: Raw page bytes per segment object; a backlog is split into objects of about this size.
 DEFAULT_SEGMENT_MAX_BYTES = 32 << 20
@@ -75,12 +76,17 @@ class Replica:
         *,
         segment_max_bytes: int = DEFAULT_SEGMENT_MAX_BYTES,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        retention: float = DEFAULT_RETENTION,
+        retention_grace: float = DEFAULT_RETENTION_GRACE,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.name = name
         self.client = client
         self.segment_max_bytes = segment_max_bytes
         self.max_pending_bytes = max_pending_bytes
+        self.retention = retention
+        self.retention_grace = retention_grace
+        self.last_retention_monotonic = time.monotonic()
         self.log = log or structlog.get_logger().bind(replica=name)
         #: Last TXID this replica holds (0: nothing yet).
         self.shipped_txid = 0
@@ -98,6 +104,9 @@ class Replica:
         self.last_upload_monotonic = 0.0
         self.last_upload_time = 0.0
         self.wake = asyncio.Event()
+        #: Every object this replica holds, with its size: listed once at start-up, then kept
+        #: up to date by uploads and deletions, so retention and inspection need no LIST.
+        self.objects: dict[ObjectName, int] = {}
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -109,12 +118,14 @@ class Replica:
         objects = await self.client.list_objects()
         names = []
         foreign = 0
+        self.objects.clear()
         for info in objects:
             name = parse_key(info.key)
             if name is None:
                 foreign += 1
             else:
                 names.append(name)
+                self.objects[name] = info.size
         if foreign:
             self.log.warning(
                 "ignoring objects that are not replicad's", count=foreign, url=self.client.url
@@ -237,6 +248,7 @@ class Replica:
         batch = self._next_batch(limit)
         name, data = await asyncio.to_thread(_encode_segment, batch, self.page_size, self.offset)
         await self.client.put_object(name.key, data)
+        self.objects[name] = len(data)
         for _ in batch:
             self.pending_bytes -= self.pending.popleft().nbytes
         self.shipped_txid = name.last_txid
@@ -244,6 +256,7 @@ class Replica:
 
     async def _upload_snapshot(self, snapshot: SnapshotFile) -> None:
         await self.client.put_file(snapshot.name.key, snapshot.path)
+        self.objects[snapshot.name] = snapshot.size
         self.snapshot = None
         snapshot.release()
         self.offset = snapshot.name.last_txid - snapshot.db_txid
@@ -253,6 +266,22 @@ class Replica:
             self.pending_bytes -= self.pending.popleft().nbytes
         self._uploaded()
         self.log.info("snapshot uploaded", txid=snapshot.name.last_txid, bytes=snapshot.size)
+
+    async def enforce_retention(self, *, dry_run: bool = False) -> list[ObjectName]:
+        """Delete what the retention window no longer needs; returns what was (or would be)."""
+        doomed = plan_retention(
+            self.objects,
+            now_ms=int(time.time() * 1000),
+            retention=self.retention,
+            grace=self.retention_grace,
+        )
+        self.last_retention_monotonic = time.monotonic()
+        if doomed and not dry_run:
+            await self.client.delete_objects([n.key for n in doomed])
+            for name in doomed:
+                self.objects.pop(name, None)
+            self.log.info("retention deleted objects", count=len(doomed), upto=doomed[-1].last_txid)
+        return doomed
 
     def _next_batch(self, limit: int) -> list[CapturedTxn]:
         batch: list[CapturedTxn] = []

@@ -23,12 +23,16 @@ from replicad.errors import ReplicadError
 from replicad.format import ObjectHeader, ObjectWriter
 from replicad.position import ObjectKind, ObjectName, snapshot_name
 from replicad.replica import Replica, ReplicaTip, SnapshotFile, spool_path
+from replicad.retention import RETENTION_CHECK_INTERVAL
 
 #: Seconds between syncs when no file-change event arrives (the source of truth if one is missed).
 DEFAULT_POLL_INTERVAL = 1.0
 #: Minimum seconds between uploads to one replica: PUTs are batched to this interval, and the
 #: first commit after an idle period ships at once.
 DEFAULT_SYNC_INTERVAL = 1.0
+#: Seconds between scheduled snapshots (0: only when needed). A restore reads the newest
+#: snapshot and every segment after it, so this bounds restore time as well as storage.
+DEFAULT_SNAPSHOT_INTERVAL = 24 * 3600.0
 #: Longest wait between retries of a failing replica.
 DEFAULT_RETRY_MAX = 30.0
 _RETRY_MIN = 0.2
@@ -91,6 +95,7 @@ class DatabaseReplicator:
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         sync_interval: float = DEFAULT_SYNC_INTERVAL,
         checkpoints: CheckpointPolicy | None = None,
+        snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.db = db
@@ -109,6 +114,9 @@ class DatabaseReplicator:
         self._last_checkpoint = time.monotonic()
         self._checkpoint_failed = False
         self._no_waiting_until = 0.0
+        self.snapshot_interval = snapshot_interval
+        self._snapshot_requested = False
+        self._last_snapshot_ms = 0
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -124,6 +132,15 @@ class DatabaseReplicator:
             self._lost = await asyncio.to_thread(self._resume, tips)
         if self._lost is not None:
             self.log.info("taking a snapshot", reason=self._lost)
+        self._last_snapshot_ms = max(
+            (
+                n.max_time_ms
+                for r in self.replicas
+                for n in r.objects
+                if n.kind is ObjectKind.SNAPSHOT
+            ),
+            default=0,
+        )
         await self.snapshot_step()
 
     async def _load_tips(self) -> dict[str, ReplicaTip | None]:
@@ -186,7 +203,22 @@ class DatabaseReplicator:
             result = None
         if self._lost is not None or any(r.wants_snapshot for r in self.replicas):
             await self.snapshot_step()
+        elif self._snapshot_due():
+            self.log.info("taking a scheduled snapshot", requested=self._snapshot_requested)
+            await self.snapshot_step(everyone=True)
         return result
+
+    def request_snapshot(self) -> None:
+        """Take a snapshot for every replica at the next sync (SIGUSR1, `replicad snapshot`)."""
+        self._snapshot_requested = True
+        self.wake.set()
+
+    def _snapshot_due(self) -> bool:
+        if self._snapshot_requested:
+            return True
+        if self.snapshot_interval <= 0:
+            return False
+        return time.time() * 1000 - self._last_snapshot_ms >= self.snapshot_interval * 1000
 
     async def _sync_once(self) -> SyncResult:
         started = time.perf_counter()
@@ -213,12 +245,13 @@ class DatabaseReplicator:
             self._lost = result.lost_continuity
             self.log.warning("continuity lost; taking a new snapshot", reason=self._lost)
 
-    async def snapshot_step(self) -> None:
-        """Snapshot for every replica that needs one (all of them after a lost continuity)."""
+    async def snapshot_step(self, *, everyone: bool = False) -> None:
+        """Snapshot for every replica that needs one, or for all of them (`everyone`, and after
+        a lost continuity)."""
         async with self._lock:
             for attempt in range(1, _SNAPSHOT_ATTEMPTS + 1):
                 try:
-                    await self._snapshot_once()
+                    await self._snapshot_once(everyone)
                 except SnapshotRetry as exc:
                     self.log.info(
                         "snapshot raced a WAL restart; retrying", attempt=attempt, reason=str(exc)
@@ -227,11 +260,11 @@ class DatabaseReplicator:
                 return
             raise SnapshotRetry(f"snapshot did not succeed in {_SNAPSHOT_ATTEMPTS} attempts")
 
-    async def _snapshot_once(self) -> None:
+    async def _snapshot_once(self, everyone: bool) -> None:
         if self._lost is None:
             await self._catch_up()  # a continuity loss found on the way sets self._lost
         fresh = self._lost is not None
-        targets = [r for r in self.replicas if r.loaded and (fresh or r.wants_snapshot)]
+        targets = [r for r in self.replicas if r.loaded and (fresh or everyone or r.wants_snapshot)]
         if not targets:
             return
         if fresh and self.db.is_replaced():
@@ -248,6 +281,8 @@ class DatabaseReplicator:
             if snapshot.users <= 0:
                 snapshot.release()
         self._lost = None
+        self._snapshot_requested = False
+        self._last_snapshot_ms = source.time_ns // 1_000_000
         self.stats.snapshots += 1
         self.log.info("snapshot taken", capture_txid=source.txid, pages=source.db_pages)
         return
@@ -422,6 +457,8 @@ class DatabaseReplicator:
             try:
                 await replica.upload()
                 backoff.reset()
+                if time.monotonic() - replica.last_retention_monotonic > RETENTION_CHECK_INTERVAL:
+                    await replica.enforce_retention()
             except ReplicadError as exc:
                 replica.log.error("upload failed; will retry", error=str(exc))
                 await _sleep_unless(stop, backoff.next_delay())

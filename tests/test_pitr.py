@@ -116,3 +116,47 @@ def test_init_container_switches(
     assert again.returncode == 0
     assert "skipped" in again.stdout
     assert out.read_bytes() == before
+
+
+def test_ls_and_log(history: tuple[Path, list[tuple[int, int]]]) -> None:
+    rep, log = history
+    result = replicad("ls", "--json", rep.as_uri())
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["newest_txid"] >= 301
+    assert len(summary["snapshots"]) == 1
+    assert {lvl["kind"] for lvl in summary["levels"]} == {"snapshot", "segment"}
+    assert replicad("status", rep.as_uri()).returncode == 0
+    since, until = _iso(log[100][1] - 1_000_000_000), _iso(log[100][1] + 1_000_000_000)
+    result = replicad("log", "--json", "--since", since, "--until", until, rep.as_uri())
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stdout.splitlines()]
+    assert 60 <= len(entries) <= 140  # about 2 s of commits at 50/s
+    assert all(e["pages"] >= 1 for e in entries)
+    txids = [e["txid"] for e in entries]
+    assert txids == sorted(txids)
+    assert txids == list(range(txids[0], txids[0] + len(txids)))
+
+
+def test_snapshot_command_signals_the_daemon(tmp_path: Path) -> None:
+    db, rep = tmp_path / "app.db", tmp_path / "replica"
+    conn = sqlite3.connect(db)
+    workload.setup(conn)
+    conn.close()
+    none = replicad("snapshot", str(db))
+    assert none.returncode == 1
+    assert "no replicad daemon is running" in none.stderr
+    daemon = start_daemon([str(db), rep.as_uri()], tmp_path / "d.log")
+    try:
+        wait_for(lambda: len(list((rep / "snapshots").glob("*.snap"))) == 1, 20, "first snapshot")
+        second = replicad("replicate", str(db), (tmp_path / "other").as_uri(), timeout=30)
+        assert second.returncode == 1
+        assert "already replicating" in second.stderr
+        conn = sqlite3.connect(db, isolation_level=None)
+        workload.apply_txn(conn, 1, 1)
+        conn.close()
+        result = replicad("snapshot", str(db))
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: len(list((rep / "snapshots").glob("*.snap"))) == 2, 20, "second snapshot")
+    finally:
+        assert stop(daemon) == 0
