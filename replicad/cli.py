@@ -28,6 +28,7 @@ from replicad.config import (
     Config,
     DatabaseConfig,
     ReplicaConfig,
+    Secret,
     config_from_args,
     load_config,
     replica_from_url,
@@ -64,10 +65,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_replicate(sub)
     _add_restore(sub)
+    _add_exec(sub)
     _add_snapshot(sub)
     _add_ls(sub)
     _add_log(sub)
+    _add_config(sub)
     return parser
+
+
+def _add_exec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "exec",
+        help="replicate while running the application as a child process",
+        description="Start replication (-c CONFIG, or DB_PATH REPLICA_URL), then run CMD. "
+        "SIGTERM/SIGINT are forwarded to CMD; when CMD exits, everything committed is flushed "
+        "and replicad exits with CMD's status (3 if the flush did not finish). "
+        "Usage: replicad exec [-c CONFIG | DB_PATH REPLICA_URL] -- CMD [ARG...]",
+    )
+    p.add_argument("-c", "--config", type=Path, help=f"TOML file (default {DEFAULT_CONFIG_PATH})")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT", help="as for replicate")
+    p.add_argument("words", nargs=argparse.REMAINDER, metavar="[DB_PATH REPLICA_URL] -- CMD")
+    _add_logging(p)
+
+
+def _add_config(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("config", help="configuration tools")
+    tools = p.add_subparsers(dest="config_command", required=True, metavar="TOOL")
+    check = tools.add_parser(
+        "check",
+        help="validate a configuration file and print it with defaults filled in",
+        description="Exit 0 and print the effective configuration (secrets masked) as JSON, "
+        "or exit 2 with the file, key and problem.",
+    )
+    check.add_argument(
+        "-c", "--config", type=Path, help=f"TOML file (default {DEFAULT_CONFIG_PATH})"
+    )
+    _add_logging(check)
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
@@ -221,6 +254,25 @@ def _replicate(args: argparse.Namespace) -> int:
     return asyncio.run(_serve(config, args.metrics_addr or config.metrics_addr))
 
 
+def _exec(args: argparse.Namespace) -> int:
+    words = list(args.words)
+    if "--" not in words or words.index("--") == len(words) - 1:
+        raise ConfigError(
+            "exec needs the application's command after --",
+            hint="replicad exec -c /etc/replicad.toml -- python app.py",
+        )
+    split = words.index("--")
+    positional, command = words[:split], words[split + 1 :]
+    if len(positional) not in (0, 2):
+        raise ConfigError("before --, give either nothing (with -c) or DB_PATH REPLICA_URL")
+    args.db_path, args.replica_url = positional if positional else (None, None)
+    config = _replicate_config(args)
+    configure_logging(
+        level=args.log_level or config.log_level, fmt=args.log_format or config.log_format
+    )
+    return asyncio.run(_serve(config, args.metrics_addr or config.metrics_addr, child=command))
+
+
 def _replicate_config(args: argparse.Namespace) -> Config:
     if args.db_path and args.config:
         raise ConfigError("give either -c CONFIG or DB_PATH REPLICA_URL, not both")
@@ -234,7 +286,9 @@ def _replicate_config(args: argparse.Namespace) -> Config:
     return load_config(args.config or DEFAULT_CONFIG_PATH)
 
 
-async def _serve(config: Config, metrics_addr: str | None) -> int:
+async def _serve(
+    config: Config, metrics_addr: str | None, *, child: list[str] | None = None
+) -> int:
     clients: list[ReplicaClient] = []
     replicators = []
     try:
@@ -248,9 +302,16 @@ async def _serve(config: Config, metrics_addr: str | None) -> int:
     metrics = None
     if metrics_addr:
         host, port = parse_address(metrics_addr)
-        metrics = MetricsServer(replicators, host=host, port=port)
-    daemon = Daemon(replicators, clients, shutdown_timeout=config.shutdown_timeout, metrics=metrics)
-    return await daemon.serve()
+        metrics = MetricsServer(replicators, host=host, port=port, max_lag=config.ready_max_lag)
+    daemon = Daemon(
+        replicators,
+        clients,
+        shutdown_timeout=config.shutdown_timeout,
+        metrics=metrics,
+        child=child,
+    )
+    status = await daemon.serve()
+    return daemon.child_status if daemon.child_status is not None else status
 
 
 async def _replicator(
@@ -467,8 +528,29 @@ async def _with_client(config: ReplicaConfig, action: Callable[[ReplicaClient], 
         await client.close()
 
 
+def _config(args: argparse.Namespace) -> int:
+    config = load_config(args.config or DEFAULT_CONFIG_PATH)
+    print(json.dumps(_plain(config), indent=2))
+    return 0
+
+
+def _plain(value: object) -> object:
+    """Configuration as JSON-ready data; secrets masked."""
+    if isinstance(value, Secret):
+        return "***"
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "replicate": _replicate,
+    "exec": _exec,
+    "config": _config,
     "restore": _restore,
     "snapshot": _snapshot,
     "ls": _ls,

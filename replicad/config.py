@@ -28,6 +28,7 @@ from replicad.checkpoint import (
     CheckpointPolicy,
 )
 from replicad.errors import ConfigError
+from replicad.observe import DEFAULT_READY_MAX_LAG
 from replicad.replicator import DEFAULT_SNAPSHOT_INTERVAL
 from replicad.retention import DEFAULT_RETENTION
 
@@ -127,6 +128,8 @@ class Config:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     #: HOST:PORT of the metrics endpoint; None (the default) serves none.
     metrics_addr: str | None = None
+    #: /readyz fails when a commit has waited longer than this (seconds) to reach a replica.
+    ready_max_lag: float = DEFAULT_READY_MAX_LAG
 
     def database(self, path_or_name: str) -> DatabaseConfig:
         """The database configured under this path or name; ConfigError if none."""
@@ -190,6 +193,7 @@ class _Reader:
         log_format = t.choice("log_format", LOG_FORMATS, "auto")
         shutdown_timeout = t.positive_float("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
         metrics_addr = t.optional("metrics_addr")
+        ready_max_lag = t.positive_float("ready_max_lag", DEFAULT_READY_MAX_LAG)
         dbs = t.list_of_tables("databases", required=True)
         if not dbs:
             raise self.error("databases", "at least one database is required")
@@ -202,6 +206,7 @@ class _Reader:
             log_format=log_format,
             shutdown_timeout=shutdown_timeout,
             metrics_addr=metrics_addr,
+            ready_max_lag=ready_max_lag,
         )
 
     def database(self, raw: dict[str, Any], where: str) -> DatabaseConfig:
@@ -440,7 +445,16 @@ def _url_value(value: str) -> Any:
     return value
 
 
-_TOP_KEYS = frozenset({"databases", "log_level", "log_format", "shutdown_timeout", "metrics_addr"})
+_TOP_KEYS = frozenset(
+    {
+        "databases",
+        "log_level",
+        "log_format",
+        "shutdown_timeout",
+        "metrics_addr",
+        "ready_max_lag",
+    }
+)
 _DB_KEYS = frozenset(
     {
         "path",

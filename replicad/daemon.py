@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -21,9 +21,10 @@ import watchfiles
 
 from replicad.clients.base import ReplicaClient
 from replicad.errors import DatabaseError, ReplicadError, ShutdownError
-from replicad.observe import MetricsServer
+from replicad.observe import MetricsServer, liveness
 from replicad.pidfile import StateLock
 from replicad.replicator import DatabaseReplicator
+from replicad.systemd import notify, watchdog_interval
 
 #: watchfiles batches events for up to `debounce` ms, checking every `step` ms; its defaults
 #: (1600/50) alone would add 1.6 s of lag.
@@ -46,6 +47,7 @@ class Daemon:
         watch: bool = True,
         on_ready: Callable[[], None] | None = None,
         metrics: MetricsServer | None = None,
+        child: Sequence[str] | None = None,
     ) -> None:
         self.replicators = replicators
         self.clients = clients
@@ -53,6 +55,11 @@ class Daemon:
         self.watch = watch
         self.on_ready = on_ready
         self.metrics = metrics
+        #: `replicad exec`: the application command run as a child once replication is ready.
+        self.child = list(child) if child else None
+        self.child_status: int | None = None
+        self._child_proc: asyncio.subprocess.Process | None = None
+        self._ready = asyncio.Event()
         self.stop = asyncio.Event()
         self._signals = 0
         self._started: list[DatabaseReplicator] = []
@@ -77,6 +84,10 @@ class Daemon:
                     tg.create_task(self._run_database(replicator))
                 if self.watch:
                     tg.create_task(self._watch())
+                if (interval := watchdog_interval()) is not None:
+                    tg.create_task(self._watchdog(interval))
+                if self.child is not None:
+                    tg.create_task(self._run_child(self.child))
         except* ReplicadError as group:
             failure = group.exceptions[0]  # type: ignore[assignment]
             log.error("stopping after a fatal error", error=str(failure))
@@ -110,6 +121,11 @@ class Daemon:
             replicator.request_snapshot()
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        if self._child_proc is not None and self._child_proc.returncode is None:
+            # exec mode: the application decides when to stop; we flush once it has exited.
+            log.info("forwarding signal to the application", signal=sig.name)
+            self._child_proc.send_signal(sig)
+            return
         self._signals += 1
         if self._signals > 1:
             log.error("second signal: exiting without finishing the flush", signal=sig.name)
@@ -121,8 +137,11 @@ class Daemon:
         if not await self._start(replicator):
             return
         self._started.append(replicator)
-        if len(self._started) == len(self.replicators) and self.on_ready is not None:
-            self.on_ready()
+        if len(self._started) == len(self.replicators):
+            self._ready.set()
+            notify(f"READY=1\nSTATUS=replicating {len(self._started)} database(s)")
+            if self.on_ready is not None:
+                self.on_ready()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(replicator.sync_loop(self.stop))
             for replica in replicator.replicas:
@@ -162,8 +181,36 @@ class Daemon:
             for _change, path in changes:
                 targets[Path(path)].wake.set()
 
+    async def _run_child(self, command: list[str]) -> None:
+        """Start the application once replication is ready; stop replicating when it exits."""
+        await self._ready.wait()
+        try:
+            self._child_proc = await asyncio.create_subprocess_exec(*command)
+        except OSError as exc:
+            self.child_status = 127
+            log.error("cannot start the application", command=command[0], error=str(exc))
+            self.request_stop()
+            return
+        log.info("application started", pid=self._child_proc.pid, command=command[0])
+        self.child_status = await self._child_proc.wait()
+        log.info("application exited; flushing", status=self.child_status)
+        self.request_stop()
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog while the sync loops are alive; a stuck loop stops the pings.
+
+        systemd enforces the watchdog once the service is ready, so pings start then.
+        """
+        await self._ready.wait()
+        while not self.stop.is_set():
+            if not liveness(self._started):
+                notify("WATCHDOG=1")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), interval)
+
     async def shutdown(self) -> list[str]:
         """Final sync and flush of every started database, then release everything."""
+        notify("STOPPING=1")
         self.request_stop()
         deadline = time.monotonic() + self.shutdown_timeout
         results = await asyncio.gather(

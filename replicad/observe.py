@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, TextIO
 
@@ -155,20 +156,62 @@ _DB_COUNTERS = {
 }
 
 
-class MetricsServer:
-    """HTTP endpoint serving `/metrics` (Prometheus text format) on one address."""
+#: /readyz fails when a commit has waited longer than this to reach a replica.
+DEFAULT_READY_MAX_LAG = 10.0
 
-    def __init__(self, replicators: Sequence[DatabaseReplicator], *, host: str, port: int) -> None:
+
+def liveness(replicators: Sequence[DatabaseReplicator]) -> list[str]:
+    """Problems that mean the process is stuck (empty when alive): a sync loop that stopped."""
+    now = time.monotonic()
+    problems = []
+    for r in replicators:
+        limit = max(10.0, 5 * r.poll_interval)
+        if r.last_sync_monotonic and now - r.last_sync_monotonic > limit:
+            problems.append(f"{r.name}: no sync for {now - r.last_sync_monotonic:.1f} s")
+    return problems
+
+
+def readiness(replicators: Sequence[DatabaseReplicator], max_lag: float) -> list[str]:
+    """Problems that mean backups are behind (empty when ready)."""
+    problems = []
+    for r in replicators:
+        if not r.last_sync_monotonic:
+            problems.append(f"{r.name}: not started")
+        for replica in r.replicas:
+            waiting = replica.unshipped_seconds()
+            if waiting > max_lag:
+                problems.append(
+                    f"{r.name} -> {replica.name}: commits unshipped for {waiting:.1f} s"
+                )
+    return problems
+
+
+class MetricsServer:
+    """HTTP endpoint on one address: `/metrics` (Prometheus), `/healthz` (the process is alive:
+    its sync loops run) and `/readyz` (every commit reached every replica within `max_lag`)."""
+
+    def __init__(
+        self,
+        replicators: Sequence[DatabaseReplicator],
+        *,
+        host: str,
+        port: int,
+        max_lag: float = DEFAULT_READY_MAX_LAG,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(ReplicadCollector(replicators))
+        self.replicators = replicators
         self.host = host
         self.port = port
+        self.max_lag = max_lag
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         """Listen; raises `ConfigError` if the address cannot be bound."""
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -187,9 +230,20 @@ class MetricsServer:
             await self._runner.cleanup()
             self._runner = None
 
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return _status(liveness(self.replicators))
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        return _status(readiness(self.replicators, self.max_lag))
+
     async def _metrics(self, _request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _status(problems: list[str]) -> web.Response:
+    body = {"ok": not problems, "problems": problems}
+    return web.json_response(body, status=503 if problems else 200)
 
 
 def parse_address(value: str) -> tuple[str, int]:

@@ -107,6 +107,8 @@ class Replica:
         #: Every object this replica holds, with its size: listed once at start-up, then kept
         #: up to date by uploads and deletions, so retention and inspection need no LIST.
         self.objects: dict[ObjectName, int] = {}
+        self._created = time.monotonic()
+        self._snapshot_offered = 0.0
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -201,6 +203,7 @@ class Replica:
             self.snapshot.release()
         snapshot.users += 1
         self.snapshot = snapshot
+        self._snapshot_offered = time.monotonic()
         self.page_size = snapshot_page_size(snapshot)
         self.wake.set()
 
@@ -213,6 +216,18 @@ class Replica:
     def has_work(self) -> bool:
         """True while something is waiting to be uploaded."""
         return bool(self.pending) or self.snapshot is not None
+
+    def unshipped_seconds(self) -> float:
+        """How long something committed has been waiting to reach this replica (0 if nothing):
+        the oldest queued commit, an offered snapshot, or a replica not reachable since start."""
+        now = time.monotonic()
+        if self.pending:
+            return self.lag_seconds()
+        if self.snapshot is not None:
+            return now - self._snapshot_offered
+        if not self.loaded:
+            return now - self._created
+        return 0.0
 
     def lag_seconds(self, now_ns: int | None = None) -> float:
         """Age of the oldest transaction not yet uploaded (0 when caught up)."""

@@ -115,6 +115,7 @@ class DatabaseReplicator:
         self._checkpoint_failed = False
         self._no_waiting_until = 0.0
         self.snapshot_interval = snapshot_interval
+        self.last_sync_monotonic = 0.0
         self._snapshot_requested = False
         self._last_snapshot_ms = 0
 
@@ -229,6 +230,7 @@ class DatabaseReplicator:
             raise
         self.stats.syncs += 1
         self.stats.last_sync_duration = time.perf_counter() - started
+        self.last_sync_monotonic = time.monotonic()
         self.stats.wal_size = result.wal_size
         self.stats.wal_high_water = max(self.stats.wal_high_water, result.wal_size)
         self._distribute(result)
