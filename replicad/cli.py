@@ -328,6 +328,7 @@ async def _replicator(
                 client,
                 max_pending_bytes=replica_config.max_pending_bytes,
                 retention=replica_config.retention,
+                compaction_levels=replica_config.compaction_levels,
                 log=db_log.bind(replica=replica_config.name),
             )
         )

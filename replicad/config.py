@@ -11,6 +11,7 @@ secrets stay out of the file.  Secrets are wrapped in `Secret`, whose repr and s
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 import re
 import tomllib
@@ -27,6 +28,7 @@ from replicad.checkpoint import (
     DEFAULT_TRUNCATE_PAGES,
     CheckpointPolicy,
 )
+from replicad.compaction import DEFAULT_LEVELS
 from replicad.errors import ConfigError
 from replicad.observe import DEFAULT_READY_MAX_LAG
 from replicad.replicator import DEFAULT_SNAPSHOT_INTERVAL
@@ -101,6 +103,8 @@ class ReplicaConfig:
     s3: S3Options | None = None
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
     retention: float = DEFAULT_RETENTION
+    #: Bucket widths (seconds) of compaction levels 1, 2, 3...; empty turns compaction off.
+    compaction_levels: tuple[float, ...] = DEFAULT_LEVELS
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +275,7 @@ class _Reader:
             path=Path(unquote(path)),
             max_pending_bytes=t.positive_int("max_pending_bytes", DEFAULT_MAX_PENDING_BYTES),
             retention=t.positive_float("retention", DEFAULT_RETENTION),
+            compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
         )
 
     def _s3_replica(self, raw: dict[str, Any], where: str, index: int, url: str) -> ReplicaConfig:
@@ -318,6 +323,7 @@ class _Reader:
             s3=options,
             max_pending_bytes=t.positive_int("max_pending_bytes", DEFAULT_MAX_PENDING_BYTES),
             retention=t.positive_float("retention", DEFAULT_RETENTION),
+            compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
         )
 
     def expand(self, value: str, key: str) -> str:
@@ -416,6 +422,23 @@ class _Table:
             raise self.reader.error(self.key(name), f"must be at least {minimum}, got {value}")
         return int(value)
 
+    def levels(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+        """Increasing bucket widths, each a whole multiple of the one before."""
+        value = self.raw.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value
+        ):
+            raise self.reader.error(self.key(name), "expected a list of seconds, e.g. [30, 300]")
+        widths = tuple(float(v) for v in value)
+        for low, high in itertools.pairwise(widths):
+            if high <= low or high % low:
+                raise self.reader.error(
+                    self.key(name), f"{high:g} is not a larger multiple of {low:g}"
+                )
+        return widths
+
     def non_negative_int(self, name: str, default: int) -> int:
         return self.positive_int(name, default, minimum=0)
 
@@ -470,7 +493,9 @@ _DB_KEYS = frozenset(
         "snapshot_interval",
     }
 )
-_COMMON_REPLICA_KEYS = frozenset({"url", "name", "max_pending_bytes", "retention"})
+_COMMON_REPLICA_KEYS = frozenset(
+    {"url", "name", "max_pending_bytes", "retention", "compaction_levels"}
+)
 _S3_URL_KEYS = frozenset({"endpoint", "region", "path_style", "verify_tls", "storage_class"})
 _S3_KEYS = _S3_URL_KEYS | frozenset(
     {

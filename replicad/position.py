@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 SNAPSHOT_PREFIX = "snapshots/"
 SEGMENT_PREFIX = "segments/"
@@ -50,8 +50,8 @@ class WalPosition:
         return self.salt1 == salt1 and self.salt2 == salt2
 
 
-class ObjectKind(Enum):
-    """What an object in a replica holds."""
+class ObjectKind(StrEnum):
+    """What an object in a replica holds (ordered by name, so `ObjectName`s always sort)."""
 
     SNAPSHOT = "snapshot"
     SEGMENT = "segment"

@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from replicad.clients.base import ReplicaClient
+from replicad.compaction import DEFAULT_LEVELS, DEFAULT_SETTLE_MS, compact, plan_compaction
 from replicad.db import CapturedTxn
-from replicad.errors import FormatError
+from replicad.errors import FormatError, ObjectNotFoundError
 from replicad.format import (
     HEADER_SIZE,
     ObjectHeader,
@@ -33,6 +35,8 @@ from replicad.retention import DEFAULT_RETENTION, DEFAULT_RETENTION_GRACE, plan_
 
 #: Raw page bytes per segment object; a backlog is split into objects of about this size.
 DEFAULT_SEGMENT_MAX_BYTES = 32 << 20
+#: Bytes of recently uploaded segments kept for compaction (level 1 is built from them).
+RECENT_CACHE_BYTES = 64 << 20
 #: A replica further behind than this drops its backlog and catches up with a snapshot,
 #: so a long outage cannot exhaust the daemon's memory.
 DEFAULT_MAX_PENDING_BYTES = 256 << 20
@@ -78,6 +82,8 @@ class Replica:
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         retention: float = DEFAULT_RETENTION,
         retention_grace: float = DEFAULT_RETENTION_GRACE,
+        compaction_levels: Sequence[float] = DEFAULT_LEVELS,
+        compaction_settle_ms: int = DEFAULT_SETTLE_MS,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.name = name
@@ -86,6 +92,12 @@ class Replica:
         self.max_pending_bytes = max_pending_bytes
         self.retention = retention
         self.retention_grace = retention_grace
+        self.compaction_levels = tuple(compaction_levels)
+        self.compaction_settle_ms = compaction_settle_ms
+        self.last_compaction_monotonic = time.monotonic()
+        #: Segments uploaded lately, so building level 1 needs no download.
+        self._recent: OrderedDict[ObjectName, bytes] = OrderedDict()
+        self._recent_bytes = 0
         self.last_retention_monotonic = time.monotonic()
         self.log = log or structlog.get_logger().bind(replica=name)
         #: Last TXID this replica holds (0: nothing yet).
@@ -264,6 +276,7 @@ class Replica:
         name, data = await asyncio.to_thread(_encode_segment, batch, self.page_size, self.offset)
         await self.client.put_object(name.key, data)
         self.objects[name] = len(data)
+        self._remember(name, data)
         for _ in batch:
             self.pending_bytes -= self.pending.popleft().nbytes
         self.shipped_txid = name.last_txid
@@ -297,6 +310,43 @@ class Replica:
                 self.objects.pop(name, None)
             self.log.info("retention deleted objects", count=len(doomed), upto=doomed[-1].last_txid)
         return doomed
+
+    async def compact(self) -> int:
+        """Merge settled segments into coarser levels (see compaction.py). Returns objects made.
+
+        A source deleted by retention meanwhile just skips its job; nothing is ever deleted here.
+        """
+        self.last_compaction_monotonic = time.monotonic()
+        if not self.compaction_levels:
+            return 0
+        jobs = await asyncio.to_thread(
+            plan_compaction,
+            list(self.objects),
+            levels=self.compaction_levels,
+            now_ms=int(time.time() * 1000),
+            settle_ms=self.compaction_settle_ms,
+        )
+        made = 0
+        for job in jobs:
+            if any(source not in self.objects for source in job.sources):
+                continue
+            try:
+                outputs = await compact(self.client, job, cache=self._recent)
+            except ObjectNotFoundError:
+                continue
+            for name, size in outputs:
+                self.objects[name] = size
+            made += len(outputs)
+        if made:
+            self.log.debug("compacted", objects=made, jobs=len(jobs))
+        return made
+
+    def _remember(self, name: ObjectName, data: bytes) -> None:
+        self._recent[name] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > RECENT_CACHE_BYTES and self._recent:
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= len(old)
 
     def _next_batch(self, limit: int) -> list[CapturedTxn]:
         batch: list[CapturedTxn] = []

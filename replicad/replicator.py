@@ -33,6 +33,8 @@ DEFAULT_SYNC_INTERVAL = 1.0
 #: Seconds between scheduled snapshots (0: only when needed). A restore reads the newest
 #: snapshot and every segment after it, so this bounds restore time as well as storage.
 DEFAULT_SNAPSHOT_INTERVAL = 24 * 3600.0
+#: How often each replica looks for settled segments to compact.
+COMPACTION_CHECK_INTERVAL = 30.0
 #: Longest wait between retries of a failing replica.
 DEFAULT_RETRY_MAX = 30.0
 _RETRY_MIN = 0.2
@@ -459,7 +461,10 @@ class DatabaseReplicator:
             try:
                 await replica.upload()
                 backoff.reset()
-                if time.monotonic() - replica.last_retention_monotonic > RETENTION_CHECK_INTERVAL:
+                now = time.monotonic()
+                if now - replica.last_compaction_monotonic > COMPACTION_CHECK_INTERVAL:
+                    await replica.compact()
+                if now - replica.last_retention_monotonic > RETENTION_CHECK_INTERVAL:
                     await replica.enforce_retention()
             except ReplicadError as exc:
                 replica.log.error("upload failed; will retry", error=str(exc))

@@ -144,6 +144,14 @@ def _chain(names: Iterable[ObjectName], after: int, target: int) -> list[ObjectN
             if within
             else min(candidates, key=lambda n: (n.level, n.last_txid))
         )
+        if step.last_txid > target and step.level > 0:
+            # A compacted segment carries its pages on its last transaction only: applying it
+            # partly would be wrong. Level-0 segments are what make single TXIDs restorable.
+            raise RestoreError(
+                f"TXID {target} is inside compacted segment {step.key} and the level-0 "
+                "segments for it are gone",
+                hint=f"restore TXID {reached} or {step.last_txid} instead",
+            )
         chain.append(step)
         reached = step.last_txid
     return chain

@@ -50,3 +50,12 @@ def test_foreign_keys_are_not_ours() -> None:
         "snapshots/00000000000000ff-1.snap",
     ]:
         assert parse_key(key) is None
+
+
+def test_names_of_both_kinds_sort_together() -> None:
+    names = [
+        snapshot_name(10, 5),
+        segment_name(level=0, first_txid=10, last_txid=10, min_time_ms=5, max_time_ms=5),
+        snapshot_name(20, 9),
+    ]
+    assert [n.first_txid for n in sorted(names)] == [10, 10, 20]

@@ -55,3 +55,10 @@ def test_empty_replica_and_out_of_range_targets() -> None:
         plan_restore(dict.fromkeys(names, 1), target_txid=9)
     with pytest.raises(RestoreError, match="no snapshot at or before TXID 3"):
         plan_restore(dict.fromkeys(names, 1), target_txid=3)
+
+
+def test_compacted_segment_is_never_applied_partly() -> None:
+    names = [snapshot_name(1, 0), seg(2, 9, level=1)]
+    with pytest.raises(RestoreError, match="inside compacted segment"):
+        plan_restore(dict.fromkeys(names, 1), target_txid=5)
+    assert plan(names, target=9) == ["S1-1", "L12-9"]

@@ -97,3 +97,42 @@ async def test_scheduled_snapshots_and_retention_keep_the_window_restorable(tmp_
     assert oldest > 1
     await restore(client, tmp_path / "out.db")
     assert workload.dump(tmp_path / "out.db") == workload.dump(db_path)
+
+
+async def test_compaction_in_the_replica_keeps_every_txid_restorable(tmp_path: Path) -> None:
+    import asyncio
+
+    db_path = tmp_path / "app.db"
+    app = sqlite3.connect(db_path, isolation_level=None)
+    app.execute("PRAGMA journal_mode=WAL")
+    app.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
+    client = FileReplicaClient(tmp_path / "rep")
+    replica = Replica("r", client, compaction_levels=(0.2, 0.6), compaction_settle_ms=50)
+    rep = DatabaseReplicator(
+        Database(db_path), [replica], name="app", state_dir=tmp_path / "s", sync_interval=0
+    )
+    await rep.start()
+    states = {}
+    for i in range(24):
+        app.execute("INSERT INTO t(b) VALUES (?)", (os.urandom(300),))
+        app.execute("UPDATE t SET b = ? WHERE id = 1", (os.urandom(100),))
+        await rep.sync_step()
+        await replica.upload()
+        states[replica.shipped_txid] = workload.dump(db_path)
+        await asyncio.sleep(0.05)
+        if i % 6 == 5:
+            await replica.compact()
+    await asyncio.sleep(0.7)
+    await replica.compact()
+    await replica.compact()
+    rep.close()
+    levels = {n.level for n in names_from_listing(await client.list_objects())}
+    assert {0, 1, 2} <= levels
+    plan = plan_restore(replica.objects)
+    level0 = [n for n in replica.objects if n.kind is ObjectKind.SEGMENT and n.level == 0]
+    assert len(level0) >= 20
+    assert len(plan.objects) <= len(level0) // 3, "restore reads compacted segments"
+    for txid, state in states.items():
+        out = tmp_path / f"o{txid}.db"
+        await restore(client, out, target_txid=txid)
+        assert workload.dump(out) == state, txid
