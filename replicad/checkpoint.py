@@ -47,6 +47,9 @@ DEFAULT_TRUNCATE_PAGES = 10000
 DEFAULT_CHECKPOINT_TIMEOUT = 1.0
 
 MODES = ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
+#: How long replicad waits for SQLite's write lock to finish a checkpoint: short, because while
+#: it waits its read mark cannot move (see `Checkpointer.hold_writers`).
+HOLD_WAIT_MS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +118,15 @@ class Checkpointer:
         return CheckpointResult(mode, bool(busy), log, done, time.monotonic() - started)
 
     def hold_writers(self) -> bool:
-        """Take SQLite's write lock (waiting at most `timeout`) so the WAL stops growing.
+        """Take SQLite's write lock, waiting at most `HOLD_WAIT_MS`, so the WAL stops growing.
 
-        Returns False if the application kept it longer than that; nothing is written either
-        way, and `release_writers` must follow a True.
+        Returns False if someone kept it longer: the application in a long transaction, or
+        another process's TRUNCATE, which holds it while it waits for replicad's read mark to
+        move, something replicad could not do while it waited here.  The caller tries again at
+        the next sync.  Nothing is written either way; `release_writers` must follow a True.
         """
         if self._gate is None:
-            self._gate = self._open()
+            self._gate = self._open(busy_ms=HOLD_WAIT_MS)
         try:
             self._gate.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError:
@@ -135,15 +140,15 @@ class Checkpointer:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn = self._open()
+            self._conn = self._open(busy_ms=int(self.timeout * 1000))
         return self._conn
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, *, busy_ms: int) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=0
             )
-            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
         except sqlite3.Error as exc:
             raise DatabaseError(
                 f"cannot open {self.path} for checkpoints: {exc}",

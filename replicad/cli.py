@@ -37,6 +37,7 @@ from replicad.daemon import Daemon
 from replicad.db import Database
 from replicad.errors import ConfigError, ReplicadError
 from replicad.inspect import LogEntry, summarize, transaction_log
+from replicad.lease import Lease
 from replicad.observe import MetricsServer, configure_logging, parse_address
 from replicad.pidfile import running_daemon
 from replicad.replica import Replica
@@ -84,6 +85,7 @@ def _add_exec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("-c", "--config", type=Path, help=f"TOML file (default {DEFAULT_CONFIG_PATH})")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="as for replicate")
+    p.add_argument("--takeover", action="store_true", help="as for replicate")
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="[DB_PATH REPLICA_URL] -- CMD")
     _add_logging(p)
 
@@ -177,6 +179,12 @@ def _add_replicate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="file:///dir or s3://bucket/prefix?endpoint=URL (quick form)",
     )
     p.add_argument(
+        "--takeover",
+        action="store_true",
+        help="write the replicas even if another daemon's lease on them has not expired "
+        "(only when that daemon's host is gone)",
+    )
+    p.add_argument(
         "--metrics-addr",
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; "
@@ -251,7 +259,9 @@ def _replicate(args: argparse.Namespace) -> int:
     configure_logging(
         level=args.log_level or config.log_level, fmt=args.log_format or config.log_format
     )
-    return asyncio.run(_serve(config, args.metrics_addr or config.metrics_addr))
+    return asyncio.run(
+        _serve(config, args.metrics_addr or config.metrics_addr, takeover=args.takeover)
+    )
 
 
 def _exec(args: argparse.Namespace) -> int:
@@ -270,7 +280,11 @@ def _exec(args: argparse.Namespace) -> int:
     configure_logging(
         level=args.log_level or config.log_level, fmt=args.log_format or config.log_format
     )
-    return asyncio.run(_serve(config, args.metrics_addr or config.metrics_addr, child=command))
+    return asyncio.run(
+        _serve(
+            config, args.metrics_addr or config.metrics_addr, child=command, takeover=args.takeover
+        )
+    )
 
 
 def _replicate_config(args: argparse.Namespace) -> Config:
@@ -287,13 +301,17 @@ def _replicate_config(args: argparse.Namespace) -> Config:
 
 
 async def _serve(
-    config: Config, metrics_addr: str | None, *, child: list[str] | None = None
+    config: Config,
+    metrics_addr: str | None,
+    *,
+    child: list[str] | None = None,
+    takeover: bool = False,
 ) -> int:
     clients: list[ReplicaClient] = []
     replicators = []
     try:
         for db_config in config.databases:
-            replicators.append(await _replicator(db_config, clients))
+            replicators.append(await _replicator(db_config, clients, takeover=takeover))
     except BaseException:
         for client in clients:
             await client.close()
@@ -315,13 +333,30 @@ async def _serve(
 
 
 async def _replicator(
-    db_config: DatabaseConfig, clients: list[ReplicaClient]
+    db_config: DatabaseConfig, clients: list[ReplicaClient], *, takeover: bool
 ) -> DatabaseReplicator:
     db_log = structlog.get_logger().bind(db=db_config.name)
     replicas = []
     for replica_config in db_config.replicas:
         client = await make_client(replica_config)
         clients.append(client)
+        replica_log = db_log.bind(replica=replica_config.name)
+        lease = None
+        if client.supports_create_only:
+            # The daemon holds this host's state lock for the database before it starts.
+            lease = Lease(
+                client,
+                db=str(db_config.path),
+                duration=replica_config.lease_duration,
+                holds_local_lock=True,
+                log=replica_log,
+            )
+        else:
+            replica_log.warning(
+                "fencing is off: this storage does not enforce conditional writes, so a second "
+                "daemon writing the same prefix would not be refused",
+                url=client.url,
+            )
         replicas.append(
             Replica(
                 replica_config.name,
@@ -329,7 +364,9 @@ async def _replicator(
                 max_pending_bytes=replica_config.max_pending_bytes,
                 retention=replica_config.retention,
                 compaction_levels=replica_config.compaction_levels,
-                log=db_log.bind(replica=replica_config.name),
+                lease=lease,
+                takeover=takeover,
+                log=replica_log,
             )
         )
     return DatabaseReplicator(

@@ -30,6 +30,7 @@ from replicad.checkpoint import (
 )
 from replicad.compaction import DEFAULT_LEVELS
 from replicad.errors import ConfigError
+from replicad.lease import DEFAULT_LEASE_DURATION
 from replicad.observe import DEFAULT_READY_MAX_LAG
 from replicad.replicator import DEFAULT_SNAPSHOT_INTERVAL
 from replicad.retention import DEFAULT_RETENTION
@@ -105,6 +106,8 @@ class ReplicaConfig:
     retention: float = DEFAULT_RETENTION
     #: Bucket widths (seconds) of compaction levels 1, 2, 3...; empty turns compaction off.
     compaction_levels: tuple[float, ...] = DEFAULT_LEVELS
+    #: Seconds a fencing lease lasts without renewal (see lease.py).
+    lease_duration: float = DEFAULT_LEASE_DURATION
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +279,7 @@ class _Reader:
             max_pending_bytes=t.positive_int("max_pending_bytes", DEFAULT_MAX_PENDING_BYTES),
             retention=t.positive_float("retention", DEFAULT_RETENTION),
             compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
+            lease_duration=t.positive_float("lease_duration", DEFAULT_LEASE_DURATION),
         )
 
     def _s3_replica(self, raw: dict[str, Any], where: str, index: int, url: str) -> ReplicaConfig:
@@ -324,6 +328,7 @@ class _Reader:
             max_pending_bytes=t.positive_int("max_pending_bytes", DEFAULT_MAX_PENDING_BYTES),
             retention=t.positive_float("retention", DEFAULT_RETENTION),
             compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
+            lease_duration=t.positive_float("lease_duration", DEFAULT_LEASE_DURATION),
         )
 
     def expand(self, value: str, key: str) -> str:
@@ -494,7 +499,7 @@ _DB_KEYS = frozenset(
     }
 )
 _COMMON_REPLICA_KEYS = frozenset(
-    {"url", "name", "max_pending_bytes", "retention", "compaction_levels"}
+    {"url", "name", "max_pending_bytes", "retention", "compaction_levels", "lease_duration"}
 )
 _S3_URL_KEYS = frozenset({"endpoint", "region", "path_style", "verify_tls", "storage_class"})
 _S3_KEYS = _S3_URL_KEYS | frozenset(

@@ -196,6 +196,12 @@ class Daemon:
         log.info("application exited; flushing", status=self.child_status)
         self.request_stop()
 
+    async def _release_leases(self) -> None:
+        for replicator in self._started:
+            for replica in replicator.replicas:
+                if replica.lease is not None and replica.fenced is None:
+                    await replica.lease.release()
+
     async def _watchdog(self, interval: float) -> None:
         """Ping systemd's watchdog while the sync loops are alive; a stuck loop stops the pings.
 
@@ -227,6 +233,7 @@ class Daemon:
                 await asyncio.to_thread(replicator.close)
             except DatabaseError as exc:  # pragma: no cover - close errors are only logged
                 log.warning("closing database failed", db=replicator.name, error=str(exc))
+        await self._release_leases()
         for client in self.clients:
             await client.close()
         if self.metrics is not None:

@@ -201,6 +201,13 @@ class Database:
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
         return conn
 
+    def generation(self) -> tuple[int, int] | None:
+        """Salts of the WAL generation replication stands in, or None."""
+        pos = self.state.position
+        if pos is None or pos.salt1 < 0:
+            return None
+        return (pos.salt1, pos.salt2)
+
     def generation_frames(self) -> int:
         """Frames of the current WAL generation captured so far (what a checkpoint would copy)."""
         pos = self.state.position

@@ -30,6 +30,7 @@ from replicad.format import (
     decode_header,
     encode_object,
 )
+from replicad.lease import Lease, is_lease_key
 from replicad.position import ObjectKind, ObjectName, WalPosition, parse_key, segment_name
 from replicad.retention import DEFAULT_RETENTION, DEFAULT_RETENTION_GRACE, plan_retention
 
@@ -84,6 +85,8 @@ class Replica:
         retention_grace: float = DEFAULT_RETENTION_GRACE,
         compaction_levels: Sequence[float] = DEFAULT_LEVELS,
         compaction_settle_ms: int = DEFAULT_SETTLE_MS,
+        lease: Lease | None = None,
+        takeover: bool = False,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.name = name
@@ -94,6 +97,11 @@ class Replica:
         self.retention_grace = retention_grace
         self.compaction_levels = tuple(compaction_levels)
         self.compaction_settle_ms = compaction_settle_ms
+        #: Fencing (see lease.py); None when the storage cannot enforce create-only writes.
+        self.lease = lease
+        self.takeover = takeover
+        #: Set when another daemon took this replica over: it is not written again.
+        self.fenced: str | None = None
         self.last_compaction_monotonic = time.monotonic()
         #: Segments uploaded lately, so building level 1 needs no download.
         self._recent: OrderedDict[ObjectName, bytes] = OrderedDict()
@@ -136,7 +144,7 @@ class Replica:
         for info in objects:
             name = parse_key(info.key)
             if name is None:
-                foreign += 1
+                foreign += not is_lease_key(info.key)
             else:
                 names.append(name)
                 self.objects[name] = info.size
@@ -144,6 +152,8 @@ class Replica:
             self.log.warning(
                 "ignoring objects that are not replicad's", count=foreign, url=self.client.url
             )
+        if self.lease is not None:
+            await self.lease.acquire(takeover=self.takeover)
         if not names:
             self.shipped_txid = 0
             self.loaded = True
@@ -179,7 +189,7 @@ class Replica:
         """The TXID this replica gives a snapshot taken at capture counter `db_txid`."""
         if self.offset is not None:
             return db_txid + self.offset
-        return self.shipped_txid + 1
+        return self.shipped_txid + 1 + (self.lease.txid_gap if self.lease is not None else 0)
 
     # -- queue ------------------------------------------------------------------------------
 
@@ -274,7 +284,8 @@ class Replica:
         assert self.offset is not None
         batch = self._next_batch(limit)
         name, data = await asyncio.to_thread(_encode_segment, batch, self.page_size, self.offset)
-        await self.client.put_object(name.key, data)
+        await self._ensure_lease()
+        await self.client.put_object(name.key, data, create_only=self.lease is not None)
         self.objects[name] = len(data)
         self._remember(name, data)
         for _ in batch:
@@ -282,12 +293,19 @@ class Replica:
         self.shipped_txid = name.last_txid
         self._uploaded()
 
+    async def _ensure_lease(self) -> None:
+        if self.lease is not None:
+            await self.lease.ensure()
+
     async def _upload_snapshot(self, snapshot: SnapshotFile) -> None:
+        await self._ensure_lease()
         await self.client.put_file(snapshot.name.key, snapshot.path)
         self.objects[snapshot.name] = snapshot.size
         self.snapshot = None
         snapshot.release()
         self.offset = snapshot.name.last_txid - snapshot.db_txid
+        if self.lease is not None:
+            self.lease.txid_gap = 0
         self.shipped_txid = snapshot.name.last_txid
         self.needs_snapshot = None
         while self.pending and self.pending[0].txid <= snapshot.db_txid:

@@ -21,6 +21,7 @@ from replicad.checkpoint import Checkpointer, CheckpointPolicy, CheckpointResult
 from replicad.db import Database, SnapshotRetry, SnapshotSource, SyncResult
 from replicad.errors import ReplicadError
 from replicad.format import ObjectHeader, ObjectWriter
+from replicad.lease import LeaseLostError
 from replicad.position import ObjectKind, ObjectName, snapshot_name
 from replicad.replica import Replica, ReplicaTip, SnapshotFile, spool_path
 from replicad.retention import RETENTION_CHECK_INTERVAL
@@ -116,6 +117,8 @@ class DatabaseReplicator:
         self._last_checkpoint = time.monotonic()
         self._checkpoint_failed = False
         self._no_waiting_until = 0.0
+        #: WAL generation (salts) and how many of its frames the last complete checkpoint copied.
+        self._copied: tuple[tuple[int, int] | None, int] = (None, 0)
         self.snapshot_interval = snapshot_interval
         self.last_sync_monotonic = 0.0
         self._snapshot_requested = False
@@ -152,6 +155,8 @@ class DatabaseReplicator:
         )
         tips: dict[str, ReplicaTip | None] = {}
         for replica, result in zip(self.replicas, results, strict=True):
+            if isinstance(result, LeaseLostError):
+                raise result  # another daemon writes this replica: refuse to start, loudly
             if isinstance(result, ReplicadError):
                 replica.log.error("cannot read replica; will retry", error=str(result))
             elif isinstance(result, BaseException):
@@ -343,7 +348,7 @@ class DatabaseReplicator:
         """Checkpoint if the policy says so; None if none was due (see checkpoint.py)."""
         now = time.monotonic()
         mode = self.policy.mode_for(
-            self.db.generation_frames(),
+            self._uncopied_frames(),
             now - self._last_checkpoint,
             may_wait=now >= self._no_waiting_until,
         )
@@ -364,11 +369,23 @@ class DatabaseReplicator:
         self._record_checkpoint(result)
         return result
 
+    def _uncopied_frames(self) -> int:
+        """Frames of the current WAL generation that no complete checkpoint has copied yet."""
+        frames = self.db.generation_frames()
+        generation, copied = self._copied
+        if generation == self.db.generation():
+            frames -= copied
+        return max(0, frames)
+
     async def _passive_checkpoint(self) -> CheckpointResult:
         """Copy the bulk lock-free, then finish with writers held off for a moment."""
         bulk = await asyncio.to_thread(self.checkpointer.run, "PASSIVE")
+        if bulk.busy:
+            return bulk  # another checkpoint is running; let it finish, we keep leapfrogging
         if not await asyncio.to_thread(self.checkpointer.hold_writers):
-            return bulk  # the application held its write lock too long; next time
+            return CheckpointResult(
+                "PASSIVE", True, bulk.log_frames, bulk.checkpointed_frames, bulk.seconds
+            )
         try:
             await self._leapfrog()  # capture the last frames; the new read mark is the end
             rest = await asyncio.to_thread(self.checkpointer.run, "PASSIVE")
@@ -403,6 +420,8 @@ class DatabaseReplicator:
                 await self._sync_once()
 
     def _record_checkpoint(self, result: CheckpointResult) -> None:
+        if not result.busy and result.checkpointed_frames == result.log_frames:
+            self._copied = (self.db.generation(), result.checkpointed_frames)
         stats = self.stats
         stats.checkpoints[result.mode] = stats.checkpoints.get(result.mode, 0) + 1
         stats.checkpoints_busy += result.busy
@@ -447,28 +466,46 @@ class DatabaseReplicator:
     async def upload_loop(self, replica: Replica, stop: asyncio.Event) -> None:
         """Upload what `replica` has queued, at most once per sync interval, until `stop`."""
         backoff = Backoff()
-        while not stop.is_set():
+        while not stop.is_set() and replica.fenced is None:
             if not replica.loaded:
                 await self._load_late(replica, backoff, stop)
-                continue
-            if not replica.has_work:
+            elif not replica.has_work:
                 await _wait(replica.wake, seconds=None)
                 replica.wake.clear()
-                continue
-            wait = replica.last_upload_monotonic + self.sync_interval - time.monotonic()
-            if wait > 0 and await _sleep_unless(stop, wait):
-                return
-            try:
-                await replica.upload()
-                backoff.reset()
-                now = time.monotonic()
-                if now - replica.last_compaction_monotonic > COMPACTION_CHECK_INTERVAL:
-                    await replica.compact()
-                if now - replica.last_retention_monotonic > RETENTION_CHECK_INTERVAL:
-                    await replica.enforce_retention()
-            except ReplicadError as exc:
-                replica.log.error("upload failed; will retry", error=str(exc))
-                await _sleep_unless(stop, backoff.next_delay())
+            else:
+                wait = replica.last_upload_monotonic + self.sync_interval - time.monotonic()
+                if wait > 0 and await _sleep_unless(stop, wait):
+                    return
+                if await self._upload_once(replica, backoff, stop):
+                    await self._maintain(replica)
+
+    async def _upload_once(self, replica: Replica, backoff: Backoff, stop: asyncio.Event) -> bool:
+        """One upload step; False if it failed (after the backoff) or the replica was taken."""
+        try:
+            await replica.upload()
+        except LeaseLostError as exc:
+            replica.fenced = str(exc)
+            replica.log.error(
+                "another daemon took this replica over; not writing it", error=str(exc)
+            )
+            return False
+        except ReplicadError as exc:
+            replica.log.error("upload failed; will retry", error=str(exc))
+            await _sleep_unless(stop, backoff.next_delay())
+            return False
+        backoff.reset()
+        return True
+
+    async def _maintain(self, replica: Replica) -> None:
+        """Compaction and retention, each when its interval has passed."""
+        now = time.monotonic()
+        try:
+            if now - replica.last_compaction_monotonic > COMPACTION_CHECK_INTERVAL:
+                await replica.compact()
+            if now - replica.last_retention_monotonic > RETENTION_CHECK_INTERVAL:
+                await replica.enforce_retention()
+        except ReplicadError as exc:
+            replica.log.error("compaction or retention failed; will retry", error=str(exc))
 
     async def _load_late(self, replica: Replica, backoff: Backoff, stop: asyncio.Event) -> None:
         try:

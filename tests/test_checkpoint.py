@@ -201,3 +201,35 @@ _LONG_READER = (
     "c.execute('BEGIN'); c.execute('SELECT count(*) FROM t').fetchone();"
     "print('reading', flush=True); time.sleep(60)"
 )
+
+
+async def test_no_repeated_checkpoints_of_an_already_copied_wal(tmp_path: Path) -> None:
+    """Once the WAL is copied, idle syncs run no checkpoint until new frames arrive."""
+    db_path = tmp_path / "app.db"
+    app = sqlite3.connect(db_path, isolation_level=None, timeout=10)
+    app.execute("PRAGMA journal_mode=WAL")
+    app.execute("PRAGMA wal_autocheckpoint=0")
+    app.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
+    replica = Replica("r", FileReplicaClient(tmp_path / "rep"))
+    rep = DatabaseReplicator(
+        Database(db_path),
+        [replica],
+        name="app",
+        state_dir=tmp_path / "s",
+        sync_interval=0,
+        checkpoints=CheckpointPolicy(checkpoint_pages=20, checkpoint_interval=3600),
+    )
+    await rep.start()
+    app.execute("BEGIN")
+    for _ in range(40):
+        app.execute("INSERT INTO t(b) VALUES (?)", (os.urandom(3000),))
+    app.execute("COMMIT")
+    await rep.sync_step()
+    first = await rep.checkpoint_step()
+    assert first is not None
+    assert not first.busy
+    for _ in range(5):  # idle: nothing new to copy
+        await rep.sync_step()
+        assert await rep.checkpoint_step() is None
+    assert rep.stats.checkpoints == {"PASSIVE": 1}
+    rep.close()

@@ -69,6 +69,7 @@ def test_sigkill_restart_resumes_without_snapshot(paths: dict[str, Path]) -> Non
     )
     args = ["-c", str(config)]
     daemon = start_daemon(args, paths["dlog"])
+    wait_for(lambda: bool(_snapshots(paths["replica"])), 20, "the first snapshot")
     writer = start_writer(
         paths["db"], paths["wlog"], seed=12, count=1200, rate=300, autocheckpoint=0
     )
@@ -92,8 +93,11 @@ def test_sigkill_leaves_a_committed_prefix(paths: dict[str, Path]) -> None:
     """Restore after SIGKILL (no restart) is exactly the state after some commit k."""
     _make_db(paths["db"])
     daemon = start_daemon([str(paths["db"]), paths["replica"].as_uri()], paths["dlog"])
+    wait_for(lambda: bool(_snapshots(paths["replica"])), 20, "the first snapshot")
     writer = start_writer(paths["db"], paths["wlog"], seed=13, count=3000, rate=300)
     try:
+        segments = paths["replica"] / "segments" / "00"
+        wait_for(lambda: segments.exists() and any(segments.iterdir()), 30, "a shipped segment")
         wait_for(
             lambda: len(workload.read_log(paths["wlog"])) > random.randint(200, 600), 30, "writes"
         )
