@@ -39,6 +39,8 @@ COMPACTION_CHECK_INTERVAL = 30.0
 #: Longest wait between retries of a failing replica.
 DEFAULT_RETRY_MAX = 30.0
 _RETRY_MIN = 0.2
+#: Most WAL frames replicad copies while it holds the application's writers off.
+_MAX_HELD_FRAMES = 256
 #: How often the read mark moves while a checkpoint waits for it.
 _LEAPFROG_DURING_CHECKPOINT = 0.005
 _SNAPSHOT_ATTEMPTS = 5
@@ -382,6 +384,10 @@ class DatabaseReplicator:
         bulk = await asyncio.to_thread(self.checkpointer.run, "PASSIVE")
         if bulk.busy:
             return bulk  # another checkpoint is running; let it finish, we keep leapfrogging
+        if bulk.log_frames - bulk.checkpointed_frames > _MAX_HELD_FRAMES:
+            # Too much left to copy while the application's writers wait (a copy ends with an
+            # fsync, and disks stall): copy more lock-free at the next sync first.
+            return bulk
         if not await asyncio.to_thread(self.checkpointer.hold_writers):
             return CheckpointResult(
                 "PASSIVE", True, bulk.log_frames, bulk.checkpointed_frames, bulk.seconds
