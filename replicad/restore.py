@@ -18,7 +18,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -284,6 +284,12 @@ async def _apply(
         await _apply_snapshot(client, plan, writer)
         await _apply_segments(client, plan, writer, prefetch)
         await asyncio.to_thread(writer.finish)
+    except OSError as exc:
+        raise RestoreError(
+            f"cannot write {tmp}: {exc.strerror}",
+            hint="free space on that filesystem (the result needs about the database's size), "
+            "or restore to another directory",
+        ) from exc
     finally:
         os.close(fd)
     return writer.page_size, writer.db_pages
@@ -291,15 +297,31 @@ async def _apply(
 
 async def _apply_snapshot(client: ReplicaClient, plan: RestorePlan, writer: _PageWriter) -> None:
     decoder = ObjectDecoder(expected=plan.snapshot)
-    async for chunk in _iter(client, plan.snapshot):
-        writer.apply(decoder, decoder.feed(chunk), plan.target_txid)
-    decoder.close()
+    with _naming(client, plan.snapshot):
+        async for chunk in _iter(client, plan.snapshot):
+            writer.apply(decoder, decoder.feed(chunk), plan.target_txid)
+        decoder.close()
 
 
 async def _apply_segments(
     client: ReplicaClient, plan: RestorePlan, writer: _PageWriter, prefetch: int
 ) -> None:
     """Download up to `prefetch` segments ahead while applying them strictly in order."""
+    try:
+        await _apply_in_order(client, plan, writer, prefetch)
+    except BaseExceptionGroup as group:
+        # One root cause ends a restore; report it as itself, not as a group of one.
+        raise _root_cause(group) from None
+
+
+def _root_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _root_cause(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+async def _apply_in_order(
+    client: ReplicaClient, plan: RestorePlan, writer: _PageWriter, prefetch: int
+) -> None:
     window: deque[asyncio.Task[bytes]] = deque()
     pending = iter(plan.segments)
     async with asyncio.TaskGroup() as tg:
@@ -308,8 +330,22 @@ async def _apply_segments(
                 window.append(tg.create_task(client.get_object(ahead.key)))
             data = await window.popleft()
             decoder = ObjectDecoder(expected=name)
-            writer.apply(decoder, decoder.feed(data), plan.target_txid)
-            decoder.close()
+            with _naming(client, name):
+                writer.apply(decoder, decoder.feed(data), plan.target_txid)
+                decoder.close()
+
+
+@contextlib.contextmanager
+def _naming(client: ReplicaClient, name: ObjectName) -> Iterator[None]:
+    """Say which object was bad. (The partial OUT.tmp is removed: no page reaches OUT.)"""
+    try:
+        yield
+    except FormatError as exc:
+        raise FormatError(
+            f"{name.key} in {client.url} is damaged: {exc.message}",
+            hint=f"restore an earlier point (--txid {name.first_txid - 1}) or another replica; "
+            "keep the damaged object for investigation",
+        ) from exc
 
 
 async def _iter(client: ReplicaClient, name: ObjectName) -> AsyncIterator[bytes]:
