@@ -23,7 +23,8 @@ WAL size.
 A phase's requests are extrapolated to an hour over its own length (start-up phases are one-off
 costs and are not).  "Uploaded" is request body bytes seen by the proxy; "captured" is
 ``replicad_captured_bytes_total``: page bytes of the committed WAL frames the daemon read.
-kB and MB are 10**3 and 10**6 bytes.  Results and how to read them: docs/benchmarks.md.
+The daemon's CPU (utime+stime) and peak RSS (VmHWM) come from /proc.  kB and MB are 10**3
+and 10**6 bytes.  Results and how to read them: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from bench.common import (
     Metrics,
@@ -77,6 +79,10 @@ WAL_POLL_INTERVAL = 0.05
 #: Log events that end a daemon's start-up: it resumed, or its first snapshot is uploaded.
 STARTED_EVENTS = frozenset({"resumed from replica", "snapshot uploaded"})
 OPERATIONS = ("LIST", "GET", "HEAD", "PUT", "MULTIPART", "DELETE")
+#: Where the fencing lease's objects live under the replica prefix (`replicad.lease`), as a
+#: path and as a URL-encoded ``prefix=`` of a LIST.
+_LEASE_MARKS = (b"/lease/", b"%2Flease%2F")
+_T = TypeVar("_T")
 
 
 class BenchError(SystemExit):
@@ -92,17 +98,20 @@ class CountingProxy(FaultProxy):
         self.operations: Counter[str] = Counter()
         #: Request body bytes forwarded (uploads; LIST and GET have no body).
         self.body_bytes = 0
+        #: Requests on the fencing lease's objects (`replicad.lease`), all operations.
+        self.lease_requests = 0
 
     async def _forward(
         self, request_line: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> bytes:
         self.operations[s3_operation(request_line)] += 1
         self.body_bytes += len(body)
+        self.lease_requests += is_lease_request(request_line, body)
         return await super()._forward(request_line, headers, body)
 
     def tally(self) -> Tally:
         """The counters now (a copy)."""
-        return Tally(Counter(self.operations), self.body_bytes)
+        return Tally(Counter(self.operations), self.body_bytes, self.lease_requests)
 
 
 def s3_operation(request_line: bytes) -> str:
@@ -121,17 +130,28 @@ def s3_operation(request_line: bytes) -> str:
     return method
 
 
+def is_lease_request(request_line: bytes, body: bytes) -> bool:
+    """Whether a request reads, writes, lists or deletes the fencing lease's objects."""
+    target = request_line.split(b" ")[1]
+    if b"?delete" in target:  # DeleteObjects names its keys in the body
+        return _LEASE_MARKS[0] in body
+    return any(mark in target for mark in _LEASE_MARKS)
+
+
 @dataclass(frozen=True, slots=True)
 class Tally:
     """The proxy's counters at one moment."""
 
     operations: Counter[str]
     body_bytes: int
+    lease_requests: int
 
     def __sub__(self, earlier: Tally) -> Tally:
         ops = Counter(self.operations)
         ops.subtract(earlier.operations)
-        return Tally(+ops, self.body_bytes - earlier.body_bytes)
+        return Tally(
+            +ops, self.body_bytes - earlier.body_bytes, self.lease_requests - earlier.lease_requests
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +168,8 @@ class Phase:
     daemon_uploaded_bytes: int
     captured_bytes: int
     cpu_seconds: float
+    #: The daemon's peak RSS (VmHWM) at the end of the phase, bytes (0: not measured).
+    peak_rss_bytes: int
 
 
 @dataclass
@@ -205,7 +227,7 @@ class Bench:
         await asyncio.to_thread(init_db, self.db)
 
     async def start_daemon(self, n: int) -> Daemon:
-        """Daemon number `n`, started after nothing else of this run is running."""
+        """Start daemon number `n` of this run (its log: ``daemon-N.log``)."""
         address = f"{HOST}:{free_port()}"
         log = self.root / f"daemon-{n}.log"
         args = [str(self.db), self.url, "--metrics-addr", address]
@@ -213,16 +235,17 @@ class Bench:
         return Daemon(proc, address, log)
 
     async def measure(
-        self, name: str, daemon: Daemon, seconds: float | None, body: Callable[[], Awaitable[None]]
-    ) -> Phase:
-        """Run `body` and return what the proxy and the daemon counted meanwhile."""
+        self, name: str, daemon: Daemon, seconds: float | None, body: Callable[[], Awaitable[_T]]
+    ) -> tuple[Phase, _T]:
+        """Run `body`; what the proxy and the daemon counted meanwhile, and what it returned."""
         tally, before, usage = self.proxy.tally(), await daemon.metrics(), daemon.usage()
-        await body()
+        result = await body()
         after = await daemon.metrics()
         requests = self.proxy.tally() - tally
-        return _phase(
+        phase = _phase(
             name, seconds, requests=requests, before=before, after=after, usage=usage, daemon=daemon
         )
+        return phase, result
 
 
 def _phase(
@@ -238,6 +261,7 @@ def _phase(
     def delta(metric: str) -> int:
         return round(after.value(metric) - before.value(metric))
 
+    end = daemon.usage()
     return Phase(
         name=name,
         seconds=seconds,
@@ -246,7 +270,8 @@ def _phase(
         daemon_requests=delta("replicad_replica_requests_total"),
         daemon_uploaded_bytes=delta("replicad_replica_uploaded_bytes_total"),
         captured_bytes=delta("replicad_captured_bytes_total"),
-        cpu_seconds=daemon.usage().cpu_seconds - usage.cpu_seconds,
+        cpu_seconds=end.cpu_seconds - usage.cpu_seconds,
+        peak_rss_bytes=end.peak_rss_bytes,
     )
 
 
@@ -279,7 +304,7 @@ async def _started(daemon: Daemon) -> None:
     await asyncio.sleep(SETTLE)
 
 
-async def _write(bench: Bench, daemon: Daemon, *, rate: float, seconds: float, tag: str) -> int:
+async def _write(bench: Bench, daemon: Daemon, *, rate: float, seconds: float, tag: str) -> float:
     """Run the writer to completion, then wait until the replica holds its last commit.
 
     Returns the writer's commits per second (it may fall behind its schedule).
@@ -323,15 +348,14 @@ async def cost_run(bench: Bench, *, seconds: float) -> list[Phase]:
         start = bench.proxy.tally()
         await _started(daemon)
         phases.append(await _startup_phase("start-up, empty replica", bench, daemon, start))
-        phases.append(
-            await bench.measure(
-                f"writes {RATE:g} txn/s",
-                daemon,
-                seconds,
-                lambda: _write(bench, daemon, rate=RATE, seconds=seconds, tag="100"),
-            )
+        writes, _ = await bench.measure(
+            f"writes {RATE:g} txn/s",
+            daemon,
+            seconds,
+            lambda: _write(bench, daemon, rate=RATE, seconds=seconds, tag="100"),
         )
-        phases.append(await bench.measure("idle", daemon, seconds, lambda: asyncio.sleep(seconds)))
+        idle, _ = await bench.measure("idle", daemon, seconds, lambda: asyncio.sleep(seconds))
+        phases += [writes, idle]
         shutdown = bench.proxy.tally()
         await daemon.stop()
         phases.append(_proxy_only_phase("shutdown (SIGTERM)", bench.proxy.tally() - shutdown))
@@ -342,7 +366,7 @@ async def cost_run(bench: Bench, *, seconds: float) -> list[Phase]:
         await daemon.stop()
     finally:
         daemon.kill()
-    _check_expectations(phases, daemon_logs=[bench.root / "daemon-2.log"])
+    _check_expectations(phases, restart_log=bench.root / "daemon-2.log")
     return phases
 
 
@@ -362,20 +386,18 @@ async def _startup_phase(name: str, bench: Bench, daemon: Daemon, start: Tally) 
 
 
 def _proxy_only_phase(name: str, requests: Tally) -> Phase:
-    return Phase(name, None, 0, requests, 0, 0, 0, 0.0)
+    return Phase(name, None, 0, requests, 0, 0, 0, 0.0, 0)
 
 
-def _check_expectations(phases: list[Phase], *, daemon_logs: list[Path]) -> None:
+def _check_expectations(phases: list[Phase], *, restart_log: Path) -> None:
     """Report (not fail) departures from the claims; the tables show the numbers."""
     for phase in phases:
         ops = phase.requests.operations
         if phase.name == "idle" and ops.total():
             print(f"NOTE: {ops.total()} requests while idle: {dict(ops)}")
-        if phase.name.startswith("restart") and (ops["PUT"] or ops["MULTIPART"]):
-            print(f"NOTE: the restart uploaded something: {dict(ops)}")
-    for log in daemon_logs:
-        if not any(e.get("event") == "resumed from replica" for e in log_events(log)):
-            print(f"NOTE: {log.name} did not resume from the replica")
+    events = {e.get("event") for e in log_events(restart_log)}
+    if "resumed from replica" not in events or "snapshot uploaded" in events:
+        print(f"NOTE: {restart_log.name} did not resume from the replica without a snapshot")
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,16 +416,15 @@ async def high_rate_run(bench: Bench, *, rate: float, seconds: float) -> HighRat
     await bench.prepare()
     daemon = await bench.start_daemon(1)
     wal = PeakSize(bench.db.with_name(bench.db.name + "-wal"))
-    achieved = 0.0
     try:
         await _started(daemon)
-
-        async def write() -> None:
-            nonlocal achieved
-            achieved = await _write(bench, daemon, rate=rate, seconds=seconds, tag="high")
-
         with Poller([wal], interval=WAL_POLL_INTERVAL):
-            phase = await bench.measure(f"writes {rate:g} txn/s", daemon, seconds, write)
+            phase, achieved = await bench.measure(
+                f"writes {rate:g} txn/s",
+                daemon,
+                seconds,
+                lambda: _write(bench, daemon, rate=rate, seconds=seconds, tag="high"),
+            )
         total = daemon.usage()
         await daemon.stop()
     finally:
@@ -419,12 +440,14 @@ COST_HEADERS = (
     "txns",
     *OPERATIONS,
     "requests",
+    "of which lease",
     "daemon-counted",
     "requests/hour",
     "uploaded (kB)",
     "captured WAL (kB)",
     "uploaded/WAL",
     "daemon CPU-s",
+    "peak RSS (MB)",
 )
 
 HIGH_HEADERS = (
@@ -434,6 +457,7 @@ HIGH_HEADERS = (
     "requests",
     "requests/s",
     "PUT",
+    "of which lease",
     "uploaded MB",
     "captured WAL MB",
     "daemon CPU-s (writes)",
@@ -455,12 +479,14 @@ def cost_row(p: Phase) -> list[object]:
         p.transactions,
         *(ops[op] for op in OPERATIONS),
         total,
+        p.requests.lease_requests,
         p.daemon_requests if p.daemon_requests or total == 0 else "-",
         "-" if p.seconds is None else round(total / p.seconds * 3600),
         round(p.requests.body_bytes / 1e3),
         round(captured / 1e3),
         round(p.requests.body_bytes / captured, 3) if captured else "-",
         round(p.cpu_seconds, 2),
+        round(p.peak_rss_bytes / 1e6, 1) if p.peak_rss_bytes else "-",
     ]
 
 
@@ -476,6 +502,7 @@ def high_row(rate: float, r: HighRate) -> list[object]:
         total,
         round(total / p.seconds, 2),
         p.requests.operations["PUT"],
+        p.requests.lease_requests,
         round(p.requests.body_bytes / 1e6, 1),
         round(p.captured_bytes / 1e6, 1),
         round(p.cpu_seconds, 2),
@@ -490,12 +517,16 @@ async def run(root: Path, *, seconds: float, high_rate: bool) -> None:
     """Both runs against one rclone server and proxy; print the tables."""
     server = await asyncio.to_thread(start_rclone, root / "s3")
     try:
-        async with CountingProxy(server.endpoint_url) as proxy:
+        proxy = CountingProxy(server.endpoint_url)
+        await proxy.start()
+        try:
             phases = await cost_run(Bench(root / "run1", server, proxy), seconds=seconds)
             high = None
             if high_rate:
                 bench = Bench(root / "run2", server, proxy)
                 high = await high_rate_run(bench, rate=HIGH_RATE, seconds=HIGH_SECONDS)
+        finally:
+            await proxy.close()
     finally:
         server.stop()
     print_table(COST_HEADERS, [cost_row(p) for p in phases])

@@ -229,7 +229,7 @@ async def _list(server: S3Server, bucket: str) -> list[tuple[str, int]]:
 
 
 async def _list_keys(s3: Any, bucket: str, prefix: str) -> list[tuple[str, int]]:
-    found = []
+    found: list[tuple[str, int]] = []
     async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         found.extend((item["Key"], item["Size"]) for item in page.get("Contents", ()))
     return found

@@ -27,9 +27,11 @@ from replicad.replicator import DatabaseReplicator
 from replicad.systemd import notify, watchdog_interval
 
 #: watchfiles batches events for up to `debounce` ms, checking every `step` ms; its defaults
-#: (1600/50) alone would add 1.6 s of lag.
-WATCH_DEBOUNCE_MS = 20
-WATCH_STEP_MS = 10
+#: (1600/50) alone would add 1.6 s of lag. It yields once a step brings nothing new, so under
+#: steady writes it wakes us about every `step`: 50 ms keeps capture well inside the 1 s upload
+#: interval while halving the CPU of 10 ms (measured at 500 txn/s: 7.2 -> 4.0 CPU-s a minute).
+WATCH_DEBOUNCE_MS = 50
+WATCH_STEP_MS = 50
 EXIT_FORCED = 130
 
 log = structlog.get_logger()

@@ -51,6 +51,8 @@ DEFAULT_BUSY_TIMEOUT_MS = 1000
 DEFAULT_MAX_SYNC_BYTES = 64 << 20
 #: Read size when scanning the WAL; grows when a single transaction is larger.
 _READ_CHUNK = 4 << 20
+#: First read of a sync; later reads grow to `_READ_CHUNK`.
+_FIRST_READ = 128 << 10
 #: Pages read per pread while streaming a snapshot.
 _SNAPSHOT_CHUNK_PAGES = 256
 
@@ -524,7 +526,9 @@ def _scan_wal(
     frame_size = header.frame_size
     end_of_file = wal.size if limit is None else min(limit, wal.size)
     default_frames = max(1, _READ_CHUNK // frame_size)
-    chunk_frames = default_frames
+    # Start small: a sync usually finds a few new frames, and after a WAL restart the file keeps
+    # its old size, full of stale frames that would otherwise be read and checksummed each time.
+    chunk_frames = max(1, _FIRST_READ // frame_size)
     pos = start
     while pos.offset + frame_size <= end_of_file:
         length = min(chunk_frames * frame_size, end_of_file - pos.offset)
@@ -536,7 +540,7 @@ def _scan_wal(
             return
         if scan.transactions:
             pos = scan.end
-            chunk_frames = default_frames
+            chunk_frames = max(chunk_frames, default_frames)
         else:
             chunk_frames *= 2  # one transaction larger than the read: read more at once
 

@@ -37,7 +37,7 @@ from replicad.retention import DEFAULT_RETENTION, DEFAULT_RETENTION_GRACE, plan_
 #: Raw page bytes per segment object; a backlog is split into objects of about this size.
 DEFAULT_SEGMENT_MAX_BYTES = 32 << 20
 #: Bytes of recently uploaded segments kept for compaction (level 1 is built from them).
-RECENT_CACHE_BYTES = 64 << 20
+RECENT_CACHE_BYTES = 32 << 20
 #: A replica further behind than this drops its backlog and catches up with a snapshot,
 #: so a long outage cannot exhaust the daemon's memory.
 DEFAULT_MAX_PENDING_BYTES = 256 << 20
@@ -287,7 +287,8 @@ class Replica:
         await self._ensure_lease()
         await self.client.put_object(name.key, data, create_only=self.lease is not None)
         self.objects[name] = len(data)
-        self._remember(name, data)
+        if self.compaction_levels:
+            self._remember(name, data)
         for _ in batch:
             self.pending_bytes -= self.pending.popleft().nbytes
         self.shipped_txid = name.last_txid
@@ -355,6 +356,9 @@ class Replica:
             for name, size in outputs:
                 self.objects[name] = size
             made += len(outputs)
+            for source in job.sources:  # merged: not needed again (higher levels use outputs)
+                if (data := self._recent.pop(source, None)) is not None:
+                    self._recent_bytes -= len(data)
         if made:
             self.log.debug("compacted", objects=made, jobs=len(jobs))
         return made

@@ -39,6 +39,11 @@ COMPACTION_CHECK_INTERVAL = 30.0
 #: Longest wait between retries of a failing replica.
 DEFAULT_RETRY_MAX = 30.0
 _RETRY_MIN = 0.2
+#: Quick extra syncs after a file event (see `sync_loop`): how many, how far apart.
+_FOLLOW_UPS = 4
+_FOLLOW_UP_SECONDS = 0.025
+#: Longest pause between checkpoints that copy nothing new (a reader pins the WAL).
+_STUCK_BACKOFF_MAX = 2.0
 #: Most WAL frames replicad copies while it holds the application's writers off.
 _MAX_HELD_FRAMES = 256
 #: How often the read mark moves while a checkpoint waits for it.
@@ -121,6 +126,10 @@ class DatabaseReplicator:
         self._no_waiting_until = 0.0
         #: WAL generation (salts) and how many of its frames the last complete checkpoint copied.
         self._copied: tuple[tuple[int, int] | None, int] = (None, 0)
+        #: Last checkpoint's (generation, frames copied), to notice when copying is stuck.
+        self._progress: tuple[tuple[int, int] | None, int] = (None, -1)
+        self._checkpoint_not_before = 0.0
+        self._stuck = Backoff(minimum=0.1, maximum=_STUCK_BACKOFF_MAX)
         self.snapshot_interval = snapshot_interval
         self.last_sync_monotonic = 0.0
         self._snapshot_requested = False
@@ -356,6 +365,8 @@ class DatabaseReplicator:
         )
         if mode is None or self._checkpoint_failed or self._lost is not None:
             return None
+        if now < self._checkpoint_not_before:
+            return None
         try:
             if mode == "PASSIVE":
                 result = await self._passive_checkpoint()
@@ -370,6 +381,19 @@ class DatabaseReplicator:
             self._last_checkpoint = time.monotonic()
         self._record_checkpoint(result)
         return result
+
+    def _pace(self, generation: tuple[int, int] | None, result: CheckpointResult) -> None:
+        """Back off while checkpoints copy nothing new (an application reader pins the WAL, or
+        another checkpointer is busy): each attempt takes SQLite's checkpoint lock, and another
+        process's checkpoint that meets it fails at once."""
+        done = self._progress
+        self._progress = (generation, result.checkpointed_frames)
+        if result.busy:
+            return  # a collision with another checkpointer: try again at the next sync
+        if done[0] == generation and result.checkpointed_frames <= done[1]:
+            self._checkpoint_not_before = time.monotonic() + self._stuck.next_delay()
+        else:
+            self._stuck.reset()
 
     def _uncopied_frames(self) -> int:
         """Frames of the current WAL generation that no complete checkpoint has copied yet."""
@@ -426,8 +450,10 @@ class DatabaseReplicator:
                 await self._sync_once()
 
     def _record_checkpoint(self, result: CheckpointResult) -> None:
+        generation = self.db.generation()
         if not result.busy and result.checkpointed_frames == result.log_frames:
-            self._copied = (self.db.generation(), result.checkpointed_frames)
+            self._copied = (generation, result.checkpointed_frames)
+        self._pace(generation, result)
         stats = self.stats
         stats.checkpoints[result.mode] = stats.checkpoints.get(result.mode, 0) + 1
         stats.checkpoints_busy += result.busy
@@ -456,11 +482,18 @@ class DatabaseReplicator:
     async def sync_loop(self, stop: asyncio.Event) -> None:
         """Sync on every wake-up (file change) or poll tick until `stop` is set."""
         backoff = Backoff()
+        follow_ups = 0
         while not stop.is_set():
-            await _wait(self.wake, seconds=self.poll_interval)
+            woken = await _wait(
+                self.wake, seconds=_FOLLOW_UP_SECONDS if follow_ups else self.poll_interval
+            )
             self.wake.clear()
             if stop.is_set():
                 return
+            # A change is often followed by one that makes no file event (a checkpoint marking
+            # the WAL copied in the -shm): look again shortly so nobody waits a poll tick for
+            # our read mark to move.
+            follow_ups = _FOLLOW_UPS if woken else max(0, follow_ups - 1)
             try:
                 await self.sync_step()
                 await self.checkpoint_step()
@@ -571,10 +604,11 @@ class DatabaseReplicator:
         self.db.close()
 
 
-async def _wait(event: asyncio.Event, *, seconds: float | None) -> None:
-    """Wait until `event` is set or `seconds` pass."""
+async def _wait(event: asyncio.Event, *, seconds: float | None) -> bool:
+    """Wait until `event` is set (True) or `seconds` pass (False)."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
+    return event.is_set()
 
 
 async def _sleep_unless(stop: asyncio.Event, delay: float) -> bool:

@@ -170,10 +170,11 @@ async def test_long_reader_makes_truncate_back_off(tmp_path: Path) -> None:
                 app.execute("INSERT INTO t(b) VALUES (?)", (os.urandom(3000),))
             await rep.sync_step()
             result = await rep.checkpoint_step()
-            assert result is not None
-            modes.append((result.mode, result.busy))
+            modes.append(None if result is None else (result.mode, result.busy))
         assert modes[0] == ("TRUNCATE", True)
-        assert all(mode == "PASSIVE" for mode, _ in modes[1:])
+        # Then no TRUNCATE stalls the writers again: PASSIVE, or a pause while nothing copies.
+        assert all(m is None or m[0] == "PASSIVE" for m in modes[1:])
+        assert any(m is not None for m in modes[1:])
         assert rep.stats.checkpoints_busy >= 1
         assert rep.stats.continuity_losses == 0
         await replica.upload()
