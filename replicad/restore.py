@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import sqlite3
 import time
@@ -42,6 +43,8 @@ from replicad.position import ObjectKind, ObjectName, parse_key
 #: Objects downloaded ahead of the one being applied.
 DEFAULT_PREFETCH = 8
 INTEGRITY_MODES = ("full", "quick", "none")
+#: Most consecutive pages written with one system call.
+_WRITE_RUN_PAGES = 256
 
 log = structlog.get_logger()
 
@@ -354,13 +357,20 @@ async def _iter(client: ReplicaClient, name: ObjectName) -> AsyncIterator[bytes]
 
 
 class _PageWriter:
-    """Writes decoded pages at their offsets; remembers the target's database size."""
+    """Writes decoded pages at their offsets; remembers the target's database size.
+
+    Runs of consecutive pages (a snapshot is one long run) go out in one `pwritev`: one system
+    call per page made restores of 4 KiB pages twice as slow.  Pages are written in the order
+    they arrive, so the newest version of a page still wins.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.page_size = 0
         self.db_pages = 0
         self.applied_txid = 0
+        self._run_start = 0
+        self._run: list[bytes] = []
 
     def apply(self, decoder: ObjectDecoder, events: Sequence[object], target: int) -> None:
         if decoder.header is not None:
@@ -368,7 +378,7 @@ class _PageWriter:
         for event in events:
             if isinstance(event, PageEvent):
                 if event.txid <= target:
-                    os.pwrite(self.fd, event.data, (event.pgno - 1) * self.page_size)
+                    self._write(event.pgno, event.data)
             elif isinstance(event, TxnEndEvent) and event.info.txid <= target:
                 self.db_pages = event.info.db_pages
                 self.applied_txid = event.info.txid
@@ -383,7 +393,24 @@ class _PageWriter:
             )
         self.page_size = page_size
 
+    def _write(self, pgno: int, data: bytes) -> None:
+        if self._run and pgno != self._run_start + len(self._run):
+            self._flush()
+        if not self._run:
+            self._run_start = pgno
+        self._run.append(data)
+        if len(self._run) >= _WRITE_RUN_PAGES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._run:
+            wanted = len(self._run) * self.page_size
+            if os.pwritev(self.fd, self._run, (self._run_start - 1) * self.page_size) != wanted:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # short write: disk full
+            self._run = []
+
     def finish(self) -> None:
+        self._flush()
         os.ftruncate(self.fd, self.db_pages * self.page_size)
         os.fsync(self.fd)
 
