@@ -114,9 +114,12 @@ class Lease:
         #: TXIDs to skip for the first snapshot after taking over an unreleased lease.
         self.txid_gap = 0
 
-    async def acquire(self, *, takeover: bool = False) -> None:
-        """Claim the prefix. Raises `LeaseLostError` naming the holder if it is taken."""
-        newest = await self._newest()
+    async def acquire(self, *, takeover: bool = False, keys: list[str] | None = None) -> None:
+        """Claim the prefix. Raises `LeaseLostError` naming the holder if it is taken.
+
+        `keys`: the lease keys from a listing the caller just made, to save another LIST.
+        """
+        newest = await self._newest(keys)
         held = newest is not None and newest.owner != self.owner
         if newest is not None and held and self._left_by_dead_local_daemon(newest):
             self.log.info(
@@ -204,8 +207,9 @@ class Lease:
         if epoch > _KEEP_EPOCHS + 1:
             await self.client.delete_objects([lease_key(epoch - _KEEP_EPOCHS - 1)])
 
-    async def _newest(self) -> LeaseRecord | None:
-        keys = [info.key for info in await self.client.list_objects(LEASE_PREFIX)]
+    async def _newest(self, keys: list[str] | None = None) -> LeaseRecord | None:
+        if keys is None:
+            keys = [info.key for info in await self.client.list_objects(LEASE_PREFIX)]
         for key in sorted(keys, reverse=True):
             record = _parse(await self.client.get_object(key))
             if record is not None:

@@ -153,7 +153,8 @@ class Replica:
                 "ignoring objects that are not replicad's", count=foreign, url=self.client.url
             )
         if self.lease is not None:
-            await self.lease.acquire(takeover=self.takeover)
+            leases = [info.key for info in objects if is_lease_key(info.key)]
+            await self.lease.acquire(takeover=self.takeover, keys=leases)
         if not names:
             self.shipped_txid = 0
             self.loaded = True
