@@ -60,7 +60,7 @@ DEFAULT_LEVELS: tuple[float, ...] = (30.0, 300.0, 3600.0)
 #: How long after a bucket ends its segments may still be arriving (an upload batch, retries).
 DEFAULT_SETTLE_MS = 5000
 #: Page bytes one merge may hold; a larger job is cut into several objects rather than exceed it.
-DEFAULT_MAX_MERGE_BYTES = 256 << 20
+DEFAULT_MAX_MERGE_BYTES = 64 << 20
 
 _MAX_LEVEL = 99  # the format's limit (one byte, 0..99)
 

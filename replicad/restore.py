@@ -42,6 +42,11 @@ from replicad.position import ObjectKind, ObjectName, parse_key
 
 #: Objects downloaded ahead of the one being applied.
 DEFAULT_PREFETCH = 8
+#: Bytes downloaded ahead at most; objects above `STREAM_ABOVE` are streamed, not held whole.
+PREFETCH_BYTES = 64 << 20
+STREAM_ABOVE = 16 << 20
+#: Bytes handed to the decoder at a time (its events for one chunk are held at once).
+_FEED_BYTES = 1 << 20
 INTEGRITY_MODES = ("full", "quick", "none")
 #: Most consecutive pages written with one system call.
 _WRITE_RUN_PAGES = 256
@@ -325,16 +330,37 @@ def _root_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
 async def _apply_in_order(
     client: ReplicaClient, plan: RestorePlan, writer: _PageWriter, prefetch: int
 ) -> None:
-    window: deque[asyncio.Task[bytes]] = deque()
-    pending = iter(plan.segments)
+    """Small objects are downloaded ahead (at most `prefetch` and `PREFETCH_BYTES` at a time);
+    a large one (a compacted level) is streamed when its turn comes, so memory stays bounded
+    whatever the objects' sizes."""
+    sizes = dict(zip(plan.objects, plan.sizes, strict=True))
+    window: deque[tuple[ObjectName, asyncio.Task[bytes] | None]] = deque()
+    pending = deque(plan.segments)
+    in_flight = 0
     async with asyncio.TaskGroup() as tg:
-        for name in plan.segments:
-            while len(window) < max(1, prefetch) and (ahead := next(pending, None)) is not None:
-                window.append(tg.create_task(client.get_object(ahead.key)))
-            data = await window.popleft()
+        while pending or window:
+            while pending and len(window) < max(1, prefetch):
+                size = sizes[pending[0]]
+                if size > STREAM_ABOVE:
+                    window.append((pending.popleft(), None))
+                    break
+                if window and in_flight + size > PREFETCH_BYTES:
+                    break
+                name = pending.popleft()
+                window.append((name, tg.create_task(client.get_object(name.key))))
+                in_flight += size
+            name, download = window.popleft()
             decoder = ObjectDecoder(expected=name)
             with _naming(client, name):
-                writer.apply(decoder, decoder.feed(data), plan.target_txid)
+                if download is None:
+                    async for chunk in _iter(client, name):
+                        writer.apply(decoder, decoder.feed(chunk), plan.target_txid)
+                else:
+                    data = memoryview(await download)
+                    in_flight -= sizes[name]
+                    for start in range(0, len(data), _FEED_BYTES):
+                        part = data[start : start + _FEED_BYTES]
+                        writer.apply(decoder, decoder.feed(part), plan.target_txid)
                 decoder.close()
 
 
