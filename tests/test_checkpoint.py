@@ -96,22 +96,34 @@ def test_without_replicad_checkpoints_the_wal_grows(tmp_path: Path, baseline_pea
     assert peak > ALLOWED_FACTOR * baseline_peak, (peak, baseline_peak)
 
 
-async def test_truncate_at_hard_limit_completes_and_keeps_continuity(tmp_path: Path) -> None:
-    db_path = tmp_path / "app.db"
+def _app(db_path: Path) -> sqlite3.Connection:
+    """The application's connection: WAL mode, autocheckpoint off (replicad checkpoints)."""
     app = sqlite3.connect(db_path, isolation_level=None, timeout=10)
     app.execute("PRAGMA journal_mode=WAL")
     app.execute("PRAGMA wal_autocheckpoint=0")
     app.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
+    return app
+
+
+def _replicator(tmp_path: Path, policy: CheckpointPolicy) -> tuple[Replica, DatabaseReplicator]:
+    """A file replica and a replicator with `policy`, driven step by step."""
     replica = Replica("r", FileReplicaClient(tmp_path / "rep"))
-    policy = CheckpointPolicy(checkpoint_pages=10, truncate_pages=50, checkpoint_timeout=2.0)
     rep = DatabaseReplicator(
-        Database(db_path),
+        Database(tmp_path / "app.db"),
         [replica],
         name="app",
         state_dir=tmp_path / "s",
         sync_interval=0,
         checkpoints=policy,
     )
+    return replica, rep
+
+
+async def test_truncate_at_hard_limit_completes_and_keeps_continuity(tmp_path: Path) -> None:
+    db_path = tmp_path / "app.db"
+    app = _app(db_path)
+    policy = CheckpointPolicy(checkpoint_pages=10, truncate_pages=50, checkpoint_timeout=2.0)
+    replica, rep = _replicator(tmp_path, policy)
     await rep.start()
     for _ in range(3):
         for _ in range(60):
@@ -207,19 +219,8 @@ _LONG_READER = (
 async def test_no_repeated_checkpoints_of_an_already_copied_wal(tmp_path: Path) -> None:
     """Once the WAL is copied, idle syncs run no checkpoint until new frames arrive."""
     db_path = tmp_path / "app.db"
-    app = sqlite3.connect(db_path, isolation_level=None, timeout=10)
-    app.execute("PRAGMA journal_mode=WAL")
-    app.execute("PRAGMA wal_autocheckpoint=0")
-    app.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
-    replica = Replica("r", FileReplicaClient(tmp_path / "rep"))
-    rep = DatabaseReplicator(
-        Database(db_path),
-        [replica],
-        name="app",
-        state_dir=tmp_path / "s",
-        sync_interval=0,
-        checkpoints=CheckpointPolicy(checkpoint_pages=20, checkpoint_interval=3600),
-    )
+    app = _app(db_path)
+    _, rep = _replicator(tmp_path, CheckpointPolicy(checkpoint_pages=20, checkpoint_interval=3600))
     await rep.start()
     app.execute("BEGIN")
     for _ in range(40):
