@@ -364,13 +364,14 @@ async def _replicator(
                 max_pending_bytes=replica_config.max_pending_bytes,
                 retention=replica_config.retention,
                 compaction_levels=replica_config.compaction_levels,
+                spool_dir=db_config.state_dir,
                 lease=lease,
                 takeover=takeover,
                 log=replica_log,
             )
         )
     return DatabaseReplicator(
-        Database(db_config.path),
+        Database(db_config.path, spill_dir=db_config.state_dir),
         replicas,
         name=db_config.name,
         state_dir=db_config.state_dir,

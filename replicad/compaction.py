@@ -38,8 +38,10 @@ Runs
     merged again as a whole: the duplicate is harmless and the restore planner takes whichever
     segment reaches furthest.
 
-Memory
-    `compact` decodes one source at a time into a page map bounded by `max_merge_bytes`; a job
+Memory and size
+    `compact` streams one source at a time through the decoder into a page map kept on local
+    disk (`replicad.spool`), and encodes its outputs into a local file uploaded from there, so
+    memory holds page numbers, not pages.  `max_merge_bytes` bounds an output's pages: a job
     whose pages would exceed it is cut, between sources, into several contiguous objects.
 """
 
@@ -47,13 +49,27 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from replicad.clients.base import ReplicaClient
 from replicad.errors import FormatError
-from replicad.format import ObjectHeader, Transaction, TxnInfo, decode_object, encode_object
+from replicad.format import (
+    EndEvent,
+    ObjectDecoder,
+    ObjectHeader,
+    ObjectWriter,
+    PageEvent,
+    SupportsWrite,
+    Transaction,
+    TxnInfo,
+    TxnStartEvent,
+)
 from replicad.position import ObjectKind, ObjectName, segment_name
+from replicad.spool import PageSpool
 
 #: Seconds per bucket of level 1, 2, 3: each a multiple of the one before.
 DEFAULT_LEVELS: tuple[float, ...] = (30.0, 300.0, 3600.0)
@@ -63,6 +79,8 @@ DEFAULT_SETTLE_MS = 5000
 DEFAULT_MAX_MERGE_BYTES = 64 << 20
 
 _MAX_LEVEL = 99  # the format's limit (one byte, 0..99)
+#: Bytes of a cached source handed to the decoder at a time (it buffers what it is fed).
+_FEED_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,50 +246,86 @@ def merge_segments(
     """
     if not decoded:
         raise ValueError("nothing to merge")
+    spool_dir = Path(tempfile.gettempdir())
     merger = _Merger(level)
-    for header, transactions in decoded:
-        merger.add(header, transactions)
-    return merger.result()
+    try:
+        for header, transactions in decoded:
+            merger.check(header, [t.info for t in transactions])  # before spooling its pages
+            pages = PageSpool(spool_dir, header.page_size)
+            for txn in transactions:
+                for pgno, data in txn.pages:
+                    pages.put(pgno, data)
+            merger.add(_Source(header, [t.info for t in transactions], pages))
+        name, header = merger.name_and_header()
+        return name, header, merger.records(materialize=True)
+    finally:
+        merger.close()
+
+
+@dataclass(slots=True)
+class _Source:
+    """One decoded source: its header, transaction records and pages (newest version each)."""
+
+    header: ObjectHeader
+    infos: list[TxnInfo]
+    pages: PageSpool
 
 
 class _Merger:
-    """Merges consecutive segments into one, a source at a time, newest page winning."""
+    """Merges consecutive segments into one, a source at a time, newest page winning.
+
+    The merged pages live in a `PageSpool` on local disk, so a merge costs memory for page
+    numbers only, whatever the size of the sources.
+    """
 
     def __init__(self, level: int) -> None:
         self._level = level
         self._first: ObjectHeader | None = None
         self._last: ObjectHeader | None = None
         self._infos: list[TxnInfo] = []
-        self._pages: dict[int, bytes] = {}
+        self._pages: PageSpool | None = None
 
-    def fits(self, header: ObjectHeader, transactions: Sequence[Transaction], limit: int) -> bool:
-        """Whether this source can join the same object: times go on, pages stay in `limit`.
+    @property
+    def empty(self) -> bool:
+        return self._last is None
 
-        Always true for the first source, whatever its size: it is in memory already.
+    def fits(self, source: _Source, limit: int) -> bool:
+        """Whether `source` can join the same object: times go on, pages stay in `limit`.
+
+        Always true for the first source, whatever its size.
         """
         last = self._last
-        if last is None:
+        if last is None or self._pages is None:
             return True
-        if header.min_time_ns < last.max_time_ns:
+        if source.header.min_time_ns < last.max_time_ns:
             return False
-        added = {pgno for t in transactions for pgno, _ in t.pages if pgno not in self._pages}
-        return (len(self._pages) + len(added)) * last.page_size <= limit
+        added = sum(1 for pgno in source.pages.pgnos() if pgno not in self._pages)
+        return (len(self._pages) + added) * last.page_size <= limit
 
-    def add(self, header: ObjectHeader, transactions: Sequence[Transaction]) -> None:
-        """Take the next source; see `merge_segments` for what is refused."""
-        self._check(header, transactions)
-        self._first = self._first or header
-        self._last = header
-        for txn in transactions:
-            self._infos.append(txn.info)
-            self._pages.update(txn.pages)  # in order, so the newest version stays
+    def add(self, source: _Source) -> None:
+        """Take the next source (and its spool); see `merge_segments` for what is refused."""
+        self.check(source.header, source.infos)
+        self._first = self._first or source.header
+        self._last = source.header
+        self._infos.extend(source.infos)
+        if self._pages is None:
+            self._pages = source.pages  # the first source's spool becomes the merge's
+            return
+        for pgno, data in source.pages.items():  # in order, so the newest version stays
+            self._pages.put(pgno, data)
+        source.pages.close()
 
-    def _check(self, header: ObjectHeader, transactions: Sequence[Transaction]) -> None:
+    def close(self) -> None:
+        if self._pages is not None:
+            self._pages.close()
+
+    def check(self, header: ObjectHeader, infos: Sequence[TxnInfo]) -> None:
+        """Raise unless a source with this header and these records can be added next."""
         last = self._last
         before = _name_of(last) if last is not None else None
         if problem := _source_problem(before, _name_of(header), self._level):
             raise ValueError(f"cannot merge: {problem}")
-        txids = [t.info.txid for t in transactions]
+        txids = [i.txid for i in infos]
         if txids != list(range(header.first_txid, header.last_txid + 1)):
             raise ValueError(f"cannot merge: transactions {txids} do not match their header")
         if last is None:
@@ -288,13 +342,12 @@ class _Merger:
                 f"{header.first_txid}; such segments cannot share an object"
             )
 
-    def result(self) -> tuple[ObjectName, ObjectHeader, list[Transaction]]:
-        """The merged segment: its name, header and transactions."""
+    def name_and_header(self) -> tuple[ObjectName, ObjectHeader]:
+        """The merged segment's name and header."""
         first, last = self._first, self._last
-        assert first is not None, "result() before add()"
+        assert first is not None, "no source added"
         assert last is not None
         final = self._infos[-1]
-        pages = [(p, self._pages[p]) for p in sorted(self._pages) if p <= final.db_pages]
         header = ObjectHeader(
             kind=ObjectKind.SEGMENT,
             page_size=last.page_size,
@@ -307,16 +360,38 @@ class _Merger:
             position=last.position,
             codec=last.codec,
         )
+        return _name_of(header), header
+
+    def records(self, *, materialize: bool = False) -> list[Transaction]:
+        """One record per TXID; the pages (ascending, none beyond the final size) in the last.
+
+        Pages are left out (for `write`) unless `materialize`.
+        """
+        assert self._pages is not None, "no source added"
+        final = self._infos[-1]
         records = [
             Transaction(TxnInfo(i.txid, i.commit_time_ns, i.db_pages, 0), [])
             for i in self._infos[:-1]
         ]
+        kept = sum(1 for p in self._pages.pgnos() if p <= final.db_pages)
+        pages = list(self._pages.items(upto=final.db_pages)) if materialize else []
         records.append(
-            Transaction(
-                TxnInfo(final.txid, final.commit_time_ns, final.db_pages, len(pages)), pages
-            )
+            Transaction(TxnInfo(final.txid, final.commit_time_ns, final.db_pages, kept), pages)
         )
-        return _name_of(header), header, records
+        return records
+
+    def write(self, sink: SupportsWrite) -> int:
+        """Stream the merged segment into `sink`; its size."""
+        assert self._pages is not None, "no source added"
+        _, header = self.name_and_header()
+        writer = ObjectWriter(sink, header)
+        records = self.records()
+        for record in records:
+            i = record.info
+            writer.begin_transaction(i.txid, i.commit_time_ns, i.db_pages, i.page_count)
+        for pgno, data in self._pages.items(upto=records[-1].info.db_pages):
+            writer.add_page(pgno, data)
+        return writer.finish()
 
 
 def _name_of(header: ObjectHeader) -> ObjectName:
@@ -340,49 +415,125 @@ async def compact(
     *,
     cache: Mapping[ObjectName, bytes] | None = None,
     max_merge_bytes: int = DEFAULT_MAX_MERGE_BYTES,
+    spool_dir: Path | None = None,
 ) -> list[tuple[ObjectName, int]]:
     """Run `job`: fetch, verify and merge its sources, write the merged segments.
 
-    Sources come from `cache` when it holds them (what was just uploaded), else from the
-    replica.  Each is verified against its name and merged in turn; when the next one would
-    take the page map past `max_merge_bytes` (or its commit times go back), the merge so far
-    is written and a new object begins, so the outputs cover contiguous parts of the job.  A
-    part may hold a single source, copied to the new level so that the job's range counts as
-    compacted and is not planned again.  Returns `(name, size)` of every object written, in
-    TXID order.  Never deletes anything.
+    Sources come from `cache` when it holds them (what was just uploaded), else are streamed
+    from the replica; each is decoded, verified against its name, into a page spool in
+    `spool_dir` (the system's temporary directory by default), then merged in turn.  When the
+    next one would take the merged pages past `max_merge_bytes` (or its commit times go back),
+    the merge so far is written and a new object begins, so the outputs cover contiguous parts
+    of the job.  A part may hold a single source, copied to the new level so that the job's
+    range counts as compacted and is not planned again.  Outputs are encoded into a local file
+    and uploaded from it.  Memory holds page numbers, one block and the client's upload parts,
+    whatever the size of the sources.  Returns `(name, size)` of every object written, in TXID
+    order.  Never deletes anything.
 
     Raises FormatError for a corrupt source, before writing the object it belongs to (objects
     for parts wholly before it may already be written: they are correct, and rewritten
-    identically by a retry); ObjectNotFoundError for a missing source; other ReplicaErrors.
+    identically by a retry); ObjectNotFoundError for a missing source; other ReplicaErrors;
+    StateError when the spool directory is full.
     """
     if max_merge_bytes < 1:
         raise ValueError(f"max_merge_bytes {max_merge_bytes} must be positive")
+    directory = spool_dir or Path(tempfile.gettempdir())
     written: list[tuple[ObjectName, int]] = []
     merger = _Merger(job.level)
-    for name in job.sources:
-        data = await _fetch(client, name, cache)
-        # Decoding and encoding run in a thread: zstd releases the GIL, the event loop keeps
-        # serving the other databases.
-        header, transactions = await asyncio.to_thread(decode_object, data, expected=name)
-        del data
-        if not merger.fits(header, transactions, max_merge_bytes):
-            written.append(await _write(client, merger))
-            merger = _Merger(job.level)
-        merger.add(header, transactions)
-    written.append(await _write(client, merger))
+    try:
+        for name in job.sources:
+            source = await _load(client, name, cache, directory)
+            if not merger.fits(source, max_merge_bytes):
+                written.append(await _write(client, merger, directory))
+                merger.close()
+                merger = _Merger(job.level)
+            try:
+                merger.add(source)
+            except BaseException:
+                source.pages.close()
+                raise
+        written.append(await _write(client, merger, directory))
+    finally:
+        merger.close()
     return written
 
 
-async def _fetch(
-    client: ReplicaClient, name: ObjectName, cache: Mapping[ObjectName, bytes] | None
-) -> bytes:
-    if cache is not None and (data := cache.get(name)) is not None:
-        return data
-    return await client.get_object(name.key)
+async def _load(
+    client: ReplicaClient,
+    name: ObjectName,
+    cache: Mapping[ObjectName, bytes] | None,
+    spool_dir: Path,
+) -> _Source:
+    """Decode one source into a page spool, streaming it from the cache or the replica."""
+    reader = _SourceReader(name, spool_dir)
+    try:
+        if cache is not None and (data := cache.get(name)) is not None:
+            await asyncio.to_thread(reader.feed_all, data)
+        else:
+            async for chunk in client.iter_object(name.key):
+                # zstd and the spool writes release the GIL: the event loop keeps serving.
+                await asyncio.to_thread(reader.feed, chunk)
+        return await asyncio.to_thread(reader.finish)
+    except BaseException:
+        reader.discard()
+        raise
 
 
-async def _write(client: ReplicaClient, merger: _Merger) -> tuple[ObjectName, int]:
-    name, header, transactions = merger.result()
-    data = await asyncio.to_thread(encode_object, header, transactions)
-    await client.put_object(name.key, data)
-    return name, len(data)
+class _SourceReader:
+    """Feeds one object's bytes through the decoder into a page spool."""
+
+    def __init__(self, name: ObjectName, spool_dir: Path) -> None:
+        self._decoder = ObjectDecoder(expected=name)
+        self._spool_dir = spool_dir
+        self._pages: PageSpool | None = None
+        self._infos: list[TxnInfo] = []
+        self._complete = False
+
+    def feed_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), _FEED_BYTES):
+            self.feed(view[start : start + _FEED_BYTES])
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        for event in self._decoder.feed(chunk):
+            if isinstance(event, PageEvent):
+                self._spool().put(event.pgno, event.data)
+            elif isinstance(event, TxnStartEvent):
+                self._infos.append(event.info)
+            elif isinstance(event, EndEvent):
+                self._complete = True
+
+    def finish(self) -> _Source:
+        self._decoder.close()
+        header = self._decoder.header
+        assert header is not None
+        assert self._complete, "the decoder closed without its end event"
+        return _Source(header, self._infos, self._spool())
+
+    def discard(self) -> None:
+        if self._pages is not None:
+            self._pages.close()
+
+    def _spool(self) -> PageSpool:
+        if self._pages is None:
+            header = self._decoder.header
+            assert header is not None, "pages before the header"
+            self._pages = PageSpool(self._spool_dir, header.page_size)
+        return self._pages
+
+
+async def _write(client: ReplicaClient, merger: _Merger, spool_dir: Path) -> tuple[ObjectName, int]:
+    name, _ = merger.name_and_header()
+    path = spool_dir / f"compact-{name.level:02d}-{name.last_txid:016x}-{os.getpid()}.tmp"
+    try:
+        size = await asyncio.to_thread(_write_file, merger, path)
+        await client.put_file(name.key, path)
+    finally:
+        path.unlink(missing_ok=True)
+    return name, size
+
+
+def _write_file(merger: _Merger, path: Path) -> int:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with path.open("wb") as sink:
+        return merger.write(sink)

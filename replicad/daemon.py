@@ -148,6 +148,7 @@ class Daemon:
             tg.create_task(replicator.sync_loop(self.stop))
             for replica in replicator.replicas:
                 tg.create_task(replicator.upload_loop(replica, self.stop))
+                tg.create_task(replicator.maintenance_loop(replica, self.stop))
 
     async def _start(self, replicator: DatabaseReplicator) -> bool:
         """Start one database; while its file does not exist yet, wait for it."""

@@ -22,22 +22,26 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 from replicad.errors import DatabaseError, WalError
 from replicad.position import WalPosition
+from replicad.spool import PageSpool
 from replicad.wal import (
     FRAME_HEADER_SIZE,
     WAL_HEADER_SIZE,
+    FrameRun,
     StopReason,
     WalHeader,
     WalScan,
     parse_wal_header,
     scan_frames,
+    verify_frames,
 )
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -49,7 +53,10 @@ DEFAULT_BUSY_TIMEOUT_MS = 1000
 #: WAL bytes captured by one sync call; bounds the memory of one step (a larger transaction is
 #: still captured whole, since a transaction cannot be split).
 DEFAULT_MAX_SYNC_BYTES = 64 << 20
-#: Read size when scanning the WAL; grows when a single transaction is larger.
+#: A transaction with more WAL bytes than this is captured into a spool file in the state
+#: directory instead of memory (`replicad.spool`), so its size does not bound the daemon's.
+DEFAULT_SPILL_BYTES = 16 << 20
+#: Read size when scanning the WAL; grows (up to the spill size) when a transaction is larger.
 _READ_CHUNK = 4 << 20
 #: First read of a sync; later reads grow to `_READ_CHUNK`.
 _FIRST_READ = 128 << 10
@@ -59,18 +66,29 @@ _SNAPSHOT_CHUNK_PAGES = 256
 
 @dataclass(frozen=True, slots=True)
 class CapturedTxn:
-    """One committed SQLite transaction, read from the WAL and held until every replica has it."""
+    """One committed SQLite transaction, read from the WAL and held until every replica has it.
+
+    `pages` is a list in memory, or for a transaction above the spill size a `PageSpool` on
+    local disk (freed when the last replica queue drops the transaction).
+    """
 
     txid: int
     commit_time_ns: int
     db_pages: int
-    pages: list[tuple[int, bytes]]
+    pages: list[tuple[int, bytes]] | PageSpool
     end: WalPosition
 
     @property
     def nbytes(self) -> int:
-        """Approximate memory held by this transaction's pages."""
+        """Bytes of this transaction's pages, in memory or spooled."""
+        if isinstance(self.pages, PageSpool):
+            return self.pages.nbytes
         return sum(len(data) for _, data in self.pages)
+
+    @property
+    def spooled(self) -> bool:
+        """True when the pages are on local disk rather than in memory."""
+        return isinstance(self.pages, PageSpool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +145,16 @@ class Database:
         *,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         max_sync_bytes: int = DEFAULT_MAX_SYNC_BYTES,
+        spill_dir: Path | None = None,
+        spill_bytes: int = DEFAULT_SPILL_BYTES,
     ) -> None:
         self.path = path
         self.wal_path = path.with_name(path.name + "-wal")
         self.busy_timeout_ms = busy_timeout_ms
         self.max_sync_bytes = max_sync_bytes
+        #: Where large transactions are spooled: the daemon passes the state directory.
+        self.spill_dir = spill_dir or Path(tempfile.gettempdir())
+        self.spill_bytes = max(spill_bytes, _FIRST_READ)
         self.state = DatabaseState()
         self.page_size = 0
         self._fd: int | None = None
@@ -318,11 +341,52 @@ class Database:
     ) -> tuple[list[CapturedTxn], bool]:
         captured: list[CapturedTxn] = []
         start = self._position().offset
-        for scan in _scan_wal(wal, header, self._position()):
-            captured.extend(self._accept(scan))
+        while True:
+            oversized = False
+            for scan in _scan_wal(wal, header, self._position(), max_read=self.spill_bytes):
+                if isinstance(scan, _Oversized):
+                    oversized = True
+                    break
+                captured.extend(self._accept(scan))
+                if self._position().offset - start >= budget:
+                    return captured, True
+            if not oversized:
+                return captured, False
+            large = self._capture_large(wal, header)
+            if large is None:
+                return captured, False  # still being written (or rolled back): next time
+            captured.append(large)
             if self._position().offset - start >= budget:
                 return captured, True
-        return captured, False
+
+    def _capture_large(self, wal: _WalFile, header: WalHeader) -> CapturedTxn | None:
+        """Capture the one transaction at our position into a spool file, in bounded reads.
+
+        A first pass only verifies that its commit frame is in the log, so a transaction still
+        being written costs reads but no spool writes; the second pass, over frames our read
+        holder now protects, copies the pages.  None when the log ends before the commit.
+        """
+        start = self._position()
+        found = _walk_transaction(wal, header, start, None)
+        if found is None:
+            return None
+        spool = PageSpool(self.spill_dir, self.page_size)
+        overlay: dict[int, int] = {}
+
+        def keep(run: FrameRun, raw: bytes, count: int) -> None:
+            pgnos = run.fields[:count, 0].tolist()
+            spool.put_run(pgnos, memoryview(raw), run.frame_size, FRAME_HEADER_SIZE)
+            overlay.update((p, run.offset + i * run.frame_size) for i, p in enumerate(pgnos))
+
+        try:
+            if _walk_transaction(wal, header, start, keep) != found:
+                raise WalError("the WAL changed while a large transaction was being captured")
+        except BaseException:
+            spool.close()
+            raise
+        end, db_pages = found
+        self.state.overlay.update(overlay)
+        return self._record(db_pages, spool, end, self._commit_time())
 
     def _position(self) -> WalPosition:
         assert self.state.position is not None
@@ -330,21 +394,33 @@ class Database:
 
     def _accept(self, scan: WalScan) -> list[CapturedTxn]:
         """Assign TXIDs, record pages in the overlay and advance the position."""
-        now = max(time.time_ns(), self._last_commit_ns)
-        self._last_commit_ns = now
+        now = self._commit_time()
         out: list[CapturedTxn] = []
         for txn in scan.transactions:
             pages: dict[int, bytes] = {}
             for frame in txn.frames:
                 pages[frame.pgno] = bytes(frame.data)
                 self.state.overlay[frame.pgno] = frame.offset
-            self.state.txid += 1
-            self.state.db_pages = txn.db_pages
-            self.state.position = txn.end
-            out.append(
-                CapturedTxn(self.state.txid, now, txn.db_pages, list(pages.items()), txn.end)
-            )
+            out.append(self._record(txn.db_pages, list(pages.items()), txn.end, now))
         return out
+
+    def _commit_time(self) -> int:
+        """When the commits seen now happened, as observed: never before the previous ones."""
+        self._last_commit_ns = max(time.time_ns(), self._last_commit_ns)
+        return self._last_commit_ns
+
+    def _record(
+        self,
+        db_pages: int,
+        pages: list[tuple[int, bytes]] | PageSpool,
+        end: WalPosition,
+        commit_ns: int,
+    ) -> CapturedTxn:
+        """The next TXID; advances the state past the transaction."""
+        self.state.txid += 1
+        self.state.db_pages = db_pages
+        self.state.position = end
+        return CapturedTxn(self.state.txid, commit_ns, db_pages, pages, end)
 
     def _lose(self, reason: str, wal_size: int = 0) -> SyncResult:
         self.state.position = None
@@ -506,22 +582,82 @@ def _index_generation(
     overlay: dict[int, int] = {}
     end = header.initial_position()
     db_pages = 0
-    for scan in _scan_wal(wal, header, end, limit=stop_offset):
-        for txn in scan.transactions:
-            for frame in txn.frames:
-                overlay[frame.pgno] = frame.offset
-            db_pages = txn.db_pages
-        end = scan.end
-    return overlay, end, db_pages
+
+    def note(run: FrameRun, _raw: bytes, count: int) -> None:
+        pgnos = run.fields[:count, 0].tolist()
+        overlay.update((p, run.offset + i * run.frame_size) for i, p in enumerate(pgnos))
+
+    while True:
+        oversized = False
+        for scan in _scan_wal(wal, header, end, limit=stop_offset, max_read=DEFAULT_SPILL_BYTES):
+            if isinstance(scan, _Oversized):
+                oversized = True
+                break
+            for txn in scan.transactions:
+                for frame in txn.frames:
+                    overlay[frame.pgno] = frame.offset
+                db_pages = txn.db_pages
+            end = scan.end
+        if not oversized:
+            return overlay, end, db_pages
+        found = _walk_transaction(wal, header, end, note, limit=stop_offset)
+        if found is None:
+            return overlay, end, db_pages
+        end, db_pages = found
+
+
+@dataclass(frozen=True, slots=True)
+class _Oversized:
+    """`_scan_wal` stopped: the transaction at its position is larger than one bounded read."""
+
+
+def _walk_transaction(
+    wal: _WalFile,
+    header: WalHeader,
+    start: WalPosition,
+    visit: Callable[[FrameRun, bytes, int], None] | None,
+    *,
+    limit: int | None = None,
+) -> tuple[WalPosition, int] | None:
+    """Verify the one transaction beginning at `start`, reading `_READ_CHUNK` at a time.
+
+    `visit(run, raw, count)` sees each read and how many of its frames belong to the
+    transaction.  Returns the position after the commit frame and the database size it
+    records, or None when the log (or `limit`) ends before a commit.
+    """
+    frame_size = header.frame_size
+    end_of_file = wal.size if limit is None else min(limit, wal.size)
+    chunk = max(1, _READ_CHUNK // frame_size) * frame_size
+    pos = start
+    while pos.offset + frame_size <= end_of_file:
+        whole = (end_of_file - pos.offset) // frame_size * frame_size
+        raw = wal.read(pos.offset, min(chunk, whole))
+        run = verify_frames(header, raw, pos)
+        commit = run.first_commit()
+        count = len(run) if commit is None else commit + 1
+        if count and visit is not None:
+            visit(run, raw, count)
+        if commit is not None:
+            return run.position_after(commit, header), int(run.fields[commit, 1])
+        if not count or count * frame_size < len(raw):
+            return None  # an invalid frame ends the log inside the transaction
+        pos = run.position_after(count - 1, header)
+    return None
 
 
 def _scan_wal(
-    wal: _WalFile, header: WalHeader, start: WalPosition, *, limit: int | None = None
-) -> Iterator[WalScan]:
+    wal: _WalFile,
+    header: WalHeader,
+    start: WalPosition,
+    *,
+    limit: int | None = None,
+    max_read: int | None = None,
+) -> Iterator[WalScan | _Oversized]:
     """Scan committed transactions from `start` to the end of the log, in bounded reads.
 
     A read holds whole frames; when no commit fits in it (a large transaction) the next read
-    is doubled, so one transaction of any size is still captured whole.
+    is doubled.  Past `max_read` bytes it yields `_Oversized` and stops instead: the caller
+    reads that transaction piecewise (`_walk_transaction`) and scans on after it.
     """
     frame_size = header.frame_size
     end_of_file = wal.size if limit is None else min(limit, wal.size)
@@ -541,6 +677,9 @@ def _scan_wal(
         if scan.transactions:
             pos = scan.end
             chunk_frames = max(chunk_frames, default_frames)
+        elif max_read is not None and 2 * chunk_frames * frame_size > max_read:
+            yield _Oversized()
+            return
         else:
             chunk_frames *= 2  # one transaction larger than the read: read more at once
 

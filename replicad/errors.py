@@ -11,6 +11,7 @@
     │   ├── ReplicaAccessError    permanent: credentials, permissions, missing bucket or directory
     │   └── ReplicaUnavailableError  transient: network, 5xx, throttling, timeouts; retry
     ├── RestoreError              a restore cannot produce a correct database
+    ├── StateError                replicad's own local state directory is full or unwritable
     └── ShutdownError             the final flush did not finish before its deadline
 
 The CLI turns any of these into a message, the hint and an exit code; anything else is a bug
@@ -78,6 +79,10 @@ class ReplicaUnavailableError(ReplicaError):
 
 class RestoreError(ReplicadError):
     """A restore cannot produce a correct database (target exists, no data, gap, bad check)."""
+
+
+class StateError(ReplicadError):
+    """replicad's local state directory (spool files, locks) cannot be written: full or denied."""
 
 
 class ShutdownError(ReplicadError):

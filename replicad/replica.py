@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
@@ -25,10 +26,9 @@ from replicad.errors import FormatError, ObjectNotFoundError
 from replicad.format import (
     HEADER_SIZE,
     ObjectHeader,
-    Transaction,
-    TxnInfo,
+    ObjectWriter,
+    SupportsWrite,
     decode_header,
-    encode_object,
 )
 from replicad.lease import Lease, is_lease_key
 from replicad.position import ObjectKind, ObjectName, WalPosition, parse_key, segment_name
@@ -85,6 +85,7 @@ class Replica:
         retention_grace: float = DEFAULT_RETENTION_GRACE,
         compaction_levels: Sequence[float] = DEFAULT_LEVELS,
         compaction_settle_ms: int = DEFAULT_SETTLE_MS,
+        spool_dir: Path | None = None,
         lease: Lease | None = None,
         takeover: bool = False,
         log: structlog.typing.FilteringBoundLogger | None = None,
@@ -97,6 +98,8 @@ class Replica:
         self.retention_grace = retention_grace
         self.compaction_levels = tuple(compaction_levels)
         self.compaction_settle_ms = compaction_settle_ms
+        #: Where segments holding spooled transactions are encoded before upload.
+        self.spool_dir = spool_dir or Path(tempfile.gettempdir())
         #: Fencing (see lease.py); None when the storage cannot enforce create-only writes.
         self.lease = lease
         self.takeover = takeover
@@ -201,7 +204,8 @@ class Replica:
         for txn in txns:
             self.pending.append(txn)
             self.pending_bytes += txn.nbytes
-        if self.pending_bytes > self.max_pending_bytes:
+        # One transaction alone is never "a backlog": a healthy replica ships even a huge one.
+        if self.pending_bytes > self.max_pending_bytes and len(self.pending) > 1:
             self.log.warning(
                 "replica fell too far behind; dropping its backlog for a new snapshot",
                 pending_bytes=self.pending_bytes,
@@ -284,16 +288,37 @@ class Replica:
     async def _upload_segment(self, limit: int) -> None:
         assert self.offset is not None
         batch = self._next_batch(limit)
-        name, data = await asyncio.to_thread(_encode_segment, batch, self.page_size, self.offset)
-        await self._ensure_lease()
-        await self.client.put_object(name.key, data, create_only=self.lease is not None)
-        self.objects[name] = len(data)
-        if self.compaction_levels:
-            self._remember(name, data)
+        if any(t.spooled for t in batch):
+            name, size = await self._upload_from_file(batch, self.offset)
+        else:
+            name, data = await asyncio.to_thread(
+                _encode_segment, batch, self.page_size, self.offset
+            )
+            await self._ensure_lease()
+            await self.client.put_object(name.key, data, create_only=self.lease is not None)
+            size = len(data)
+            if self.compaction_levels:
+                self._remember(name, data)
+        self.objects[name] = size
         for _ in batch:
             self.pending_bytes -= self.pending.popleft().nbytes
         self.shipped_txid = name.last_txid
         self._uploaded()
+
+    async def _upload_from_file(
+        self, batch: list[CapturedTxn], offset: int
+    ) -> tuple[ObjectName, int]:
+        """Encode a batch holding spooled transactions into a local file and upload that, so a
+        huge transaction costs bounded memory (multipart parts), not its size."""
+        name, header = _segment_header(batch, self.page_size, offset)
+        path = self.spool_dir / f"segment-{name.last_txid:016x}-{os.getpid()}.tmp"
+        try:
+            size = await asyncio.to_thread(_encode_segment_file, path, header, batch, offset)
+            await self._ensure_lease()
+            await self.client.put_file(name.key, path, create_only=self.lease is not None)
+        finally:
+            path.unlink(missing_ok=True)
+        return name, size
 
     async def _ensure_lease(self) -> None:
         if self.lease is not None:
@@ -351,7 +376,9 @@ class Replica:
             if any(source not in self.objects for source in job.sources):
                 continue
             try:
-                outputs = await compact(self.client, job, cache=self._recent)
+                outputs = await compact(
+                    self.client, job, cache=self._recent, spool_dir=self.spool_dir
+                )
             except ObjectNotFoundError:
                 continue
             for name, size in outputs:
@@ -397,6 +424,48 @@ def snapshot_page_size(snapshot: SnapshotFile) -> int:
 def _encode_segment(
     batch: list[CapturedTxn], page_size: int, offset: int
 ) -> tuple[ObjectName, bytes]:
+    """A level-0 segment in memory: its name and bytes."""
+    name, header = _segment_header(batch, page_size, offset)
+    chunks: list[bytes] = []
+    _write_segment(_Chunks(chunks), header, batch, offset)
+    return name, b"".join(chunks)
+
+
+def _encode_segment_file(
+    path: Path, header: ObjectHeader, batch: list[CapturedTxn], offset: int
+) -> int:
+    """A level-0 segment written to `path` (created); its size."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with path.open("wb") as sink:
+        return _write_segment(sink, header, batch, offset)
+
+
+def _write_segment(
+    sink: SupportsWrite, header: ObjectHeader, batch: list[CapturedTxn], offset: int
+) -> int:
+    """Stream the batch's transactions into `sink` as one object; its size."""
+    writer = ObjectWriter(sink, header)
+    for t in batch:
+        writer.begin_transaction(t.txid + offset, t.commit_time_ns, t.db_pages, len(t.pages))
+        for pgno, data in t.pages:
+            writer.add_page(pgno, data)
+    return writer.finish()
+
+
+class _Chunks:
+    """A write sink collecting chunks in a list."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+
+    def write(self, data: bytes, /) -> None:
+        self._chunks.append(data)
+
+
+def _segment_header(
+    batch: list[CapturedTxn], page_size: int, offset: int
+) -> tuple[ObjectName, ObjectHeader]:
+    """The name and header of the level-0 segment holding `batch` (replica TXIDs)."""
     first, last = batch[0], batch[-1]
     name = segment_name(
         level=0,
@@ -416,11 +485,7 @@ def _encode_segment(
         db_pages=last.db_pages,
         position=last.end,
     )
-    txns = [
-        Transaction(TxnInfo(t.txid + offset, t.commit_time_ns, t.db_pages, len(t.pages)), t.pages)
-        for t in batch
-    ]
-    return name, encode_object(header, txns)
+    return name, header
 
 
 def spool_path(state_dir: Path, name: ObjectName) -> Path:

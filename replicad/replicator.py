@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -48,6 +50,8 @@ _STUCK_BACKOFF_MAX = 2.0
 _MAX_HELD_FRAMES = 256
 #: How often the read mark moves while a checkpoint waits for it.
 _LEAPFROG_DURING_CHECKPOINT = 0.005
+#: How often the maintenance task looks whether compaction or retention is due.
+_MAINTENANCE_TICK = 5.0
 _SNAPSHOT_ATTEMPTS = 5
 
 
@@ -515,8 +519,16 @@ class DatabaseReplicator:
                 wait = replica.last_upload_monotonic + self.sync_interval - time.monotonic()
                 if wait > 0 and await _sleep_unless(stop, wait):
                     return
-                if await self._upload_once(replica, backoff, stop):
-                    await self._maintain(replica)
+                await self._upload_once(replica, backoff, stop)
+
+    async def maintenance_loop(self, replica: Replica, stop: asyncio.Event) -> None:
+        """Compaction and retention for `replica`, in a task of their own so that a long merge
+        never holds up an upload; work in progress is cancelled when `stop` is set."""
+        while not stop.is_set() and replica.fenced is None:
+            if await _sleep_unless(stop, _MAINTENANCE_TICK):
+                return
+            if replica.loaded and replica.offset is not None:
+                await _unless_stopped(stop, self._maintain(replica))
 
     async def _upload_once(self, replica: Replica, backoff: Backoff, stop: asyncio.Event) -> bool:
         """One upload step; False if it failed (after the backoff) or the replica was taken."""
@@ -609,6 +621,20 @@ async def _wait(event: asyncio.Event, *, seconds: float | None) -> bool:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
     return event.is_set()
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work`, cancelling it if `stop` is set first."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _sleep_unless(stop: asyncio.Event, delay: float) -> bool:

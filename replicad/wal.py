@@ -173,6 +173,53 @@ def scan_frames(header: WalHeader, buf: bytes | memoryview, start: WalPosition) 
     END_OF_DATA or PARTIAL_FRAME and `uncommitted_frames` > 0 or the buffer was full), one
     transaction is larger than the chunk and the caller must read a larger one.
     """
+    run = verify_frames(header, buf, start)
+    fields, reason = run.fields, run.stop_reason
+    commits = np.flatnonzero(fields[:, 1]).tolist()
+    if not commits:
+        return WalScan([], start, len(fields), reason)
+    transactions = _transactions(_byte_view(buf), header, start, fields, commits)
+    return WalScan(transactions, transactions[-1].end, len(fields) - commits[-1] - 1, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class FrameRun:
+    """The valid frames at the start of a buffer, committed or not (see `verify_frames`)."""
+
+    #: (n, 6) uint32 header words of each valid frame: page number, database size after a
+    #: commit (0 otherwise), salt-1, salt-2, checksum-1, checksum-2.
+    fields: U32Array
+    #: Offset in the file of the first frame.
+    offset: int
+    frame_size: int
+    stop_reason: StopReason
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def position_after(self, index: int, header: WalHeader) -> WalPosition:
+        """The position (offset and running checksum) right after frame `index`."""
+        _, _, _, _, checksum1, checksum2 = self.fields[index].tolist()
+        return WalPosition(
+            salt1=header.salt1,
+            salt2=header.salt2,
+            offset=self.offset + (index + 1) * self.frame_size,
+            checksum1=checksum1,
+            checksum2=checksum2,
+        )
+
+    def first_commit(self) -> int | None:
+        """Index of the first commit frame, or None."""
+        commits = np.flatnonzero(self.fields[:, 1])
+        return int(commits[0]) if commits.size else None
+
+
+def verify_frames(header: WalHeader, buf: bytes | memoryview, start: WalPosition) -> FrameRun:
+    """Verify the frames in `buf` (from `start`, as for `scan_frames`) without grouping them.
+
+    Unlike `scan_frames` this reports every valid frame, committed or not, so a caller can read a
+    transaction too large for one buffer in pieces: continue from `position_after(len - 1)`.
+    """
     _check_start(header, start)
     raw = _byte_view(buf)
     whole_frames = len(raw) // header.frame_size
@@ -180,11 +227,7 @@ def scan_frames(header: WalHeader, buf: bytes | memoryview, start: WalPosition) 
     if reason is None:
         partial = len(raw) > whole_frames * header.frame_size
         reason = StopReason.PARTIAL_FRAME if partial else StopReason.END_OF_DATA
-    commits = np.flatnonzero(fields[:, 1]).tolist()
-    if not commits:
-        return WalScan([], start, len(fields), reason)
-    transactions = _transactions(raw, header, start, fields, commits)
-    return WalScan(transactions, transactions[-1].end, len(fields) - commits[-1] - 1, reason)
+    return FrameRun(fields, start.offset, header.frame_size, reason)
 
 
 def frame_checksums(

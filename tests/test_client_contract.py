@@ -208,6 +208,29 @@ async def test_create_only_refuses_existing_key(make_replica_client: ClientFacto
     assert second.stats.errors == {"exists": 1}
 
 
+@pytest.mark.parametrize("size", [1000, 6 * MIB + 1], ids=["single-put", "multipart"])
+async def test_create_only_put_file_refuses_existing_key(
+    make_replica_client: ClientFactory, tmp_path: Path, size: int
+) -> None:
+    first = await make_replica_client(part_size=MIN_PART_SIZE)
+    if not first.supports_create_only:
+        pytest.skip("rclone serve s3 does not enforce If-None-Match, so create_only cannot fence")
+    second = await make_replica_client(part_size=MIN_PART_SIZE)
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    expected = write_random_file(mine, size)
+    write_random_file(theirs, size)
+
+    await first.put_file("segments/big", mine, create_only=True)
+    await first.put_file("segments/big", mine, create_only=True)  # our own bytes: a retry
+    with pytest.raises(ObjectExistsError, match="segments/big"):
+        await second.put_file("segments/big", theirs, create_only=True)
+
+    digest = hashlib.sha256()
+    async for chunk in first.iter_object("segments/big"):
+        digest.update(chunk)
+    assert digest.hexdigest() == expected
+
+
 async def test_stats_count_requests_and_bytes(replica_client: ReplicaClient) -> None:
     await replica_client.put_object("s", b"12345")
     await replica_client.get_object("s")

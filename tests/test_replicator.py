@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from replicad.clients.file import FileReplicaClient
-from replicad.db import Database
+from replicad.db import DEFAULT_SPILL_BYTES, Database
 from replicad.errors import DatabaseError
 from replicad.replica import Replica
 from replicad.replicator import DatabaseReplicator
@@ -26,6 +26,8 @@ class Harness:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
+        #: Transactions above this are captured into a spool file (see replicad.spool).
+        self.spill_bytes = DEFAULT_SPILL_BYTES
         self.db_path = tmp / "app.db"
         self.replica_dir = tmp / "replica"
         self.rep: DatabaseReplicator | None = None
@@ -41,7 +43,7 @@ class Harness:
     async def start(self) -> DatabaseReplicator:
         replica = Replica("r", FileReplicaClient(self.replica_dir))
         self.rep = DatabaseReplicator(
-            Database(self.db_path),
+            Database(self.db_path, spill_dir=self.tmp / "state", spill_bytes=self.spill_bytes),
             [replica],
             name="app",
             state_dir=self.tmp / "state",
@@ -218,6 +220,72 @@ async def test_uncommitted_spilled_frames_are_never_shipped(h: Harness) -> None:
     app.execute("ROLLBACK")
     insert(app, 2)
     await h.step()
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+async def test_large_transaction_is_spooled_not_held(h: Harness) -> None:
+    h.spill_bytes = 256 << 10
+    app = h.app()
+    insert(app, 3)
+    rep = await h.start()
+    app.execute("BEGIN")
+    insert(app, 300, size=5000)  # ~2.4 MB: ten times the spill size
+    app.execute("UPDATE t SET v = 'again' WHERE id <= 50")  # pages written twice: newest wins
+    app.execute("COMMIT")
+    insert(app, 2)  # small transactions after it are still captured in memory
+    result = await rep.sync_step()
+    assert result is not None
+    assert [t.spooled for t in result.transactions] == [True, False, False]
+    assert os.listdir(h.tmp / "state") == []  # the spool file has no name
+    for replica in rep.replicas:
+        await replica.upload()
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+    # A snapshot now takes those pages from the WAL, where the spooled capture indexed them.
+    await rep.snapshot_step(everyone=True)
+    for replica in rep.replicas:
+        await replica.upload()
+    assert h.snapshots() == 2
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+async def test_large_transaction_rolled_back_and_rewritten(h: Harness) -> None:
+    """A spilled transaction that is rolled back leaves frames a new one overwrites."""
+    h.spill_bytes = 128 << 10
+    app = h.app()
+    insert(app, 3)
+    rep = await h.start()
+    app.execute("PRAGMA cache_size=5")  # the open transaction spills its pages into the WAL
+    app.execute("BEGIN")
+    insert(app, 400, size=4000)
+    result = await rep.sync_step()
+    assert result is not None
+    assert result.transactions == []
+    app.execute("ROLLBACK")
+    app.execute("BEGIN")
+    insert(app, 300, size=3000)
+    app.execute("COMMIT")
+    result = await rep.sync_step()
+    assert result is not None
+    assert [t.spooled for t in result.transactions] == [True]
+    for replica in rep.replicas:
+        await replica.upload()
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+async def test_resume_over_a_large_transaction_takes_no_snapshot(h: Harness) -> None:
+    h.spill_bytes = 128 << 10
+    app = h.app()
+    insert(app, 3)
+    await h.start()
+    app.execute("BEGIN")
+    insert(app, 200, size=4000)
+    app.execute("COMMIT")
+    await h.step()
+    h.stop()
+    insert(app, 2)
+    await h.start()
+    await h.step()
+    assert h.snapshots() == 1
     assert workload.dump(await h.restored()) == workload.dump(h.db_path)
 
 

@@ -98,8 +98,11 @@ class ReplicaClient(Protocol):
         """
         ...
 
-    async def put_file(self, key: str, path: Path) -> None:
-        """Store the contents of a local file under `key`, streaming in bounded memory."""
+    async def put_file(self, key: str, path: Path, *, create_only: bool = False) -> None:
+        """Store the contents of a local file under `key`, streaming in bounded memory.
+
+        `create_only` as for `put_object`.
+        """
         ...
 
     async def get_object(self, key: str) -> bytes:

@@ -114,8 +114,9 @@ class FileReplicaClient:
         self._stats.count("PUT", uploaded=len(data))
         await self._run(f"PUT {key!r}", self._write_atomic, path, key, data, create_only)
 
-    async def put_file(self, key: str, path: Path) -> None:
-        """Copy a local file in atomically, `CHUNK_SIZE` bytes at a time.
+    async def put_file(self, key: str, path: Path, *, create_only: bool = False) -> None:
+        """Copy a local file in atomically, `CHUNK_SIZE` bytes at a time (`create_only` as for
+        `put_object`).
 
         Raises `OSError` untranslated if `path` itself cannot be opened: that is a local
         problem, not the replica's.
@@ -125,7 +126,9 @@ class FileReplicaClient:
         source = await asyncio.to_thread(path.open, "rb")
         try:
             self._stats.count("PUT")
-            size = await self._run(f"PUT {key!r}", self._write_atomic, target, key, source, False)
+            size = await self._run(
+                f"PUT {key!r}", self._write_atomic, target, key, source, create_only
+            )
         finally:
             await asyncio.to_thread(source.close)
         self._stats.bytes_uploaded += size
@@ -298,14 +301,33 @@ def _copy(source: IO[bytes], out: IO[bytes]) -> int:
 
 
 def _link_no_replace(temp: Path, path: Path, key: str, url: str) -> None:
-    """Give `temp` the name `path` unless something already has it."""
+    """Give `temp` the name `path` unless something already has it.
+
+    A key already holding exactly these bytes is success, as on S3: it is our own earlier
+    try (a retry after a cancelled or interrupted step), not another writer.
+    """
     try:
         os.link(temp, path)
     except FileExistsError as exc:
+        if _same_content(temp, path):
+            return
         raise ObjectExistsError(
             f"object {key!r} already exists in {url}",
             hint="another writer is using this replica",
         ) from exc
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        with a.open("rb") as fa, b.open("rb") as fb:
+            while chunk := fa.read(CHUNK_SIZE):
+                if chunk != fb.read(len(chunk)):
+                    return False
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

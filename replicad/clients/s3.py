@@ -315,18 +315,21 @@ class S3ReplicaClient:
         await self._put(self._root + key, data, create_only=create_only)
 
     @_counting_errors
-    async def put_file(self, key: str, path: Path) -> None:
+    async def put_file(self, key: str, path: Path, *, create_only: bool = False) -> None:
         """Upload a local file: one PUT up to `part_size`, else a parallel multipart upload.
 
-        Raises `OSError` untranslated if `path` cannot be read: a local problem.
+        With `create_only` (and `conditional_writes`) the PUT, or the multipart completion,
+        carries `If-None-Match: *`.  Raises `OSError` untranslated if `path` cannot be read: a
+        local problem.
         """
         size = (await asyncio.to_thread(path.stat)).st_size
+        full_key = self._root + key
         if size <= self._part_size:
-            await self._put(self._root + key, await asyncio.to_thread(path.read_bytes))
+            data = await asyncio.to_thread(path.read_bytes)
+            await self._put(full_key, data, create_only=create_only)
         else:
-            await self._put_multipart(
-                self._root + key, path, max(self._part_size, -(-size // MAX_PARTS))
-            )
+            part_size = max(self._part_size, -(-size // MAX_PARTS))
+            await self._put_multipart(full_key, path, part_size, create_only=create_only)
 
     async def get_object(self, key: str) -> bytes:
         """The whole object; `ObjectNotFoundError` if it does not exist."""
@@ -411,14 +414,17 @@ class S3ReplicaClient:
 
     # -- multipart -----------------------------------------------------------------------------
 
-    async def _put_multipart(self, full_key: str, path: Path, part_size: int) -> None:
+    async def _put_multipart(
+        self, full_key: str, path: Path, part_size: int, *, create_only: bool = False
+    ) -> None:
         """Create, upload parts, complete; abort on any failure (cancellation included)."""
         what = f"multipart upload of {full_key!r}"
         upload = await self._call(what, "create_multipart_upload", **self._put_params(full_key))
         target = {"Bucket": self._bucket, "Key": full_key, "UploadId": upload["UploadId"]}
         try:
             parts, whole_md5 = await self._upload_parts(what, target, path, part_size)
-            await self._complete(what, target, parts, {_multipart_etag(parts), whole_md5})
+            etags = {_multipart_etag(parts), whole_md5}
+            await self._complete(what, target, parts, etags, create_only=create_only)
         except BaseException:
             await self._abort_upload(what, target)
             raise
@@ -471,19 +477,30 @@ class S3ReplicaClient:
         return str(response["ETag"])
 
     async def _complete(
-        self, what: str, target: dict[str, Any], parts: list[dict[str, Any]], etags: set[str]
+        self,
+        what: str,
+        target: dict[str, Any],
+        parts: list[dict[str, Any]],
+        etags: set[str],
+        *,
+        create_only: bool = False,
     ) -> None:
-        """CompleteMultipartUpload.
+        """CompleteMultipartUpload (`If-None-Match: *` with `create_only`).
 
         `NoSuchUpload` after a lost response and a retry means the first try may have worked:
-        then the object's ETag is one of `etags` (multipart-style or whole-file MD5).
+        then the object's ETag is one of `etags` (multipart-style or whole-file MD5).  So does
+        a create-only conflict over an object holding our bytes.
         """
+        params = dict(target, MultipartUpload={"Parts": parts})
+        if create_only and self._conditional_writes:
+            params["IfNoneMatch"] = "*"
         try:
-            await self._call(
-                what, "complete_multipart_upload", **target, MultipartUpload={"Parts": parts}
-            )
+            await self._call(what, "complete_multipart_upload", **params)
         except ReplicaUnavailableError as error:
             if _s3_code(error) != "NoSuchUpload" or not await self._holds(target["Key"], etags):
+                raise
+        except ObjectExistsError:
+            if not await self._holds(target["Key"], etags):
                 raise
 
     async def _abort_upload(self, what: str, target: dict[str, Any]) -> None:
