@@ -204,8 +204,9 @@ class Replica:
         for txn in txns:
             self.pending.append(txn)
             self.pending_bytes += txn.nbytes
-        # One transaction alone is never "a backlog": a healthy replica ships even a huge one.
-        if self.pending_bytes > self.max_pending_bytes and len(self.pending) > 1:
+        # The oldest transaction is the one being shipped, not "a backlog": a healthy replica
+        # ships even a huge one while the commits after it queue up.
+        if self.pending_bytes - self.pending[0].nbytes > self.max_pending_bytes:
             self.log.warning(
                 "replica fell too far behind; dropping its backlog for a new snapshot",
                 pending_bytes=self.pending_bytes,
@@ -300,9 +301,12 @@ class Replica:
             if self.compaction_levels:
                 self._remember(name, data)
         self.objects[name] = size
+        self.shipped_txid = name.last_txid
+        if self.offset is None:
+            self._uploaded()  # the queue was dropped meanwhile; a snapshot follows
+            return
         for _ in batch:
             self.pending_bytes -= self.pending.popleft().nbytes
-        self.shipped_txid = name.last_txid
         self._uploaded()
 
     async def _upload_from_file(

@@ -435,7 +435,15 @@ class DatabaseReplicator:
         )
 
     async def _waiting_checkpoint(self, mode: str) -> CheckpointResult:
-        """RESTART/TRUNCATE wait for every reader; keep moving ours until the wait is over."""
+        """RESTART/TRUNCATE wait for every reader; keep moving ours until the wait is over.
+
+        They hold the application's writers off while they copy, so the bulk is copied
+        lock-free first: after a huge transaction that copy takes seconds, far beyond an
+        application's busy timeout.  Only when little is left does the waiting mode run.
+        """
+        bulk = await asyncio.to_thread(self.checkpointer.run, "PASSIVE")
+        if bulk.busy or bulk.log_frames - bulk.checkpointed_frames > _MAX_HELD_FRAMES:
+            return bulk
         job = asyncio.get_running_loop().run_in_executor(None, self.checkpointer.run, mode)
         try:
             while not job.done():
@@ -445,7 +453,13 @@ class DatabaseReplicator:
             await asyncio.wait([job])
         result = job.result()
         await self._leapfrog()
-        return result
+        return CheckpointResult(
+            result.mode,
+            result.busy,
+            result.log_frames,
+            result.checkpointed_frames,
+            bulk.seconds + result.seconds,
+        )
 
     async def _leapfrog(self) -> None:
         """One sync, for its read-mark move; a lost continuity is handled by the next sync_step."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sqlite3
 import subprocess
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from replicad.clients.file import FileReplicaClient
-from replicad.db import DEFAULT_SPILL_BYTES, Database
-from replicad.errors import DatabaseError
+from replicad.db import DEFAULT_SPILL_BYTES, CapturedTxn, Database
+from replicad.errors import DatabaseError, StateError
+from replicad.position import WalPosition
 from replicad.replica import Replica
 from replicad.replicator import DatabaseReplicator
 from replicad.restore import restore
@@ -272,6 +274,29 @@ async def test_large_transaction_rolled_back_and_rewritten(h: Harness) -> None:
     assert workload.dump(await h.restored()) == workload.dump(h.db_path)
 
 
+async def test_full_state_directory_fails_the_sync_and_loses_nothing(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h.spill_bytes = 128 << 10
+    app = h.app()
+    insert(app, 3)
+    rep = await h.start()
+    app.execute("BEGIN")
+    insert(app, 200, size=4000)
+    app.execute("COMMIT")
+    real_pwrite = os.pwrite
+
+    def no_space(fd: int, data: object, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", no_space)
+    with pytest.raises(StateError, match="no space left in the state directory"):
+        await rep.sync_step()
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    await h.step()  # space again: the transaction is still in the WAL and is captured now
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
 async def test_resume_over_a_large_transaction_takes_no_snapshot(h: Harness) -> None:
     h.spill_bytes = 128 << 10
     app = h.app()
@@ -338,3 +363,43 @@ async def test_failing_replica_never_blocks_another(h: Harness) -> None:
     assert problems == ["app -> bad: 30 transactions not uploaded"]
     rep.close()
     assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+class _GatedClient(FileReplicaClient):
+    """A local-directory replica whose PUTs wait until `gate` is set."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def put_object(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        self.started.set()
+        await self.gate.wait()
+        await super().put_object(key, data, create_only=create_only)
+
+
+def _txn(txid: int, pages: int) -> CapturedTxn:
+    end = WalPosition(1, 2, 32 + txid * 4120, txid, txid)
+    return CapturedTxn(
+        txid, txid * 1000, pages, [(p, bytes(4096)) for p in range(1, pages + 1)], end
+    )
+
+
+async def test_backlog_dropped_during_an_upload_is_not_popped_twice(tmp_path: Path) -> None:
+    client = _GatedClient(tmp_path / "replica")
+    replica = Replica("r", client, max_pending_bytes=64 << 10)
+    await replica.load_tip()
+    replica.align(0, 4096)
+    replica.enqueue([_txn(1, 40)])  # one transaction above the bound is not a backlog
+    assert replica.needs_snapshot is None
+    upload = asyncio.create_task(replica.upload())
+    await client.started.wait()
+    replica.enqueue([_txn(2, 10), _txn(3, 10)])  # behind it: 80 KiB, over the 64 KiB bound
+    assert replica.needs_snapshot == "backlog exceeded max_pending_bytes"
+    client.gate.set()
+    assert await upload == 1
+    assert replica.shipped_txid == 1
+    assert not replica.pending
+    assert replica.pending_bytes == 0
+    assert replica.snapshot_txid(3) == 2  # the snapshot continues right after what shipped
