@@ -75,8 +75,10 @@ from replicad.spool import PageSpool
 DEFAULT_LEVELS: tuple[float, ...] = (30.0, 300.0, 3600.0)
 #: How long after a bucket ends its segments may still be arriving (an upload batch, retries).
 DEFAULT_SETTLE_MS = 5000
-#: Page bytes one merge may hold; a larger job is cut into several objects rather than exceed it.
-DEFAULT_MAX_MERGE_BYTES = 64 << 20
+#: Page bytes one merged object may hold; a larger job is cut into several objects.
+#: Merges live on disk (`replicad.spool`), so this bounds object size and the state directory,
+#: not memory; larger outputs drop more superseded page versions for a restore to download.
+DEFAULT_MAX_MERGE_BYTES = 256 << 20
 
 _MAX_LEVEL = 99  # the format's limit (one byte, 0..99)
 #: Bytes of a cached source handed to the decoder at a time (it buffers what it is fed).
