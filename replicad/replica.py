@@ -123,6 +123,10 @@ class Replica:
         self.snapshot: SnapshotFile | None = None
         self.pending: deque[CapturedTxn] = deque()
         self.pending_bytes = 0
+        #: Last TXID of a segment whose upload failed.  The retry sends exactly that segment:
+        #: the failed PUT may have landed, and a second segment starting at the same TXID but
+        #: ending elsewhere would leave restores inside it a dead end (found by the crash soak).
+        self._retry_upto: int | None = None
         self.page_size = 0
         self.last_upload_monotonic = 0.0
         self.last_upload_time = 0.0
@@ -222,6 +226,7 @@ class Replica:
             self.snapshot = None
         self.pending.clear()
         self.pending_bytes = 0
+        self._retry_upto = None
         self.offset = None
         self.needs_snapshot = reason
 
@@ -289,6 +294,7 @@ class Replica:
     async def _upload_segment(self, limit: int) -> None:
         assert self.offset is not None
         batch = self._next_batch(limit)
+        self._retry_upto = batch[-1].txid
         if any(t.spooled for t in batch):
             name, size = await self._upload_from_file(batch, self.offset)
         else:
@@ -302,6 +308,7 @@ class Replica:
                 self._remember(name, data)
         self.objects[name] = size
         self.shipped_txid = name.last_txid
+        self._retry_upto = None
         if self.offset is None:
             self._uploaded()  # the queue was dropped meanwhile; a snapshot follows
             return
@@ -403,6 +410,8 @@ class Replica:
             self._recent_bytes -= len(old)
 
     def _next_batch(self, limit: int) -> list[CapturedTxn]:
+        if self._retry_upto is not None:
+            limit = min(limit, self._retry_upto)  # the same segment as the failed try
         batch: list[CapturedTxn] = []
         size = 0
         for txn in self.pending:

@@ -14,8 +14,8 @@ import pytest
 
 from replicad.clients.file import FileReplicaClient
 from replicad.db import DEFAULT_SPILL_BYTES, CapturedTxn, Database
-from replicad.errors import DatabaseError, StateError
-from replicad.position import WalPosition
+from replicad.errors import DatabaseError, ReplicaUnavailableError, StateError
+from replicad.position import WalPosition, parse_key
 from replicad.replica import Replica
 from replicad.replicator import DatabaseReplicator
 from replicad.restore import restore
@@ -403,3 +403,33 @@ async def test_backlog_dropped_during_an_upload_is_not_popped_twice(tmp_path: Pa
     assert not replica.pending
     assert replica.pending_bytes == 0
     assert replica.snapshot_txid(3) == 2  # the snapshot continues right after what shipped
+
+
+class _LostResponseClient(FileReplicaClient):
+    """The first PUT lands but its caller sees a failure, as when a response is lost."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.lose_next = True
+
+    async def put_object(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        await super().put_object(key, data, create_only=create_only)
+        if self.lose_next:
+            self.lose_next = False
+            raise ReplicaUnavailableError("connection dropped before the response")
+
+
+async def test_failed_upload_is_retried_as_the_same_segment(tmp_path: Path) -> None:
+    """A retry that re-batched would write a second segment starting at the same TXID; restores
+    stopping inside the longer one found a dead end at the shorter one (crash soak, 897481133)."""
+    client = _LostResponseClient(tmp_path / "replica")
+    replica = Replica("r", client)
+    await replica.load_tip()
+    replica.align(0, 4096)
+    replica.enqueue([_txn(1, 2), _txn(2, 2)])
+    with pytest.raises(ReplicaUnavailableError):
+        await replica.upload()
+    replica.enqueue([_txn(3, 2), _txn(4, 2)])  # commits keep coming while it retries
+    assert await replica.upload() == 2
+    keys = [info.key for info in await client.list_objects("segments/")]
+    assert [(n.first_txid, n.last_txid) for n in map(parse_key, keys) if n] == [(1, 2), (3, 4)]
