@@ -17,6 +17,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = ROOT / "tests" / "workload.py"
 
+# Scripts for other SQLite users of the application's database, run with `python -c SCRIPT`.
+
+#: A checkpointing process: PRAGMA wal_checkpoint(MODE) every INTERVAL seconds (once if 0),
+#: with busy_timeout BUSY_MS; one JSON line per checkpoint to OUT; stops after the current one
+#: on SIGTERM.  Arguments: DB MODE INTERVAL BUSY_MS OUT.
+CHECKPOINTER = """
+import json, signal, sqlite3, sys, time
+db, mode, interval, busy_ms, out = sys.argv[1:6]
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+conn = sqlite3.connect(db, isolation_level=None, timeout=int(busy_ms) / 1000)
+conn.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
+with open(out, "a", buffering=1) as log:
+    while not stopping:
+        started_ns = time.time_ns()
+        started = time.monotonic()
+        busy, frames, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        seconds = time.monotonic() - started
+        log.write(json.dumps({"mode": mode, "busy": busy, "frames": frames, "copied": copied,
+                              "seconds": seconds, "start_ns": started_ns}) + "\\n")
+        if float(interval) <= 0:
+            break
+        time.sleep(float(interval))
+conn.close()
+"""
+
+#: A reader process: holds one read transaction for SECONDS (prints "reading" once it holds
+#: it), then ends it and exits.  Arguments: DB SECONDS.
+LONG_READER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN")
+conn.execute("SELECT count(*) FROM items").fetchone()
+print("reading", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+conn.close()
+"""
+
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """A minimal environment for child processes, plus `extra`."""
@@ -48,13 +87,18 @@ def start_writer(
     count: int,
     rate: float,
     autocheckpoint: int | None = None,
+    stderr: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """The deterministic writer (tests/workload.py) in its own process."""
+    """The deterministic writer (tests/workload.py) in its own process (its errors appended to
+    `stderr` if given)."""
     cmd = [sys.executable, str(WORKLOAD), str(db), "--seed", str(seed), "--count", str(count)]
     cmd += ["--rate", str(rate), "--log", str(log)]
     if autocheckpoint is not None:
         cmd += ["--autocheckpoint", str(autocheckpoint)]
-    return subprocess.Popen(cmd, env=clean_env(), cwd=ROOT)
+    if stderr is None:
+        return subprocess.Popen(cmd, env=clean_env(), cwd=ROOT)
+    with stderr.open("ab") as err:
+        return subprocess.Popen(cmd, env=clean_env(), cwd=ROOT, stderr=err)
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 60) -> int:

@@ -80,6 +80,19 @@ def minimal_env(home: Path) -> dict[str, str]:
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TMPDIR": str(home)}
 
 
+def child_env(server: S3Server, tmp: Path) -> dict[str, str]:
+    """Extra environment for a replicad child process using `server` (pass to `procs.clean_env`
+    or the `procs` helpers): credentials through the standard variables, no AWS config files,
+    no instance-metadata lookups; nothing else from this machine's AWS setup."""
+    return {
+        "AWS_ACCESS_KEY_ID": server.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": server.secret_access_key,
+        "AWS_CONFIG_FILE": str(tmp / "absent-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "absent-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
 def venv_binary(name: str) -> str:
     """A console script installed next to this interpreter (the virtualenv's bin)."""
     candidate = Path(sys.executable).parent / name

@@ -13,18 +13,7 @@ import pytest
 from tests import workload
 from tests.faultproxy import FaultProxy
 from tests.procs import replicad, start_daemon, start_writer, stop
-from tests.s3servers import S3Server, create_bucket, raw_client, unique_bucket
-
-
-def _env(server: S3Server, tmp: Path) -> dict[str, str]:
-    """Credentials through the standard variables; nothing else from this machine's AWS setup."""
-    return {
-        "AWS_ACCESS_KEY_ID": server.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": server.secret_access_key,
-        "AWS_CONFIG_FILE": str(tmp / "absent-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp / "absent-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
+from tests.s3servers import S3Server, child_env, create_bucket, raw_client, unique_bucket
 
 
 def _url(bucket: str, endpoint: str) -> str:
@@ -75,7 +64,7 @@ async def test_replicate_and_restore_through_s3(
     server: S3Server = request.getfixturevalue(f"{backend}_server")
     bucket = unique_bucket()
     await create_bucket(server, bucket)
-    db, env = tmp_path / "app.db", _env(server, tmp_path)
+    db, env = tmp_path / "app.db", child_env(server, tmp_path)
     _make_db(db)
     url = _url(bucket, server.endpoint_url)
     daemon = start_daemon([str(db), url], tmp_path / "d.log", env=env)
@@ -95,7 +84,7 @@ async def test_replication_survives_faults_and_an_outage(
     """5xx, dropped connections, latency and a 2.5 s outage: nothing committed is lost."""
     bucket = unique_bucket()
     await create_bucket(rclone_server, bucket)
-    db, env = tmp_path / "app.db", _env(rclone_server, tmp_path)
+    db, env = tmp_path / "app.db", child_env(rclone_server, tmp_path)
     _make_db(db)
     async with FaultProxy(
         rclone_server.endpoint_url,
@@ -135,7 +124,7 @@ async def test_replication_survives_faults_and_an_outage(
 async def test_two_replicas_file_and_s3(moto_server: S3Server, tmp_path: Path) -> None:
     bucket = unique_bucket()
     await create_bucket(moto_server, bucket)
-    db, env = tmp_path / "app.db", _env(moto_server, tmp_path)
+    db, env = tmp_path / "app.db", child_env(moto_server, tmp_path)
     _make_db(db)
     url = _url(bucket, moto_server.endpoint_url)
     config = tmp_path / "c.toml"

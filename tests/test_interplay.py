@@ -34,7 +34,17 @@ import pytest
 
 from replicad.position import ObjectKind, parse_key
 from tests import workload
-from tests.procs import ROOT, clean_env, replicad, start_daemon, start_writer, stop, wait_for
+from tests.procs import (
+    CHECKPOINTER,
+    LONG_READER,
+    ROOT,
+    clean_env,
+    replicad,
+    start_daemon,
+    start_writer,
+    stop,
+    wait_for,
+)
 
 RATE = 300.0
 #: An external checkpoint taking longer than this was starved.  The daemon leapfrogs on every
@@ -46,41 +56,6 @@ CONTINUITY_LOST = "continuity lost; taking a new snapshot"
 NOT_RUNNING = "while replicad was not running"
 #: How long the randomized soak runs (`pytest -m slow`); INTERPLAY_SEED=N replays one run.
 SOAK_SECONDS = float(os.environ.get("INTERPLAY_SOAK_SECONDS", "150"))
-
-# A checkpointing process: PRAGMA wal_checkpoint(MODE) every INTERVAL seconds (once if 0), with
-# busy_timeout BUSY_MS; one JSON line per checkpoint; stops after the current one on SIGTERM.
-_CHECKPOINTER = """
-import json, signal, sqlite3, sys, time
-db, mode, interval, busy_ms, out = sys.argv[1:6]
-stopping = []
-signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-conn = sqlite3.connect(db, isolation_level=None, timeout=int(busy_ms) / 1000)
-conn.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
-with open(out, "a", buffering=1) as log:
-    while not stopping:
-        started_ns = time.time_ns()
-        started = time.monotonic()
-        busy, frames, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
-        seconds = time.monotonic() - started
-        log.write(json.dumps({"mode": mode, "busy": busy, "frames": frames, "copied": copied,
-                              "seconds": seconds, "start_ns": started_ns}) + "\\n")
-        if float(interval) <= 0:
-            break
-        time.sleep(float(interval))
-conn.close()
-"""
-
-# A reader process: holds one read transaction for SECONDS, then ends it and exits.
-_LONG_READER = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-conn.execute("BEGIN")
-conn.execute("SELECT count(*) FROM items").fetchone()
-print("reading", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("COMMIT")
-conn.close()
-"""
 
 
 @dataclass
@@ -163,7 +138,7 @@ class Run:
         """Another process running PRAGMA wal_checkpoint(MODE) (the application, a cron job)."""
         args = [self.db, mode, interval, busy_ms, self.tmp / f"{log}.jsonl"]
         proc = subprocess.Popen(
-            [sys.executable, "-c", _CHECKPOINTER, *map(str, args)], env=clean_env(), cwd=ROOT
+            [sys.executable, "-c", CHECKPOINTER, *map(str, args)], env=clean_env(), cwd=ROOT
         )
         self.procs.append(proc)
         return proc
@@ -177,7 +152,7 @@ class Run:
     def long_reader(self, seconds: float) -> tuple[subprocess.Popen[str], int]:
         """A process holding one read transaction for `seconds`; returns it and its start."""
         proc = subprocess.Popen(
-            [sys.executable, "-c", _LONG_READER, str(self.db), str(seconds)],
+            [sys.executable, "-c", LONG_READER, str(self.db), str(seconds)],
             stdout=subprocess.PIPE,
             text=True,
             env=clean_env(),
@@ -292,24 +267,6 @@ def _log_time(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
-def replays(seed: int, ks: set[int], path: Path) -> dict[int, dict[str, Any]]:
-    """`workload.replay(seed, k)` for every k in `ks`, built in one pass over 1..max(ks)."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA synchronous = OFF")
-    out: dict[int, dict[str, Any]] = {}
-    try:
-        workload.setup(conn)
-        if 0 in ks:
-            out[0] = workload.dump(path)
-        for k in range(1, max(ks, default=0) + 1):
-            workload.apply_txn(conn, seed, k, vacuum=False)
-            if k in ks:
-                out[k] = workload.dump(path)
-    finally:
-        conn.close()
-    return out
-
-
 def pick_txids(replica: Path, rng: random.Random, n_random: int) -> list[int]:
     """Every snapshot, both ends of a middle segment, the last TXID and some random ones."""
     ranges = segment_ranges(replica)
@@ -328,7 +285,7 @@ def check_restores_match_replay(run: Run, seed: int, txids: list[int]) -> None:
     ks = {txid: workload.seq_of(path) for txid, path in restored.items()}
     in_txid_order = [ks[t] for t in txids]
     assert in_txid_order == sorted(in_txid_order), ks
-    expected = replays(seed, set(ks.values()), run.tmp / "replay.db")
+    expected = workload.replays(seed, set(ks.values()), run.tmp / "replay.db")
     for txid, path in restored.items():
         assert workload.dump(path) == expected[ks[txid]], f"TXID {txid} (k = {ks[txid]})"
 

@@ -10,10 +10,12 @@ restored database.  The writer logs each commit as "k time_ns" after COMMIT retu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import random
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,25 @@ def dump(path: Path) -> dict[str, Any]:
         conn.close()
 
 
+def digest(path: Path) -> str:
+    """SHA-256 of the logical content `dump` reads, computed row by row (bounded memory)."""
+    sha = hashlib.sha256()
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        schema = sorted(
+            conn.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+        )
+        sha.update(repr(schema).encode())
+        for kind, name, _ in schema:
+            if kind == "table":
+                sha.update(repr(name).encode())
+                for row in conn.execute(f'SELECT * FROM "{name}" ORDER BY rowid'):
+                    sha.update(repr(row).encode())
+        return sha.hexdigest()
+    finally:
+        conn.close()
+
+
 def seq_of(path: Path) -> int:
     """The last transaction number recorded in a database."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -113,6 +134,27 @@ def replay(seed: int, k: int, path: Path) -> dict[str, Any]:
     finally:
         conn.close()
     return dump(path)
+
+
+def replays(
+    seed: int, ks: set[int], path: Path, view: Callable[[Path], Any] = dump
+) -> dict[int, Any]:
+    """`view` (`dump`, or `digest` for large states) of the state after transactions 1..k, for
+    every k in `ks`, built in one pass over 1..max(ks) in a fresh database at `path`."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA synchronous = OFF")
+    out: dict[int, Any] = {}
+    try:
+        setup(conn)
+        if 0 in ks:
+            out[0] = view(path)
+        for k in range(1, max(ks, default=0) + 1):
+            apply_txn(conn, seed, k, vacuum=False)
+            if k in ks:
+                out[k] = view(path)
+    finally:
+        conn.close()
+    return out
 
 
 def read_log(path: Path) -> list[tuple[int, int]]:
