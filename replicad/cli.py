@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 
@@ -33,15 +33,8 @@ from replicad.config import (
     load_config,
     replica_from_url,
 )
-from replicad.daemon import Daemon
-from replicad.db import Database
 from replicad.errors import ConfigError, ReplicadError
-from replicad.inspect import LogEntry, summarize, transaction_log
-from replicad.lease import Lease
 from replicad.observe import MetricsServer, configure_logging, parse_address
-from replicad.pidfile import running_daemon
-from replicad.replica import Replica
-from replicad.replicator import DatabaseReplicator
 from replicad.restore import (
     INTEGRITY_MODES,
     RestorePlan,
@@ -50,6 +43,14 @@ from replicad.restore import (
     parse_timestamp,
     restore,
 )
+
+if TYPE_CHECKING:
+    from replicad.inspect import LogEntry
+    from replicad.replicator import DatabaseReplicator
+
+# The daemon's modules (replicator, database, WAL reader with numpy, file watching, inspection)
+# are imported by the commands that use them: a restore, often run where every second of
+# start-up counts, needs none of them.
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -316,6 +317,8 @@ async def _serve(
         for client in clients:
             await client.close()
         raise
+    from replicad.daemon import Daemon  # noqa: PLC0415 - see the imports
+
     log.info("starting", databases=[str(db.path) for db in config.databases])
     metrics = None
     if metrics_addr:
@@ -335,6 +338,11 @@ async def _serve(
 async def _replicator(
     db_config: DatabaseConfig, clients: list[ReplicaClient], *, takeover: bool
 ) -> DatabaseReplicator:
+    from replicad.db import Database  # noqa: PLC0415 - see the imports
+    from replicad.lease import Lease  # noqa: PLC0415
+    from replicad.replica import Replica  # noqa: PLC0415
+    from replicad.replicator import DatabaseReplicator  # noqa: PLC0415
+
     db_log = structlog.get_logger().bind(db=db_config.name)
     replicas = []
     for replica_config in db_config.replicas:
@@ -502,6 +510,8 @@ def _plan_json(plan: RestorePlan) -> dict[str, object]:
 
 
 def _snapshot(args: argparse.Namespace) -> int:
+    from replicad.pidfile import running_daemon  # noqa: PLC0415 - see the imports
+
     if args.config:
         config = load_config(args.config)
         dbs = [config.database(args.db_path)] if args.db_path else list(config.databases)
@@ -523,6 +533,8 @@ def _snapshot(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
+    from replicad.inspect import summarize  # noqa: PLC0415 - see the imports
+
     summary = asyncio.run(_with_client(_source_replica(args), summarize))
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
@@ -544,6 +556,8 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _log(args: argparse.Namespace) -> int:
+    from replicad.inspect import transaction_log  # noqa: PLC0415 - see the imports
+
     since = parse_timestamp(args.since) if args.since else None
     until = parse_timestamp(args.until) if args.until else None
 

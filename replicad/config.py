@@ -32,7 +32,6 @@ from replicad.compaction import DEFAULT_LEVELS
 from replicad.errors import ConfigError
 from replicad.lease import DEFAULT_LEASE_DURATION
 from replicad.observe import DEFAULT_READY_MAX_LAG
-from replicad.replicator import DEFAULT_SNAPSHOT_INTERVAL
 from replicad.retention import DEFAULT_RETENTION
 
 DEFAULT_CONFIG_PATH = Path("/etc/replicad.toml")
@@ -93,6 +92,14 @@ class S3Options:
     conditional_writes: bool = True
 
 
+def _default_snapshot_interval() -> float:
+    """The replicator's default, imported only when a database is configured: the replicator
+    pulls in the WAL reader and numpy, which a restore from a URL never needs."""
+    from replicad.replicator import DEFAULT_SNAPSHOT_INTERVAL  # noqa: PLC0415
+
+    return DEFAULT_SNAPSHOT_INTERVAL
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaConfig:
     """One destination of a database."""
@@ -121,7 +128,7 @@ class DatabaseConfig:
     poll_interval: float = DEFAULT_POLL_INTERVAL
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
-    snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL
+    snapshot_interval: float = field(default_factory=_default_snapshot_interval)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +241,9 @@ class _Reader:
             replicas=replicas,
             poll_interval=t.positive_float("poll_interval", DEFAULT_POLL_INTERVAL),
             sync_interval=t.non_negative_float("sync_interval", DEFAULT_SYNC_INTERVAL),
-            snapshot_interval=t.non_negative_float("snapshot_interval", DEFAULT_SNAPSHOT_INTERVAL),
+            snapshot_interval=t.non_negative_float(
+                "snapshot_interval", _default_snapshot_interval()
+            ),
             checkpoints=CheckpointPolicy(
                 checkpoint_pages=t.non_negative_int("checkpoint_pages", DEFAULT_CHECKPOINT_PAGES),
                 checkpoint_interval=t.positive_float(

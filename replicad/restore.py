@@ -2,12 +2,14 @@
 
 Plan: the newest snapshot at or before the target, then the chain of segments that starts
 right after it and reaches the target.  A gap in that chain is an error naming the last TXID
-that can be restored, never a silently older database.
+that can be restored, never a silently older database.  `make_plan` lists only the keys such a
+plan can use, not the whole replica (see "planning from a bounded listing").
 
-Apply: stream each object through the verifying decoder and write its pages at their offsets in
-``OUT.tmp`` (newest wins, because objects are applied in TXID order), stop at the target
-transaction, truncate to the target's database size, fsync, run ``PRAGMA integrity_check``,
-remove stale ``OUT-wal``/``OUT-shm`` and move the file into place, then fsync the directory.
+Apply: stream each object through the verifying decoder, newest object first, and write each
+page at its offset in ``OUT.tmp`` unless a newer object already did (so every page is written
+once), skip transactions after the target, truncate to the target's database size, fsync, run
+``PRAGMA integrity_check``, remove stale ``OUT-wal``/``OUT-shm`` and move the file into place,
+then fsync the directory.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,7 +33,6 @@ from replicad.clients.base import ObjectInfo, ReplicaClient
 from replicad.errors import FormatError, RestoreError
 from replicad.format import (
     HEADER_SIZE,
-    EndEvent,
     ObjectDecoder,
     PageEvent,
     TxnEndEvent,
@@ -38,18 +40,37 @@ from replicad.format import (
     decode_header,
     read_trailer,
 )
-from replicad.position import ObjectKind, ObjectName, parse_key
+from replicad.position import (
+    SEGMENT_PREFIX,
+    SNAPSHOT_PREFIX,
+    ObjectKind,
+    ObjectName,
+    parse_key,
+)
 
 #: Objects downloaded ahead of the one being applied.
 DEFAULT_PREFETCH = 8
 #: Bytes downloaded ahead at most; objects above `STREAM_ABOVE` are streamed, not held whole.
-PREFETCH_BYTES = 64 << 20
+#: 16 MiB keeps two connections busy, more than decoding can use (64 MiB cost 60 MB of peak
+#: RSS for no measurable gain).
+PREFETCH_BYTES = 16 << 20
 STREAM_ABOVE = 16 << 20
+#: Chunks of a streamed object downloaded ahead of the decoder (at most 1 MiB each).
+STREAM_QUEUE = 8
 #: Bytes handed to the decoder at a time (its events for one chunk are held at once).
 _FEED_BYTES = 1 << 20
 INTEGRITY_MODES = ("full", "quick", "none")
 #: Most consecutive pages written with one system call.
 _WRITE_RUN_PAGES = 256
+#: Pages whose writes `_PageWriter` tracks (a bit each, twice: 16 MiB at most).
+_TRACKED_PAGES = 1 << 26
+#: Bitmap bytes `_PageWriter` lists for one object before it merges whole bitmaps instead.
+_TOUCHED_MAX = 1 << 16
+_MAX_TXID = 2**64 - 1
+#: One more than the highest segment level (two decimal digits in a key).
+_LEVELS = 100
+#: A segment level's directory name, as `replicad.position.parse_key` reads it.
+_LEVEL_DIR = re.compile(r"\d{2}")
 
 log = structlog.get_logger()
 
@@ -126,16 +147,33 @@ def _snapshot_for(names: Iterable[ObjectName], target: int) -> ObjectName:
             f"no snapshot at or before TXID {target}",
             hint="the history before the oldest snapshot is no longer kept",
         )
-    return max(snapshots, key=lambda n: n.last_txid)
+    return max(snapshots)  # the newest; of two at one TXID, the later taken
+
+
+def _starts(names: Iterable[ObjectName]) -> dict[int, list[ObjectName]]:
+    """Segments by first TXID."""
+    starts: dict[int, list[ObjectName]] = {}
+    for name in names:
+        if name.kind is ObjectKind.SEGMENT:
+            starts.setdefault(name.first_txid, []).append(name)
+    return starts
+
+
+def _furthest(candidates: Iterable[ObjectName], target: int | None) -> ObjectName | None:
+    """The segment reaching furthest without passing `target`, or None.
+
+    Ties go to the higher level (then the later commit times), whatever the order of the
+    listing: the bounded planner (`make_plan`) lists lower levels only where the higher ones
+    stop, so this is the rule that lets it choose exactly what a full listing would.
+    """
+    within = [n for n in candidates if target is None or n.last_txid <= target]
+    return max(within) if within else None
 
 
 def _chain(names: Iterable[ObjectName], after: int, target: int) -> list[ObjectName]:
     """Segments from `after + 1` up to `target`: at each step the one reaching furthest
     without passing the target, else the one that contains it (applied partly)."""
-    starts: dict[int, list[ObjectName]] = {}
-    for name in names:
-        if name.kind is ObjectKind.SEGMENT:
-            starts.setdefault(name.first_txid, []).append(name)
+    starts = _starts(names)
     chain = []
     reached = after
     while reached < target:
@@ -146,12 +184,7 @@ def _chain(names: Iterable[ObjectName], after: int, target: int) -> list[ObjectN
                 hint=f"the newest state before the gap is TXID {reached}: "
                 f"restore it with --txid {reached}",
             )
-        within = [n for n in candidates if n.last_txid <= target]
-        step = (
-            max(within, key=lambda n: n.last_txid)
-            if within
-            else min(candidates, key=lambda n: (n.level, n.last_txid))
-        )
+        step = _furthest(candidates, target) or min(candidates, key=lambda n: (n.level, n))
         if step.last_txid > target and step.level > 0:
             # A compacted segment carries its pages on its last transaction only: applying it
             # partly would be wrong. Level-0 segments are what make single TXIDs restorable.
@@ -257,11 +290,185 @@ async def restore(
 async def make_plan(
     client: ReplicaClient, *, target_txid: int | None = None, at_ns: int | None = None
 ) -> RestorePlan:
-    """List the replica and plan a restore to a TXID, a moment (`at_ns`), or the newest state."""
+    """Plan a restore to a TXID, a moment (`at_ns`), or the newest state.
+
+    Lists only the keys the plan can use (`_plan_bounded`).  When that plan fails (a gap, a
+    target out of range, no snapshot early enough), the replica is listed whole and planned
+    again, so a failure and its message are exactly `plan_restore`'s over the full listing.
+    """
+    with contextlib.suppress(RestoreError):
+        return await _plan_bounded(client, target_txid, at_ns)
     names = names_from_listing(await client.list_objects())
     if at_ns is not None and names:
         target_txid = await txid_at(client, names, at_ns)
     return plan_restore(names, target_txid=target_txid)
+
+
+# -- planning from a bounded listing ----------------------------------------------------------
+#
+# Listing every object costs a LIST request per 1000 keys and, with botocore, about 0.15 ms of
+# parsing per key: seconds for a day of history, most of it level-0 segments that a compacted
+# segment covers.  Keys sort by TXID within a level, so the planner lists each level only from
+# where the chain over the levels above it stops, and only up to the target.  This makes the
+# plan `plan_restore` makes from the full listing, given what compaction ensures:
+#
+# * no segment reaches further than a higher-level one starting at the same TXID (a level-n
+#   segment starts with the furthest-reaching segment below it);
+# * within a level, a segment that starts later also ends later, so the newest TXID is the end
+#   of some level's last key, which the listing of "latest" always reaches;
+# * level 0 holds every commit that a compacted segment holds (for `--timestamp`).
+#
+# Where the first fails (briefly, while compaction catches up with a late upload) the chain is
+# still a valid one from the same snapshot to the same target.  tests/test_restore_plan.py
+# checks all this against the full listing's plan on random replicas.
+
+
+class _BoundedListing:
+    """The parts of a replica's listing a plan needs, listed on demand and remembered.
+
+    Snapshots are listed whole (a replica holds few).  Segments are listed per level and per
+    window of first TXIDs, which S3 skips to with StartAfter: a window costs a request per 1000
+    keys in it whatever the size of its level, and one inside a window listed before is free.
+    """
+
+    def __init__(self, client: ReplicaClient) -> None:
+        self.client = client
+        self.names: dict[ObjectName, int] = {}
+        #: The segment level directories ("03", "02", ...), highest level first.
+        self.levels: list[str] = []
+        self._windows: dict[str, list[tuple[int, int | None]]] = {}
+
+    async def start(self) -> None:
+        """List the snapshots and which segment levels exist (two requests, concurrently)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                snapshots = tg.create_task(self.client.list_objects(SNAPSHOT_PREFIX))
+                dirs = tg.create_task(self.client.list_dirs(SEGMENT_PREFIX))
+        except BaseExceptionGroup as group:
+            raise _root_cause(group) from None
+        self.names.update(names_from_listing(snapshots.result()))
+        levels = [d for d in dirs.result() if _LEVEL_DIR.fullmatch(d)]
+        self.levels = sorted(levels, key=int, reverse=True)
+
+    def snapshot_for(self, target: int | None) -> ObjectName:
+        """The newest snapshot at or before `target` (None: the newest of all)."""
+        snapshots = [n for n in self.names if n.kind is ObjectKind.SNAPSHOT]
+        return _snapshot_for(snapshots, _MAX_TXID if target is None else target)
+
+    def segments(self, below: int = _LEVELS) -> list[ObjectName]:
+        """The segments listed so far whose level is below `below`."""
+        return [n for n in self.names if n.kind is ObjectKind.SEGMENT and n.level < below]
+
+    async def list_level(self, level: str, first: int, last: int | None) -> None:
+        """Make sure the segments of `level` whose first TXID is in `first..last` are known."""
+        windows = self._windows.setdefault(level, [])
+        if any(lo <= first and (hi is None or (last or _MAX_TXID) <= hi) for lo, hi in windows):
+            return
+        prefix = f"{SEGMENT_PREFIX}{level}/"
+        # A key starts with its first TXID in 16 hex digits, so the 16 digits of `first` sort
+        # just before the keys starting there, and those of `last + 1` just after `last`'s.
+        end = None if last is None or last >= _MAX_TXID else f"{prefix}{last + 1:016x}"
+        listed = await self.client.list_objects(
+            prefix, start_after=f"{prefix}{first:016x}", end_before=end
+        )
+        self.names.update(names_from_listing(listed))
+        windows.append((first, last))
+
+
+async def _plan_bounded(
+    client: ReplicaClient, target_txid: int | None, at_ns: int | None
+) -> RestorePlan:
+    """`plan_restore` over the keys `_list_for_chain` lists; RestoreError if it fails."""
+    listing = _BoundedListing(client)
+    await listing.start()
+    if at_ns is not None:
+        target_txid = await _txid_at_bounded(listing, at_ns)
+    snapshot = listing.snapshot_for(target_txid)
+    await _list_for_chain(listing, snapshot.last_txid, target_txid)
+    return plan_restore(listing.names, target_txid=target_txid)
+
+
+async def _list_for_chain(
+    listing: _BoundedListing, after: int, target: int | None, *, below: int = _LEVELS
+) -> None:
+    """List the segments below level `below` that a chain from `after` to `target` (None: as
+    far as it goes) can use: each level from where the chain over the levels above it stops,
+    highest level first, and none once the chain reaches the target."""
+    for level in listing.levels:
+        if int(level) >= below:
+            continue
+        reached = _reach(listing.segments(below), after, target)
+        if target is not None and reached >= target:
+            return
+        await listing.list_level(level, reached + 1, target)
+
+
+def _reach(segments: Iterable[ObjectName], after: int, target: int | None) -> int:
+    """The TXID the chain from `after` reaches over `segments` without passing `target`."""
+    starts = _starts(segments)
+    reached = after
+    while target is None or reached < target:
+        step = _furthest(starts.get(reached + 1, ()), target)
+        if step is None:
+            break
+        reached = step.last_txid
+    return reached
+
+
+async def _txid_at_bounded(listing: _BoundedListing, at_ns: int) -> int:
+    """`txid_at` from a bounded listing: the same TXID while level 0 holds every commit after
+    the snapshot found here (compaction copies, and retention deletes whole TXID ranges).
+
+    The newest snapshot taken before the moment bounds the answer from below; the chain from it
+    to the newest TXID is searched backwards for the last commit at or before the moment.
+    """
+    at_ms = at_ns // 1_000_000
+    taken = [n for n in listing.names if n.kind is ObjectKind.SNAPSHOT and n.max_time_ms < at_ms]
+    if not taken:
+        raise RestoreError("no snapshot taken before that moment")  # make_plan lists all
+    base = max(taken).last_txid
+    await _list_for_chain(listing, base, None)
+    segments = listing.segments()
+    chain = _chain(segments, base, max((n.last_txid for n in segments), default=base))
+    found = await _last_committed(listing, chain, at_ns)
+    return base if found is None else max(base, found)
+
+
+async def _last_committed(
+    listing: _BoundedListing, chain: Sequence[ObjectName], at_ns: int
+) -> int | None:
+    """The last TXID in `chain` committed at or before `at_ns`, or None.
+
+    Searched from the newest segment back: the first one that starts early enough holds it, as
+    every TXID after it committed later (clock steps back included).  A compacted segment is
+    narrowed down through the segments it was merged from, a level-0 one by its trailer.
+    """
+    at_ms = at_ns // 1_000_000
+    for name in reversed(chain):
+        if name.min_time_ms > at_ms:
+            continue
+        if name.max_time_ms < at_ms:
+            return name.last_txid
+        if name.level == 0:
+            data = await listing.client.get_object(name.key)
+            found = max(
+                (i.txid for i in _trailer(data, name) if i.commit_time_ns <= at_ns), default=None
+            )
+        else:
+            found = await _last_committed(listing, await _sources(listing, name), at_ns)
+        if found is not None:
+            return found
+    return None
+
+
+async def _sources(listing: _BoundedListing, name: ObjectName) -> list[ObjectName]:
+    """The chain of lower-level segments covering exactly the TXIDs of compacted `name`."""
+    after = name.first_txid - 1
+    await _list_for_chain(listing, after, name.last_txid, below=name.level)
+    chain = _chain(listing.segments(name.level), after, name.last_txid)
+    if chain[-1].last_txid != name.last_txid:
+        raise RestoreError(f"the segments below {name.key} do not end where it does")
+    return chain
 
 
 def _prepare_target(output: Path, force: bool) -> tuple[Path, Path]:
@@ -287,11 +494,18 @@ async def _apply(
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise RestoreError(f"cannot create {tmp}: {exc.strerror}") from exc
-    writer = _PageWriter(fd)
+    writer = _PageWriter(fd, plan.target_txid, newest_first=True)
     try:
-        await _apply_snapshot(client, plan, writer)
-        await _apply_segments(client, plan, writer, prefetch)
-        await asyncio.to_thread(writer.finish)
+        try:
+            await _apply_objects(client, plan, writer, prefetch)
+        except _UntrackedPage:
+            # A database of hundreds of GB: rather than track more pages, start again oldest
+            # first, writing every version of every page.
+            os.ftruncate(fd, 0)
+            writer = _PageWriter(fd, plan.target_txid, newest_first=False)
+            await _apply_objects(client, plan, writer, prefetch)
+        writer.finish()
+        await asyncio.to_thread(os.fsync, fd)
     except OSError as exc:
         raise RestoreError(
             f"cannot write {tmp}: {exc.strerror}",
@@ -303,20 +517,25 @@ async def _apply(
     return writer.page_size, writer.db_pages
 
 
-async def _apply_snapshot(client: ReplicaClient, plan: RestorePlan, writer: _PageWriter) -> None:
-    decoder = ObjectDecoder(expected=plan.snapshot)
-    with _naming(client, plan.snapshot):
-        async for chunk in _iter(client, plan.snapshot):
-            writer.apply(decoder, decoder.feed(chunk), plan.target_txid)
-        decoder.close()
-
-
-async def _apply_segments(
+async def _apply_objects(
     client: ReplicaClient, plan: RestorePlan, writer: _PageWriter, prefetch: int
 ) -> None:
-    """Download up to `prefetch` segments ahead while applying them strictly in order."""
+    """Apply the plan's objects in `writer`'s order, each chunk as it arrives.
+
+    Decoding runs in the event loop, between downloads.  A worker thread for it was tried: on
+    two busy cores it was slower, as decoding is mostly Python and holds the GIL.
+    """
+    order = plan.objects[::-1] if writer.newest_first else plan.objects
+    sizes = dict(zip(plan.objects, plan.sizes, strict=True))
     try:
-        await _apply_in_order(client, plan, writer, prefetch)
+        async with asyncio.TaskGroup() as tg:
+            downloads = _Downloads(client, order, sizes, prefetch, tg)
+            for name in order:
+                decoder = ObjectDecoder(expected=name)
+                with _naming(client, name):
+                    async for chunk in downloads.chunks(name):
+                        writer.feed(decoder, chunk)
+                    writer.end_object(decoder)
     except BaseExceptionGroup as group:
         # One root cause ends a restore; report it as itself, not as a group of one.
         raise _root_cause(group) from None
@@ -327,41 +546,113 @@ def _root_cause(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _root_cause(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-async def _apply_in_order(
-    client: ReplicaClient, plan: RestorePlan, writer: _PageWriter, prefetch: int
-) -> None:
-    """Small objects are downloaded ahead (at most `prefetch` and `PREFETCH_BYTES` at a time);
-    a large one (a compacted level) is streamed when its turn comes, so memory stays bounded
-    whatever the objects' sizes."""
-    sizes = dict(zip(plan.objects, plan.sizes, strict=True))
-    window: deque[tuple[ObjectName, asyncio.Task[bytes] | None]] = deque()
-    pending = deque(plan.segments)
-    in_flight = 0
-    async with asyncio.TaskGroup() as tg:
-        while pending or window:
-            while pending and len(window) < max(1, prefetch):
-                size = sizes[pending[0]]
-                if size > STREAM_ABOVE:
-                    window.append((pending.popleft(), None))
-                    break
-                if window and in_flight + size > PREFETCH_BYTES:
-                    break
-                name = pending.popleft()
-                window.append((name, tg.create_task(client.get_object(name.key))))
-                in_flight += size
-            name, download = window.popleft()
-            decoder = ObjectDecoder(expected=name)
-            with _naming(client, name):
-                if download is None:
-                    async for chunk in _iter(client, name):
-                        writer.apply(decoder, decoder.feed(chunk), plan.target_txid)
-                else:
-                    data = memoryview(await download)
-                    in_flight -= sizes[name]
-                    for start in range(0, len(data), _FEED_BYTES):
-                        part = data[start : start + _FEED_BYTES]
-                        writer.apply(decoder, decoder.feed(part), plan.target_txid)
-                decoder.close()
+class _Downloads:
+    """Downloads the objects to apply ahead of the one being applied, in bounded memory.
+
+    Objects up to `STREAM_ABOVE` are fetched whole, at most `ahead` objects and
+    `PREFETCH_BYTES` at a time.  A larger one (a snapshot, a compacted level) is streamed
+    through a queue of `STREAM_QUEUE` chunks.  One stream downloads at a time, in order: the
+    next starts as soon as the one before has all its bytes, so a new request's latency hides
+    behind decoding what is queued.  A stream waits for its reader at most as long as decoding
+    the objects before it takes (at most `PREFETCH_BYTES` and a queue), well within the time
+    servers give a connection left idle.
+    """
+
+    def __init__(
+        self,
+        client: ReplicaClient,
+        order: Sequence[ObjectName],
+        sizes: dict[ObjectName, int],
+        ahead: int,
+        tg: asyncio.TaskGroup,
+    ) -> None:
+        self._client = client
+        self._sizes = sizes
+        self._ahead = max(1, ahead)
+        self._tg = tg
+        self._pending = deque(order)
+        #: Objects in the window, in order: a whole download, or a stream.
+        self._window: dict[ObjectName, asyncio.Task[bytearray] | _Stream] = {}
+        self._in_flight = 0
+        self._unstarted: deque[_Stream] = deque()  # streams in the window, not started yet
+        self._streaming = False  # a stream is downloading
+
+    async def chunks(self, name: ObjectName) -> AsyncIterator[bytes | memoryview]:
+        """The bytes of `name`, the next object in order, in chunks of at most 1 MiB."""
+        self._fill()
+        fetch = self._window.pop(name)
+        if isinstance(fetch, _Stream):
+            self._fill()
+            if fetch.pump is None:  # the first stream (those before it have all been read)
+                self._unstarted.remove(fetch)
+                self._begin(fetch)
+            async for chunk in self._read(fetch):
+                yield chunk
+            return
+        data = memoryview(await fetch)
+        self._in_flight -= self._sizes[name]
+        self._fill()
+        for start in range(0, len(data), _FEED_BYTES):
+            yield data[start : start + _FEED_BYTES]
+
+    def _fill(self) -> None:
+        while self._pending and len(self._window) < self._ahead:
+            name = self._pending[0]
+            size = self._sizes[name]
+            if size > STREAM_ABOVE:
+                self._unstarted.append(_Stream(name))
+                self._window[self._pending.popleft()] = self._unstarted[-1]
+                self._next_stream()
+                continue
+            if self._window and self._in_flight + size > PREFETCH_BYTES:
+                return
+            self._window[self._pending.popleft()] = self._tg.create_task(self._whole(name))
+            self._in_flight += size
+
+    async def _whole(self, name: ObjectName) -> bytearray:
+        # Appended chunk by chunk: joining a list of chunks would briefly hold the object twice.
+        data = bytearray()
+        async for chunk in self._client.iter_object(name.key):
+            data += chunk
+        return data
+
+    def _next_stream(self) -> None:
+        if self._unstarted and not self._streaming:
+            self._begin(self._unstarted.popleft())
+
+    def _begin(self, stream: _Stream) -> None:
+        self._streaming = True
+        stream.pump = self._tg.create_task(self._pump(stream))
+
+    async def _pump(self, stream: _Stream) -> None:
+        chunks = self._client.iter_object(stream.name.key)
+        try:
+            async for chunk in chunks:
+                await stream.queue.put(chunk)
+        finally:
+            self._streaming = False
+            if isinstance(chunks, AsyncGenerator):
+                await chunks.aclose()  # releases the connection at once if cancelled
+        self._next_stream()
+        await stream.queue.put(None)
+
+    @staticmethod
+    async def _read(stream: _Stream) -> AsyncIterator[bytes]:
+        try:
+            while (chunk := await stream.queue.get()) is not None:
+                yield chunk
+        finally:
+            if stream.pump is not None:
+                stream.pump.cancel()  # when the reader stops early, so does the download
+
+
+@dataclass(eq=False, slots=True)
+class _Stream:
+    """An object downloaded into a bounded queue by a task of its own (`pump`)."""
+
+    name: ObjectName
+    queue: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(STREAM_QUEUE))
+    pump: asyncio.Task[None] | None = None
 
 
 @contextlib.contextmanager
@@ -377,39 +668,84 @@ def _naming(client: ReplicaClient, name: ObjectName) -> Iterator[None]:
         ) from exc
 
 
-async def _iter(client: ReplicaClient, name: ObjectName) -> AsyncIterator[bytes]:
-    async for chunk in client.iter_object(name.key):
-        yield chunk
-
-
 class _PageWriter:
-    """Writes decoded pages at their offsets; remembers the target's database size.
+    """Writes the pages of objects applied newest first: each page's newest version, once.
 
-    Runs of consecutive pages (a snapshot is one long run) go out in one `pwritev`: one system
-    call per page made restores of 4 KiB pages twice as slow.  Pages are written in the order
-    they arrive, so the newest version of a page still wins.
+    A page already written by a newer object is skipped, so a page is written once rather than
+    once per object holding a version of it (an hour of history rewrites most pages several
+    times; they are still decoded, so every object is verified whole).  Within one object a
+    later version replaces an earlier one: its pages join `_done` only when it ends.  One bit
+    per page, for the first `_TRACKED_PAGES` pages, keeps memory bounded whatever the
+    database's size (a page beyond raises `_UntrackedPage`: the caller starts again oldest first
+    with `newest_first` off, writing every version), and an object costs time for its own
+    pages, not the database's (a plan can hold thousands of small segments).
+
+    Runs of consecutive pages (a snapshot's) go out in one `pwritev`: one system call per page
+    made restores of 4 KiB pages twice as slow.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, target: int, *, newest_first: bool) -> None:
         self.fd = fd
+        self.target = target
+        self.newest_first = newest_first
+        self._tracked = _TRACKED_PAGES if newest_first else 0
         self.page_size = 0
         self.db_pages = 0
-        self.applied_txid = 0
+        self._txid = 0  # the newest transaction seen, whose database size the result takes
+        self._done = bytearray()  # a bit per page written by an object that has ended
+        self._mine = bytearray()  # the same for the object being applied; zeros between objects
+        self._touched: list[int] = []  # the bytes of `_mine` that are not zero, while few
+        self._many = False  # too many to list: the whole of `_mine` is merged
         self._run_start = 0
         self._run: list[bytes] = []
 
-    def apply(self, decoder: ObjectDecoder, events: Sequence[object], target: int) -> None:
+    def feed(self, decoder: ObjectDecoder, chunk: bytes | memoryview) -> None:
+        """Decode the next chunk of an object and write its pages."""
+        events = decoder.feed(chunk)
         if decoder.header is not None:
             self._check_page_size(decoder.header.page_size)
+        target, tracked, done, mine = self.target, self._tracked, self._done, self._mine
+        touch = _ignore if self._many else self._touched.append
         for event in events:
-            if isinstance(event, PageEvent):
-                if event.txid <= target:
-                    self._write(event.pgno, event.data)
-            elif isinstance(event, TxnEndEvent) and event.info.txid <= target:
-                self.db_pages = event.info.db_pages
-                self.applied_txid = event.info.txid
-            elif isinstance(event, EndEvent):
-                continue
+            if type(event) is PageEvent:  # the hot loop: about one event per page
+                pgno = event.pgno
+                if event.txid > target:
+                    continue
+                if pgno < tracked:
+                    byte, bit = pgno >> 3, 1 << (pgno & 7)
+                    if byte < len(done) and done[byte] & bit:
+                        continue  # a newer object wrote this page
+                    if byte >= len(mine):
+                        mine.extend(bytes(byte + 1 - len(mine) + 4096))
+                    if not mine[byte]:
+                        touch(byte)
+                    mine[byte] |= bit
+                elif self.newest_first:
+                    raise _UntrackedPage(pgno)
+                self._write(pgno, event.data)
+            elif type(event) is TxnEndEvent and self._txid < event.info.txid <= target:
+                self._txid, self.db_pages = event.info.txid, event.info.db_pages
+        if len(self._touched) > _TOUCHED_MAX:  # checked per chunk: a chunk's pages more at most
+            self._many = True
+            self._touched.clear()
+
+    def end_object(self, decoder: ObjectDecoder) -> None:
+        """The object has ended: check it was whole, and mark its pages written."""
+        decoder.close()
+        mine, done = self._mine, self._done
+        if len(done) < len(mine):
+            done.extend(bytes(len(mine) - len(done)))
+        if self._many:
+            size = len(mine)
+            either = int.from_bytes(done[:size], "little") | int.from_bytes(mine, "little")
+            done[:size] = either.to_bytes(size, "little")
+            mine[:] = bytes(size)
+        else:
+            for byte in self._touched:
+                done[byte] |= mine[byte]
+                mine[byte] = 0
+        self._touched.clear()
+        self._many = False
 
     def _check_page_size(self, page_size: int) -> None:
         if self.page_size and page_size != self.page_size:
@@ -436,9 +772,17 @@ class _PageWriter:
             self._run = []
 
     def finish(self) -> None:
+        """Write what is pending and cut the file to the target's size (the caller fsyncs)."""
         self._flush()
         os.ftruncate(self.fd, self.db_pages * self.page_size)
-        os.fsync(self.fd)
+
+
+class _UntrackedPage(Exception):
+    """A page number beyond `_TRACKED_PAGES`, met while applying newest first."""
+
+
+def _ignore(_: int) -> None:
+    """Takes an argument and does nothing: `_PageWriter`'s `touch` when it stopped listing."""
 
 
 def _check_integrity(path: Path, mode: str) -> None:

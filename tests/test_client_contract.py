@@ -109,6 +109,56 @@ async def test_list_more_than_one_default_page(replica_client: ReplicaClient) ->
     assert replica_client.stats.requests["LIST"] == 2
 
 
+async def test_list_between_bounds(replica_client: ReplicaClient) -> None:
+    keys = [f"segments/00/{i:04d}" for i in range(10)] + ["segments/01/0005", "z"]
+    for key in keys:
+        await replica_client.put_object(key, b"-")
+
+    async def listed(prefix: str = "", **bounds: str) -> list[str]:
+        return [o.key for o in await replica_client.list_objects(prefix, **bounds)]
+
+    level0 = "segments/00/"
+    assert await listed(level0, start_after=f"{level0}0003") == keys[4:10]
+    assert await listed(level0, end_before=f"{level0}0006") == keys[:6]
+    assert await listed(level0, start_after=f"{level0}0003", end_before=f"{level0}0006") == [
+        f"{level0}0004",
+        f"{level0}0005",
+    ]
+    # Bounds need not be keys: a key's prefix starts a listing at that key.
+    assert await listed(level0, start_after=f"{level0}0007x") == keys[8:10]
+    assert await listed(level0, start_after=f"{level0}0008", end_before=f"{level0}0009") == []
+    assert await listed(level0, start_after="a") == keys[:10]
+    assert await listed(level0, end_before="a") == []
+    assert await listed(start_after=f"{level0}0008") == [keys[9], "segments/01/0005", "z"]
+    assert await listed("nothing/", start_after="a", end_before="zz") == []
+
+
+@pytest.mark.parametrize("backend", ["rclone", "moto"])
+async def test_bounded_list_skips_and_stops_paging(make_replica_client: ClientFactory) -> None:
+    client = await make_replica_client(list_page_size=2)
+    keys = [f"segments/00/{i:04d}" for i in range(12)]
+    for key in keys:
+        await client.put_object(key, b"-")
+
+    listed = await client.list_objects("segments/", start_after=keys[5], end_before=keys[8])
+    assert [o.key for o in listed] == keys[6:8]
+    # Pages (6, 7) and (8, 9); the second reaches the bound, so paging stops there.
+    assert client.stats.requests["LIST"] == 2
+
+
+async def test_list_dirs_names_the_next_level(replica_client: ReplicaClient) -> None:
+    assert await replica_client.list_dirs() == []
+    for key in ["segments/00/a", "segments/03/b", "segments/03/c/d", "snapshots/s", "top"]:
+        await replica_client.put_object(key, b"-")
+
+    assert await replica_client.list_dirs() == ["segments", "snapshots"]
+    assert await replica_client.list_dirs("segments/") == ["00", "03"]
+    assert await replica_client.list_dirs("segments/03/") == ["c"]
+    assert await replica_client.list_dirs("nothing/") == []
+    with pytest.raises(ValueError, match="ending in '/'"):
+        await replica_client.list_dirs("segments")
+
+
 async def test_get_missing_raises_not_found(replica_client: ReplicaClient) -> None:
     with pytest.raises(ObjectNotFoundError, match="missing/key"):
         await replica_client.get_object("missing/key")

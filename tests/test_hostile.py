@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import subprocess
@@ -32,7 +33,7 @@ def replica(tmp_path: Path) -> Path:
     for k in range(1, 120):
         workload.apply_txn(conn, 4, k)
         if k % 20 == 0:  # several uploads, so there are several segments
-            wait_for(lambda n=k // 20: len(list(segments.glob("*.seg"))) >= n, 20, "upload")
+            wait_for(functools.partial(_has_segments, segments, k // 20), 20, "upload")
     conn.close()
     assert stop(daemon) == 0
     return rep
@@ -177,3 +178,7 @@ def test_garbage_after_the_last_commit_is_not_shipped(tmp_path: Path) -> None:
     assert _restore(rep, out).returncode == 0
     assert workload.integrity(out) == "ok"
     assert sqlite3.connect(out).execute("SELECT count(*) FROM t").fetchone()[0] == 20
+
+
+def _has_segments(directory: Path, n: int) -> bool:
+    return len(list(directory.glob("*.seg"))) >= n

@@ -102,7 +102,7 @@ def test_systemd_notifications(tmp_path: Path) -> None:
     env = {"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
     daemon = start_daemon([str(db), rep.as_uri()], tmp_path / "d.log", env=env)
     try:
-        messages = []
+        messages: list[str] = []
         while not any(m.startswith("WATCHDOG=1") for m in messages):
             messages.append(sock.recv(4096).decode())
         assert messages[0].startswith("READY=1")

@@ -82,11 +82,25 @@ class ReplicaClient(Protocol):
         """Where this replica lives, for logs and messages; never contains a secret."""
         ...
 
-    async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
+    async def list_objects(
+        self, prefix: str = "", *, start_after: str | None = None, end_before: str | None = None
+    ) -> list[ObjectInfo]:
         """Every object whose key starts with `prefix`, sorted by key.
 
-        A replica root that does not exist yet lists as empty (a replica is created by its first
-        write). Raises `ReplicaAccessError` or `ReplicaUnavailableError`.
+        `start_after` and `end_before` keep only keys strictly between them.  They cost nothing
+        to skip: S3 starts the listing after `start_after` (`StartAfter`) and paging stops at
+        the first page that reaches `end_before`, so a restore can list the few keys after a
+        TXID among thousands.  A replica root that does not exist yet lists as empty (a replica
+        is created by its first write). Raises `ReplicaAccessError` or `ReplicaUnavailableError`.
+        """
+        ...
+
+    async def list_dirs(self, prefix: str = "") -> list[str]:
+        """The names one level below `prefix` ("" or ending in "/") that lead to objects, sorted.
+
+        S3's common prefixes for the delimiter "/": `list_dirs("segments/")` gives the
+        compaction levels present, such as `["00", "01"]`, without listing their objects.  A
+        directory backend may also name a directory whose objects are all deleted.
         """
         ...
 
@@ -128,3 +142,28 @@ class ReplicaClient(Protocol):
     async def close(self) -> None:
         """Release connections. The client cannot be used afterwards."""
         ...
+
+
+def keys_between(
+    objects: list[ObjectInfo], start_after: str | None, end_before: str | None
+) -> list[ObjectInfo]:
+    """`objects` sorted by key, keeping keys strictly between the bounds of `list_objects`.
+
+    Backends filter on both bounds themselves: a server may ignore `StartAfter`, and the last
+    page read returns keys past `end_before`.
+    """
+    return sorted(
+        (
+            info
+            for info in objects
+            if (start_after is None or info.key > start_after)
+            and (end_before is None or info.key < end_before)
+        ),
+        key=lambda info: info.key,
+    )
+
+
+def check_dir_prefix(prefix: str) -> None:
+    """`list_dirs` takes the root ("") or a prefix ending in "/"; ValueError otherwise."""
+    if prefix and not prefix.endswith("/"):
+        raise ValueError(f"list_dirs needs a prefix ending in '/', not {prefix!r}")

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from replicad.clients.base import ClientStats, ObjectInfo
+from replicad.clients.base import ClientStats, ObjectInfo, check_dir_prefix, keys_between
 from replicad.errors import (
     ObjectExistsError,
     ObjectNotFoundError,
@@ -100,12 +100,25 @@ class FileReplicaClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
-        """Every object whose key starts with `prefix`, sorted; a missing root lists as empty."""
+    async def list_objects(
+        self, prefix: str = "", *, start_after: str | None = None, end_before: str | None = None
+    ) -> list[ObjectInfo]:
+        """Every object whose key starts with `prefix` strictly between the bounds, sorted; a
+        missing root lists as empty."""
         self._check_open()
         self._stats.count("LIST")
-        objects = await self._run(f"LIST {prefix!r}", self._scan, prefix)
-        return sorted(objects, key=lambda info: info.key)
+        objects = await self._run(
+            f"LIST {prefix!r}", self._scan, prefix, start_after or "", end_before
+        )
+        return keys_between(objects, start_after, end_before)
+
+    async def list_dirs(self, prefix: str = "") -> list[str]:
+        """The directories in the one `prefix` names; a missing one lists as empty."""
+        self._check_open()
+        check_dir_prefix(prefix)
+        directory = self._path(prefix[:-1]) if prefix else self._root
+        self._stats.count("LIST")
+        return await self._run(f"LIST {prefix!r}", _subdirectories, directory)
 
     async def put_object(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         """Write `data` atomically; with `create_only`, `ObjectExistsError` if `key` exists."""
@@ -166,8 +179,9 @@ class FileReplicaClient:
 
     # -- helpers running in worker threads -------------------------------------------------------
 
-    def _scan(self, prefix: str) -> list[ObjectInfo]:
-        """Walk only the directories that can hold keys starting with `prefix`."""
+    def _scan(self, prefix: str, start_after: str, end_before: str | None) -> list[ObjectInfo]:
+        """Walk only the directories that can hold keys starting with `prefix`; stat only the
+        files between the bounds (a bounded listing of a large directory stays cheap)."""
         start_dir = prefix.rpartition("/")[0]
         found: list[ObjectInfo] = []
         pending = [start_dir]
@@ -184,7 +198,12 @@ class FileReplicaClient:
                 if entry.is_dir(follow_symlinks=False):
                     if rel.startswith(prefix) or prefix.startswith(rel + "/"):
                         pending.append(rel)
-                elif entry.is_file(follow_symlinks=False) and rel.startswith(prefix):
+                elif (
+                    rel.startswith(prefix)
+                    and rel > start_after
+                    and (end_before is None or rel < end_before)
+                    and entry.is_file(follow_symlinks=False)
+                ):
                     with contextlib.suppress(FileNotFoundError):  # deleted while listing
                         found.append(ObjectInfo(rel, entry.stat(follow_symlinks=False).st_size))
         return found
@@ -289,6 +308,19 @@ class FileReplicaClient:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"replica client for {self.url} is closed")
+
+
+def _subdirectories(directory: Path) -> list[str]:
+    """Names of the directories in `directory`, sorted; none if it does not exist."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    return sorted(
+        e.name
+        for e in entries
+        if e.is_dir(follow_symlinks=False) and not e.name.startswith(TEMP_PREFIX)
+    )
 
 
 def _copy(source: IO[bytes], out: IO[bytes]) -> int:

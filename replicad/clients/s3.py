@@ -57,7 +57,7 @@ from botocore.exceptions import (
     SSLError,
 )
 
-from replicad.clients.base import ClientStats, ObjectInfo
+from replicad.clients.base import ClientStats, ObjectInfo, check_dir_prefix, keys_between
 from replicad.errors import (
     ConfigError,
     ObjectExistsError,
@@ -290,14 +290,19 @@ class S3ReplicaClient:
     # -- the ReplicaClient protocol ------------------------------------------------------------
 
     @_counting_errors
-    async def list_objects(self, prefix: str = "") -> list[ObjectInfo]:
-        """Every object under `prefix`, sorted, following ListObjectsV2 continuation tokens."""
+    async def list_objects(
+        self, prefix: str = "", *, start_after: str | None = None, end_before: str | None = None
+    ) -> list[ObjectInfo]:
+        """Every object under `prefix` strictly between the bounds, sorted, following
+        ListObjectsV2 continuation tokens until a page reaches `end_before`."""
         found: list[ObjectInfo] = []
         params: dict[str, Any] = {
             "Bucket": self._bucket,
             "Prefix": self._root + prefix,
             "MaxKeys": self._list_page_size,
         }
+        if start_after is not None:
+            params["StartAfter"] = self._root + start_after
         while True:
             page = await self._call(f"LIST {params['Prefix']!r}", "list_objects_v2", **params)
             found.extend(
@@ -305,8 +310,29 @@ class S3ReplicaClient:
                 for item in page.get("Contents", ())
             )
             token = page.get("NextContinuationToken")
+            reached_end = end_before is not None and bool(found) and found[-1].key >= end_before
+            if not page.get("IsTruncated") or not token or reached_end:
+                return keys_between(found, start_after, end_before)
+            params["ContinuationToken"] = token
+
+    @_counting_errors
+    async def list_dirs(self, prefix: str = "") -> list[str]:
+        """The common prefixes under `prefix` for the delimiter "/", without the trailing "/"."""
+        check_dir_prefix(prefix)
+        start = len(self._root + prefix)
+        names: list[str] = []
+        params: dict[str, Any] = {
+            "Bucket": self._bucket,
+            "Prefix": self._root + prefix,
+            "Delimiter": "/",
+            "MaxKeys": self._list_page_size,
+        }
+        while True:
+            page = await self._call(f"LIST {params['Prefix']!r}", "list_objects_v2", **params)
+            names.extend(p["Prefix"][start:-1] for p in page.get("CommonPrefixes", ()))
+            token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
-                return sorted(found, key=lambda info: info.key)
+                return sorted(names)
             params["ContinuationToken"] = token
 
     @_counting_errors
