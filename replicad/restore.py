@@ -172,18 +172,46 @@ def _furthest(candidates: Iterable[ObjectName], target: int | None) -> ObjectNam
 
 def _chain(names: Iterable[ObjectName], after: int, target: int) -> list[ObjectName]:
     """Segments from `after + 1` up to `target`: at each step the one reaching furthest
-    without passing the target, else the one that contains it (applied partly)."""
+    without passing the target, else the one that contains it (applied partly).
+
+    Where that greedy walk meets a dead end (a segment whose successor is missing while
+    another segment with the same start goes on: a retried upload once left such a pair),
+    a breadth-first search finds the chain with the fewest objects, if there is one.
+    """
     starts = _starts(names)
+    try:
+        return _greedy_chain(starts, after, target)
+    except _Gap as gap:
+        chain = _search_chain(starts, after, target)
+        if chain is None:
+            raise gap.error() from None
+        return chain
+
+
+class _Gap(Exception):
+    """No segment starts right after `reached`."""
+
+    def __init__(self, reached: int) -> None:
+        super().__init__(reached)
+        self.reached = reached
+
+    def error(self) -> RestoreError:
+        return RestoreError(
+            f"the history has a gap: no segment starts at TXID {self.reached + 1}",
+            hint=f"the newest state before the gap is TXID {self.reached}: "
+            f"restore it with --txid {self.reached}",
+        )
+
+
+def _greedy_chain(
+    starts: dict[int, list[ObjectName]], after: int, target: int
+) -> list[ObjectName]:
     chain = []
     reached = after
     while reached < target:
         candidates = starts.get(reached + 1)
         if not candidates:
-            raise RestoreError(
-                f"the history has a gap: no segment starts at TXID {reached + 1}",
-                hint=f"the newest state before the gap is TXID {reached}: "
-                f"restore it with --txid {reached}",
-            )
+            raise _Gap(reached)
         step = _furthest(candidates, target) or min(candidates, key=lambda n: (n.level, n))
         if step.last_txid > target and step.level > 0:
             # A compacted segment carries its pages on its last transaction only: applying it
@@ -196,6 +224,33 @@ def _chain(names: Iterable[ObjectName], after: int, target: int) -> list[ObjectN
         chain.append(step)
         reached = step.last_txid
     return chain
+
+
+def _search_chain(
+    starts: dict[int, list[ObjectName]], after: int, target: int
+) -> list[ObjectName] | None:
+    """The chain with the fewest objects from `after + 1` to `target`, or None."""
+    came_from: dict[int, tuple[int, ObjectName] | None] = {after: None}
+    frontier = [after]
+    while frontier:
+        following = []
+        for reached in frontier:
+            for step in starts.get(reached + 1, ()):
+                end = min(step.last_txid, target)
+                if step.last_txid > target and step.level > 0:
+                    continue  # cannot be applied partly
+                if end not in came_from:
+                    came_from[end] = (reached, step)
+                    following.append(end)
+        if target in came_from:
+            chain = []
+            node = came_from[target]
+            while node is not None:
+                chain.append(node[1])
+                node = came_from[node[0]]
+            return chain[::-1]
+        frontier = following
+    return None
 
 
 def parse_timestamp(text: str) -> int:

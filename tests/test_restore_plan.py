@@ -55,6 +55,19 @@ def test_gap_is_an_error_naming_the_last_good_txid() -> None:
     assert plan(names, target=5) == ["S1-1", "L02-5"]
 
 
+def test_dead_end_beside_a_longer_segment_is_routed_around() -> None:
+    """A retried upload once left 6-10 beside 6-20 (crash soak, seed 897481133): the furthest
+    segment within a target of 15 is 6-10, and nothing starts at 11."""
+    names = [snapshot_name(1, 0), seg(2, 5), seg(6, 10), seg(6, 20), seg(21, 30)]
+    assert plan(names, target=15) == ["S1-1", "L02-5", "L06-20"]
+    assert plan(names, target=8) == ["S1-1", "L02-5", "L06-10"]
+    assert plan(names, target=25) == ["S1-1", "L02-5", "L06-20", "L021-30"]
+    # A compacted segment is never applied partly, even to get around a dead end.
+    compacted = [snapshot_name(1, 0), seg(2, 5), seg(6, 10), seg(6, 20, level=1)]
+    with pytest.raises(RestoreError, match="no segment starts at TXID 11"):
+        plan_restore(dict.fromkeys(compacted, 1), target_txid=15)
+
+
 def test_empty_replica_and_out_of_range_targets() -> None:
     with pytest.raises(RestoreError, match="no replicad objects"):
         plan_restore({})
