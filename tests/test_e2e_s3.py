@@ -144,3 +144,35 @@ async def test_two_replicas_file_and_s3(moto_server: S3Server, tmp_path: Path) -
     await _restore_equals(url, env, tmp_path, db)
     (tmp_path / "restored.db").unlink()
     await _restore_equals((tmp_path / "rep").as_uri(), env, tmp_path, db)
+
+
+async def test_huge_transaction_is_spooled_and_shipped_with_fencing_on(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    """A 24 MB commit goes through the spool and a create-only multipart upload (moto enforces
+    If-None-Match, so the lease is on); the restore has every row."""
+    bucket = unique_bucket()
+    await create_bucket(moto_server, bucket)
+    db, env = tmp_path / "app.db", child_env(moto_server, tmp_path)
+    _make_db(db)
+    url = _url(bucket, moto_server.endpoint_url)
+    log = tmp_path / "d.log"
+    daemon = start_daemon([str(db), url], log, env=env)
+    try:
+        await _wait_snapshot(moto_server, bucket)
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("CREATE TABLE big(b BLOB)")
+        conn.execute("BEGIN")
+        for _ in range(240):  # random bytes: the segment stays above one 8 MiB part
+            conn.execute("INSERT INTO big VALUES (randomblob(100000))")
+        conn.execute("COMMIT")
+        conn.close()
+        await asyncio.sleep(3)
+    finally:
+        status = stop(daemon)
+    assert status == 0, log.read_text()[-3000:]
+    assert "fencing is off" not in log.read_text()
+    await _restore_equals(url, env, tmp_path, db)
+    async with raw_client(moto_server) as s3:
+        listing = await s3.list_objects_v2(Bucket=bucket, Prefix="apps/app1/segments/00/")
+    assert max(o["Size"] for o in listing["Contents"]) > 16 << 20
