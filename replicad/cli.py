@@ -55,6 +55,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 T = TypeVar("T")
 
+#: Attempts per S3 request in the daemon.  Every daemon operation sits in a loop that retries
+#: with its own backoff, so botocore's retries only add sleeps: after an outage they kept the
+#: replica seconds behind the server's return (`python -m bench.outage`).  One retry still
+#: absorbs a single dropped connection.  Restores keep the client's default.
+DAEMON_MAX_ATTEMPTS = 2
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with every flag documented in --help."""
@@ -346,7 +352,7 @@ async def _replicator(
     db_log = structlog.get_logger().bind(db=db_config.name)
     replicas = []
     for replica_config in db_config.replicas:
-        client = await make_client(replica_config)
+        client = await make_client(replica_config, max_attempts=DAEMON_MAX_ATTEMPTS)
         clients.append(client)
         replica_log = db_log.bind(replica=replica_config.name)
         lease = None
@@ -391,13 +397,14 @@ async def _replicator(
     )
 
 
-async def make_client(config: ReplicaConfig) -> ReplicaClient:
-    """The storage client a replica's configuration describes."""
+async def make_client(config: ReplicaConfig, *, max_attempts: int | None = None) -> ReplicaClient:
+    """The storage client a replica's configuration describes (`max_attempts` per request:
+    the S3 client's default when None)."""
     if config.path is not None:
         return FileReplicaClient(config.path)
     assert config.s3 is not None
     # Imported here: aiobotocore takes a while to import and file-only runs never need it.
-    from replicad.clients.s3 import S3ReplicaClient  # noqa: PLC0415
+    from replicad.clients.s3 import DEFAULT_MAX_ATTEMPTS, S3ReplicaClient  # noqa: PLC0415
 
     s3 = config.s3
     client = S3ReplicaClient(
@@ -416,6 +423,7 @@ async def make_client(config: ReplicaConfig) -> ReplicaClient:
         part_size=s3.part_size,
         concurrency=s3.concurrency,
         conditional_writes=s3.conditional_writes,
+        max_attempts=max_attempts or DEFAULT_MAX_ATTEMPTS,
     )
     await client.open()
     return client

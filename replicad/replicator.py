@@ -38,8 +38,11 @@ DEFAULT_SYNC_INTERVAL = 1.0
 DEFAULT_SNAPSHOT_INTERVAL = 24 * 3600.0
 #: How often each replica looks for settled segments to compact.
 COMPACTION_CHECK_INTERVAL = 30.0
-#: Longest wait between retries of a failing replica.
+#: Longest wait between retries of a failing sync step.
 DEFAULT_RETRY_MAX = 30.0
+#: Longest wait between upload retries: about one attempt a second while the store is down
+#: (what a healthy replica costs anyway), so the lag ends soon after the store is back.
+_UPLOAD_RETRY_MAX = 2.0
 _RETRY_MIN = 0.2
 #: Quick extra syncs after a file event (see `sync_loop`): how many, how far apart.
 _FOLLOW_UPS = 4
@@ -522,7 +525,7 @@ class DatabaseReplicator:
 
     async def upload_loop(self, replica: Replica, stop: asyncio.Event) -> None:
         """Upload what `replica` has queued, at most once per sync interval, until `stop`."""
-        backoff = Backoff()
+        backoff = Backoff(maximum=_UPLOAD_RETRY_MAX)
         while not stop.is_set() and replica.fenced is None:
             if not replica.loaded:
                 await self._load_late(replica, backoff, stop)
