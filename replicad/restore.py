@@ -203,9 +203,7 @@ class _Gap(Exception):
         )
 
 
-def _greedy_chain(
-    starts: dict[int, list[ObjectName]], after: int, target: int
-) -> list[ObjectName]:
+def _greedy_chain(starts: dict[int, list[ObjectName]], after: int, target: int) -> list[ObjectName]:
     chain = []
     reached = after
     while reached < target:
