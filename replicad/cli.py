@@ -314,6 +314,9 @@ async def _serve(
     child: list[str] | None = None,
     takeover: bool = False,
 ) -> int:
+    from replicad.daemon import Daemon, catch_early_signals  # noqa: PLC0415 - see the imports
+
+    early_signals = catch_early_signals()
     clients: list[ReplicaClient] = []
     replicators = []
     try:
@@ -323,8 +326,6 @@ async def _serve(
         for client in clients:
             await client.close()
         raise
-    from replicad.daemon import Daemon  # noqa: PLC0415 - see the imports
-
     log.info("starting", databases=[str(db.path) for db in config.databases])
     metrics = None
     if metrics_addr:
@@ -337,7 +338,7 @@ async def _serve(
         metrics=metrics,
         child=child,
     )
-    status = await daemon.serve()
+    status = await daemon.serve(early_signals)
     return daemon.child_status if daemon.child_status is not None else status
 
 

@@ -66,17 +66,23 @@ class Daemon:
         self._signals = 0
         self._started: list[DatabaseReplicator] = []
 
-    async def serve(self) -> int:
-        """Replicate until a stop is requested; returns the process exit status."""
+    async def serve(self, early_signals: Sequence[signal.Signals] = ()) -> int:
+        """Replicate until a stop is requested; returns the process exit status.
+
+        `early_signals`: SIGTERM/SIGINT that arrived while the process was still starting
+        (`catch_early_signals`); they are acted on as soon as the daemon's handlers are in.
+        """
         locks = [StateLock(r.state_dir, str(r.db.path)) for r in self.replicators]
         try:
-            return await self._serve()
+            return await self._serve(early_signals)
         finally:
             for lock in locks:
                 lock.release()
 
-    async def _serve(self) -> int:
+    async def _serve(self, early_signals: Sequence[signal.Signals]) -> int:
         self._install_signals()
+        for sig in early_signals[:1]:
+            self._on_signal(sig)
         if self.metrics is not None:
             await self.metrics.start()
         failure: ReplicadError | None = None
@@ -111,6 +117,7 @@ class Daemon:
             replicator.interrupt()
 
     def _install_signals(self) -> None:
+        """Our handlers (replacing `catch_early_signals`' ones)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
@@ -244,3 +251,16 @@ class Daemon:
         if not problems:
             log.info("stopped: everything committed was shipped")
         return problems
+
+
+def catch_early_signals() -> list[signal.Signals]:
+    """Record SIGTERM/SIGINT from now until `Daemon.serve` installs its handlers.
+
+    Start-up (connecting to storage, importing) takes a moment; a stop requested meanwhile
+    must still end in a clean exit, not in death by the signal's default action.
+    """
+    received: list[signal.Signals] = []
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, received.append, sig)
+    return received
