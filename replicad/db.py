@@ -20,6 +20,7 @@ after them.  The `-wal` file carries no locks and is opened freely.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import tempfile
@@ -376,7 +377,7 @@ class Database:
         def keep(run: FrameRun, raw: bytes, count: int) -> None:
             pgnos = run.fields[:count, 0].tolist()
             spool.put_run(pgnos, memoryview(raw), run.frame_size, FRAME_HEADER_SIZE)
-            overlay.update((p, run.offset + i * run.frame_size) for i, p in enumerate(pgnos))
+            _note_frames(overlay, run, raw, count)
 
         try:
             if _walk_transaction(wal, header, start, keep) != found:
@@ -582,10 +583,7 @@ def _index_generation(
     overlay: dict[int, int] = {}
     end = header.initial_position()
     db_pages = 0
-
-    def note(run: FrameRun, _raw: bytes, count: int) -> None:
-        pgnos = run.fields[:count, 0].tolist()
-        overlay.update((p, run.offset + i * run.frame_size) for i, p in enumerate(pgnos))
+    note = functools.partial(_note_frames, overlay)
 
     while True:
         oversized = False
@@ -604,6 +602,12 @@ def _index_generation(
         if found is None:
             return overlay, end, db_pages
         end, db_pages = found
+
+
+def _note_frames(overlay: dict[int, int], run: FrameRun, _raw: bytes, count: int) -> None:
+    """Record the first `count` frames of `run` as the newest of their pages."""
+    pgnos = run.fields[:count, 0].tolist()
+    overlay.update((p, run.offset + i * run.frame_size) for i, p in enumerate(pgnos))
 
 
 @dataclass(frozen=True, slots=True)

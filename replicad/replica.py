@@ -9,6 +9,7 @@ steps (`upload_snapshot`, `upload_pending`) wrapped by the caller's loop, which 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import tempfile
 import time
@@ -439,9 +440,9 @@ def _encode_segment(
 ) -> tuple[ObjectName, bytes]:
     """A level-0 segment in memory: its name and bytes."""
     name, header = _segment_header(batch, page_size, offset)
-    chunks: list[bytes] = []
-    _write_segment(_Chunks(chunks), header, batch, offset)
-    return name, b"".join(chunks)
+    sink = io.BytesIO()
+    _write_segment(sink, header, batch, offset)
+    return name, sink.getvalue()
 
 
 def _encode_segment_file(
@@ -463,16 +464,6 @@ def _write_segment(
         for pgno, data in t.pages:
             writer.add_page(pgno, data)
     return writer.finish()
-
-
-class _Chunks:
-    """A write sink collecting chunks in a list."""
-
-    def __init__(self, chunks: list[bytes]) -> None:
-        self._chunks = chunks
-
-    def write(self, data: bytes, /) -> None:
-        self._chunks.append(data)
 
 
 def _segment_header(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Coroutine
@@ -410,42 +411,41 @@ class DatabaseReplicator:
             frames -= copied
         return max(0, frames)
 
+    async def _copy_bulk(self) -> tuple[CheckpointResult, bool]:
+        """A lock-free PASSIVE copy; whether little enough is left to finish with the
+        application's writers held off.
+
+        Not when another checkpoint is running (let it finish; we keep leapfrogging), nor when
+        more than `_MAX_HELD_FRAMES` remain: a copy ends with an fsync and disks stall, and after
+        a huge transaction it takes seconds, far beyond an application's busy timeout.
+        """
+        bulk = await asyncio.to_thread(self.checkpointer.run, "PASSIVE")
+        left = bulk.log_frames - bulk.checkpointed_frames
+        return bulk, not bulk.busy and left <= _MAX_HELD_FRAMES
+
     async def _passive_checkpoint(self) -> CheckpointResult:
         """Copy the bulk lock-free, then finish with writers held off for a moment."""
-        bulk = await asyncio.to_thread(self.checkpointer.run, "PASSIVE")
-        if bulk.busy:
-            return bulk  # another checkpoint is running; let it finish, we keep leapfrogging
-        if bulk.log_frames - bulk.checkpointed_frames > _MAX_HELD_FRAMES:
-            # Too much left to copy while the application's writers wait (a copy ends with an
-            # fsync, and disks stall): copy more lock-free at the next sync first.
+        bulk, finish = await self._copy_bulk()
+        if not finish:
             return bulk
         if not await asyncio.to_thread(self.checkpointer.hold_writers):
-            return CheckpointResult(
-                "PASSIVE", True, bulk.log_frames, bulk.checkpointed_frames, bulk.seconds
-            )
+            return dataclasses.replace(bulk, busy=True)
         try:
             await self._leapfrog()  # capture the last frames; the new read mark is the end
             rest = await asyncio.to_thread(self.checkpointer.run, "PASSIVE")
             await self._leapfrog()  # begins on a fully copied WAL: read mark 0
         finally:
             await asyncio.to_thread(self.checkpointer.release_writers)
-        return CheckpointResult(
-            "PASSIVE",
-            rest.busy,
-            rest.log_frames,
-            rest.checkpointed_frames,
-            bulk.seconds + rest.seconds,
-        )
+        return dataclasses.replace(rest, seconds=bulk.seconds + rest.seconds)
 
     async def _waiting_checkpoint(self, mode: str) -> CheckpointResult:
         """RESTART/TRUNCATE wait for every reader; keep moving ours until the wait is over.
 
         They hold the application's writers off while they copy, so the bulk is copied
-        lock-free first: after a huge transaction that copy takes seconds, far beyond an
-        application's busy timeout.  Only when little is left does the waiting mode run.
+        lock-free first (`_copy_bulk`); only when little is left does the waiting mode run.
         """
-        bulk = await asyncio.to_thread(self.checkpointer.run, "PASSIVE")
-        if bulk.busy or bulk.log_frames - bulk.checkpointed_frames > _MAX_HELD_FRAMES:
+        bulk, finish = await self._copy_bulk()
+        if not finish:
             return bulk
         job = asyncio.get_running_loop().run_in_executor(None, self.checkpointer.run, mode)
         try:
@@ -456,13 +456,7 @@ class DatabaseReplicator:
             await asyncio.wait([job])
         result = job.result()
         await self._leapfrog()
-        return CheckpointResult(
-            result.mode,
-            result.busy,
-            result.log_frames,
-            result.checkpointed_frames,
-            bulk.seconds + result.seconds,
-        )
+        return dataclasses.replace(result, seconds=bulk.seconds + result.seconds)
 
     async def _leapfrog(self) -> None:
         """One sync, for its read-mark move; a lost continuity is handled by the next sync_step."""

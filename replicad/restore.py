@@ -203,14 +203,28 @@ class _Gap(Exception):
         )
 
 
-def _greedy_chain(starts: dict[int, list[ObjectName]], after: int, target: int) -> list[ObjectName]:
-    chain = []
+def _greedy_steps(
+    starts: dict[int, list[ObjectName]], after: int, target: int | None
+) -> Iterator[ObjectName]:
+    """From `after`, the segments reaching furthest without passing `target`, in turn, until
+    none starts where the last one ended."""
     reached = after
-    while reached < target:
+    while target is None or reached < target:
+        step = _furthest(starts.get(reached + 1, ()), target)
+        if step is None:
+            return
+        yield step
+        reached = step.last_txid
+
+
+def _greedy_chain(starts: dict[int, list[ObjectName]], after: int, target: int) -> list[ObjectName]:
+    chain = list(_greedy_steps(starts, after, target))
+    reached = chain[-1].last_txid if chain else after
+    if reached < target:  # nothing fits within the target: one that contains it, or a gap
         candidates = starts.get(reached + 1)
         if not candidates:
             raise _Gap(reached)
-        step = _furthest(candidates, target) or min(candidates, key=lambda n: (n.level, n))
+        step = min(candidates, key=lambda n: (n.level, n))
         if step.last_txid > target and step.level > 0:
             # A compacted segment carries its pages on its last transaction only: applying it
             # partly would be wrong. Level-0 segments are what make single TXIDs restorable.
@@ -220,7 +234,6 @@ def _greedy_chain(starts: dict[int, list[ObjectName]], after: int, target: int) 
                 hint=f"restore TXID {reached} or {step.last_txid} instead",
             )
         chain.append(step)
-        reached = step.last_txid
     return chain
 
 
@@ -458,12 +471,8 @@ async def _list_for_chain(
 
 def _reach(segments: Iterable[ObjectName], after: int, target: int | None) -> int:
     """The TXID the chain from `after` reaches over `segments` without passing `target`."""
-    starts = _starts(segments)
     reached = after
-    while target is None or reached < target:
-        step = _furthest(starts.get(reached + 1, ()), target)
-        if step is None:
-            break
+    for step in _greedy_steps(_starts(segments), after, target):
         reached = step.last_txid
     return reached
 
