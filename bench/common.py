@@ -156,12 +156,17 @@ def proc_usage(pid: int) -> ProcUsage:
 
 def current_rss(pid: int) -> int:
     """Resident set size (VmRSS) of a live process now, bytes; 0 once it has exited."""
+    return status_bytes(pid, "VmRSS")
+
+
+def status_bytes(pid: int, field: str) -> int:
+    """A memory field of /proc/PID/status (VmRSS, VmHWM, ...) in bytes; 0 once it has exited."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    except OSError:
         return 0
     for line in status.splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 

@@ -77,6 +77,7 @@ from bench.common import (
     s3_env,
     s3_url,
     start_writer,
+    status_bytes,
 )
 from bench.s3cost import OPERATIONS, CountingProxy, Tally
 from tests.procs import ROOT, clean_env, start_daemon
@@ -476,14 +477,7 @@ def run_measured(cmd: Sequence[str], env: dict[str, str]) -> MeasuredRun:
 
 def _vm_hwm(pid: int) -> int:
     """A live process's peak resident set (VmHWM), bytes; 0 once it has exited."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return status_bytes(pid, "VmHWM")
 
 
 async def _restore(cmd: list[str], env: dict[str, str], what: str) -> MeasuredRun:
