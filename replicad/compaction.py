@@ -67,8 +67,9 @@ from replicad.format import (
     Transaction,
     TxnInfo,
     TxnStartEvent,
+    object_name,
 )
-from replicad.position import ObjectKind, ObjectName, segment_name
+from replicad.position import ObjectKind, ObjectName
 from replicad.spool import PageSpool
 
 #: Seconds per bucket of level 1, 2, 3: each a multiple of the one before.
@@ -116,6 +117,8 @@ def _source_problem(before: ObjectName | None, name: ObjectName, level: int) -> 
         return f"{name.key} is not below level {level}"
     if before is not None and name.first_txid != before.last_txid + 1:
         return f"{name.key} does not start right after {before.key}"
+    if before is not None and before.chained and not name.follows(before.post):
+        return f"{name.key} does not continue the history of {before.key} (checksums differ)"
     return None
 
 
@@ -188,7 +191,8 @@ def _closed_buckets(
 def _runs(members: Sequence[ObjectName]) -> list[list[ObjectName]]:
     """Chains of segments, each taking the one reaching furthest from where the last ended.
 
-    A chain stops at a TXID gap and where commit times go backwards.
+    A chain stops at a TXID gap, where commit times go backwards, and where the database
+    checksums do not chain (another history's object: it is never merged into this one).
     """
     furthest: dict[int, ObjectName] = {}
     for name in members:
@@ -205,6 +209,7 @@ def _runs(members: Sequence[ObjectName]) -> list[list[ObjectName]]:
             last is not None
             and first == last.last_txid + 1
             and name.min_time_ms >= last.max_time_ms
+            and (not last.chained or name.follows(last.post))
         ):
             runs[-1].append(name)
         else:
@@ -257,7 +262,9 @@ def merge_segments(
             for txn in transactions:
                 for pgno, data in txn.pages:
                     pages.put(pgno, data)
-            merger.add(_Source(header, [t.info for t in transactions], pages))
+            checksums = [t.checksum for t in transactions]
+            recorded = None if None in checksums else [c for c in checksums if c is not None]
+            merger.add(_Source(header, [t.info for t in transactions], pages, recorded))
         name, header = merger.name_and_header()
         return name, header, merger.records(materialize=True)
     finally:
@@ -271,6 +278,8 @@ class _Source:
     header: ObjectHeader
     infos: list[TxnInfo]
     pages: PageSpool
+    #: The database checksum after each transaction (None: the source records none).
+    checksums: list[int] | None = None
 
 
 class _Merger:
@@ -286,6 +295,8 @@ class _Merger:
         self._last: ObjectHeader | None = None
         self._infos: list[TxnInfo] = []
         self._pages: PageSpool | None = None
+        self._checksums: list[int] = []
+        self._chained = True
 
     @property
     def empty(self) -> bool:
@@ -307,9 +318,11 @@ class _Merger:
     def add(self, source: _Source) -> None:
         """Take the next source (and its spool); see `merge_segments` for what is refused."""
         self.check(source.header, source.infos)
+        self._chained = self._chained and source.checksums is not None
         self._first = self._first or source.header
         self._last = source.header
         self._infos.extend(source.infos)
+        self._checksums.extend(source.checksums or [0] * len(source.infos))
         if self._pages is None:
             self._pages = source.pages  # the first source's spool becomes the merge's
             return
@@ -324,8 +337,8 @@ class _Merger:
     def check(self, header: ObjectHeader, infos: Sequence[TxnInfo]) -> None:
         """Raise unless a source with this header and these records can be added next."""
         last = self._last
-        before = _name_of(last) if last is not None else None
-        if problem := _source_problem(before, _name_of(header), self._level):
+        before = object_name(last) if last is not None else None
+        if problem := _source_problem(before, object_name(header), self._level):
             raise ValueError(f"cannot merge: {problem}")
         txids = [i.txid for i in infos]
         if txids != list(range(header.first_txid, header.last_txid + 1)):
@@ -350,6 +363,8 @@ class _Merger:
         assert first is not None, "no source added"
         assert last is not None
         final = self._infos[-1]
+        # Checksums only when every source had them: one v1 source and the merge proves nothing.
+        chained = self._chained and first.chained
         header = ObjectHeader(
             kind=ObjectKind.SEGMENT,
             page_size=last.page_size,
@@ -361,8 +376,10 @@ class _Merger:
             db_pages=final.db_pages,
             position=last.position,
             codec=last.codec,
+            pre_checksum=first.pre_checksum if chained else None,
+            post_checksum=last.post_checksum if chained else None,
         )
-        return _name_of(header), header
+        return object_name(header), header
 
     def records(self, *, materialize: bool = False) -> list[Transaction]:
         """One record per TXID; the pages (ascending, none beyond the final size) in the last.
@@ -371,15 +388,16 @@ class _Merger:
         """
         assert self._pages is not None, "no source added"
         final = self._infos[-1]
+        chained = self.name_and_header()[1].chained
+        checksums = self._checksums if chained else [None] * len(self._infos)
         records = [
-            Transaction(TxnInfo(i.txid, i.commit_time_ns, i.db_pages, 0), [])
-            for i in self._infos[:-1]
+            Transaction(TxnInfo(i.txid, i.commit_time_ns, i.db_pages, 0), [], checksum)
+            for i, checksum in zip(self._infos[:-1], checksums, strict=False)
         ]
         kept = sum(1 for p in self._pages.pgnos() if p <= final.db_pages)
         pages = list(self._pages.items(upto=final.db_pages)) if materialize else []
-        records.append(
-            Transaction(TxnInfo(final.txid, final.commit_time_ns, final.db_pages, kept), pages)
-        )
+        info = TxnInfo(final.txid, final.commit_time_ns, final.db_pages, kept)
+        records.append(Transaction(info, pages, checksums[-1]))
         return records
 
     def write(self, sink: SupportsWrite) -> int:
@@ -390,21 +408,12 @@ class _Merger:
         records = self.records()
         for record in records:
             i = record.info
-            writer.begin_transaction(i.txid, i.commit_time_ns, i.db_pages, i.page_count)
+            writer.begin_transaction(
+                i.txid, i.commit_time_ns, i.db_pages, i.page_count, record.checksum
+            )
         for pgno, data in self._pages.items(upto=records[-1].info.db_pages):
             writer.add_page(pgno, data)
         return writer.finish()
-
-
-def _name_of(header: ObjectHeader) -> ObjectName:
-    """The key name of a segment, with milliseconds derived as its writer derives them."""
-    return segment_name(
-        level=header.level,
-        first_txid=header.first_txid,
-        last_txid=header.last_txid,
-        min_time_ms=header.min_time_ns // 1_000_000,
-        max_time_ms=header.max_time_ns // 1_000_000,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +498,7 @@ class _SourceReader:
         self._spool_dir = spool_dir
         self._pages: PageSpool | None = None
         self._infos: list[TxnInfo] = []
+        self._checksums: list[int] | None = None
         self._complete = False
 
     def feed_all(self, data: bytes) -> None:
@@ -503,6 +513,7 @@ class _SourceReader:
             elif isinstance(event, TxnStartEvent):
                 self._infos.append(event.info)
             elif isinstance(event, EndEvent):
+                self._checksums = event.checksums
                 self._complete = True
 
     def finish(self) -> _Source:
@@ -510,7 +521,7 @@ class _SourceReader:
         header = self._decoder.header
         assert header is not None
         assert self._complete, "the decoder closed without its end event"
-        return _Source(header, self._infos, self._spool())
+        return _Source(header, self._infos, self._spool(), self._checksums)
 
     def discard(self) -> None:
         if self._pages is not None:

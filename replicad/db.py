@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from replicad.checksum import PageHashes
 from replicad.errors import DatabaseError, WalError
 from replicad.position import WalPosition
 from replicad.spool import PageSpool
@@ -70,7 +71,8 @@ class CapturedTxn:
     """One committed SQLite transaction, read from the WAL and held until every replica has it.
 
     `pages` is a list in memory, or for a transaction above the spill size a `PageSpool` on
-    local disk (freed when the last replica queue drops the transaction).
+    local disk (freed when the last replica queue drops the transaction).  `pre` and `post`
+    are the database's checksum before and after it (`replicad.checksum`).
     """
 
     txid: int
@@ -78,6 +80,8 @@ class CapturedTxn:
     db_pages: int
     pages: list[tuple[int, bytes]] | PageSpool
     end: WalPosition
+    pre: int
+    post: int
 
     @property
     def nbytes(self) -> int:
@@ -115,6 +119,9 @@ class DatabaseState:
     #: Offset of the newest frame of each page in the current WAL generation, up to
     #: `position`: the pages a snapshot must take from the WAL instead of the database file.
     overlay: dict[int, int] = field(default_factory=dict)
+    #: Page hashes of the database as of `txid`, kept current by each capture; None between a
+    #: fresh start and the snapshot that reads every page (`adopt_hashes`).
+    hashes: PageHashes | None = None
 
 
 class SnapshotRetry(DatabaseError):
@@ -405,6 +412,12 @@ class Database:
             out.append(self._record(txn.db_pages, list(pages.items()), txn.end, now))
         return out
 
+    def _hashes(self) -> PageHashes:
+        hashes = self.state.hashes
+        if hashes is None:
+            raise RuntimeError("capture before the page hashes were built")
+        return hashes
+
     def _commit_time(self) -> int:
         """When the commits seen now happened, as observed: never before the previous ones."""
         self._last_commit_ns = max(time.time_ns(), self._last_commit_ns)
@@ -417,25 +430,37 @@ class Database:
         end: WalPosition,
         commit_ns: int,
     ) -> CapturedTxn:
-        """The next TXID; advances the state past the transaction."""
+        """The next TXID; advances the state (position, page hashes) past the transaction."""
+        hashes = self._hashes()
+        pre = hashes.checksum
+        for pgno, data in pages:
+            hashes.set_page(pgno, data)
+        hashes.set_size(db_pages)
         self.state.txid += 1
         self.state.db_pages = db_pages
         self.state.position = end
-        return CapturedTxn(self.state.txid, commit_ns, db_pages, pages, end)
+        return CapturedTxn(self.state.txid, commit_ns, db_pages, pages, end, pre, hashes.checksum)
 
     def _lose(self, reason: str, wal_size: int = 0) -> SyncResult:
         self.state.position = None
         self.state.overlay.clear()
+        self.state.hashes = None
         return SyncResult([], lost_continuity=reason, wal_size=wal_size)
 
     # -- resuming ----------------------------------------------------------------------------
 
-    def resume(self, position: WalPosition, *, txid: int, db_pages: int) -> str | None:
+    def resume(
+        self, position: WalPosition, *, txid: int, db_pages: int, checksum: int | None = None
+    ) -> str | None:
         """Continue from a position a replica recorded, if the WAL still holds it.
 
         Verifies the checksum chain from the start of the current generation up to `position`,
-        so frames we never saw cannot slip in.  Returns None on success, else the reason the
-        position cannot be trusted (the caller then takes a snapshot).
+        so frames we never saw cannot slip in, then hashes every page of the state there and
+        compares the database checksum with the replica's (`checksum`; None for a v1 replica,
+        which records none): pages checkpointed past the position while replicad was not running
+        would otherwise make the next objects' checksums wrong.  Returns None on success, else
+        the reason the position cannot be trusted (the caller then ships what changed, or a
+        snapshot).
         """
         with _WalFile.open(self.wal_path) as wal:
             header = self._read_header(wal)
@@ -448,8 +473,36 @@ class Database:
             overlay, end, last_pages = _index_generation(wal, header, position.offset)
         if end != position:
             return "the WAL no longer holds the frames at the replica's last position"
-        self.state = DatabaseState(position, txid, last_pages or db_pages, overlay)
+        state = DatabaseState(position, txid, last_pages or db_pages, overlay)
+        source = SnapshotSource(txid, self.page_size, state.db_pages, position, 0)
+        saved, self.state = self.state, state
+        try:
+            state.hashes = self.page_hashes(source)
+        except SnapshotRetry as exc:
+            self.state = saved
+            return str(exc)
+        if checksum is not None and state.hashes.checksum != checksum:
+            self.state = saved
+            return (
+                "the database differs from the replica's last state (its checksum does not "
+                "match): it was checkpointed past that position while replicad was not running"
+            )
         return None
+
+    def page_hashes(self, source: SnapshotSource) -> PageHashes:
+        """Hash every page of the state `source` describes (reads the whole database)."""
+        return PageHashes.build(
+            self.page_size, self.iter_snapshot_pages(source), spill_dir=self.spill_dir
+        )
+
+    def adopt_hashes(self, hashes: PageHashes) -> None:
+        """The page hashes of the current state, computed while a snapshot read every page."""
+        self.state.hashes = hashes
+
+    def read_pages(self, source: SnapshotSource, pgnos: list[int]) -> list[tuple[int, bytes]]:
+        """The given pages of the state `source` describes (a restart's changed pages)."""
+        wanted = set(pgnos)
+        return [(p, d) for p, d in self.iter_snapshot_pages(source) if p in wanted]
 
     def start_fresh(self, *, base_txid: int) -> SnapshotSource:
         """Index the whole current WAL and describe a snapshot at TXID `base_txid + 1`.

@@ -1,4 +1,4 @@
-"""Encode and decode the objects a replica holds (segments and snapshots): format v1.
+"""Encode and decode the objects a replica holds (segments and snapshots): format v2.
 
 Pure: no file or network I/O.  `ObjectWriter` writes to any sink with a `write(bytes)` method
 and holds at most one block in memory; `ObjectDecoder` is fed chunks as they arrive and returns
@@ -6,7 +6,8 @@ events, so a multi-GB snapshot decodes in bounded memory.  The byte layout is sp
 `docs/format.md`; in short::
 
     header   128 bytes, fixed: magic, version, kind, codec, level, page size, TXID and
-             commit-time ranges, database size, optional WAL position, CRC32
+             commit-time ranges, database size, optional WAL position, the database's
+             checksum before and after the object (v2; see `replicad.checksum`), CRC32
     blocks   each: raw length, stored length, CRC32 of the raw bytes, then the stored bytes;
              a block of raw length 0 ends the body
     trailer  every transaction (TXID, commit time, database size, page count, raw offset)
@@ -25,6 +26,7 @@ the `EndEvent` (the verified trailer) has been returned.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 from collections.abc import Iterable
@@ -36,10 +38,19 @@ from typing import Final, Protocol
 import zstandard
 
 from replicad.errors import FormatError
-from replicad.position import ObjectKind, ObjectName, WalPosition
+from replicad.position import (
+    NO_CHECKSUM,
+    ObjectKind,
+    ObjectName,
+    WalPosition,
+    segment_name,
+    snapshot_name,
+)
 
-FORMAT_VERSION: Final = 1
-"""Major version: readers refuse any other.  Bumped for every change older readers misread."""
+FORMAT_VERSION: Final = 2
+"""Major version written.  Bumped for every change older readers misread."""
+READABLE_VERSIONS: Final = frozenset({1, 2})
+"""Major versions this reader accepts: v1 objects carry no database checksums (no chain proof)."""
 FORMAT_MINOR_VERSION: Final = 0
 """Minor version: informative; a minor change only adds what older readers can ignore."""
 
@@ -54,7 +65,7 @@ END_MAGIC: Final = b"\x89RPLEND\n"
 
 # Little-endian throughout.  The header's first 80 bytes are fields, then reserved zeros, then
 # the CRC32 of everything before it.
-_HEADER_FIELDS = struct.Struct("<8sHHBBBBIIQQqqIIQII")
+_HEADER_FIELDS = struct.Struct("<8sHHBBBBIIQQqqIIQIIQQ")
 _VERSION = struct.Struct("<HH")
 HEADER_SIZE: Final = 128
 _HEADER_CRC_AT = HEADER_SIZE - 4
@@ -63,7 +74,8 @@ _TXN = struct.Struct("<QqII")  # txid, commit time ns, database pages, page coun
 _PGNO = struct.Struct("<I")
 _CRC = struct.Struct("<I")
 _TRAILER_HEAD = struct.Struct("<IIQ")  # transaction count, block count, raw length
-_TRAILER_TXN = struct.Struct("<QqIIQ")  # a transaction record's fields and its raw offset
+_TRAILER_TXN_V1 = struct.Struct("<QqIIQ")  # a transaction record's fields and its raw offset
+_TRAILER_TXN = struct.Struct("<QqIIQQ")  # v2: and the database checksum after it (0: none)
 _TRAILER_BLOCK = struct.Struct("<QQ")  # object offset of the block header, raw offset
 _FOOTER = struct.Struct("<QIIHHI8s")
 FOOTER_SIZE: Final = _FOOTER.size
@@ -72,6 +84,7 @@ _FOOTER_CRC_AT = 20
 _KIND_CODES: Final = {ObjectKind.SNAPSHOT: 1, ObjectKind.SEGMENT: 2}
 _KINDS_BY_CODE: Final = {code: kind for kind, code in _KIND_CODES.items()}
 _FLAG_POSITION = 0x01
+_FLAG_CHECKSUMS = 0x02  # v2: the database checksum before and after are recorded
 
 _U32 = 2**32 - 1
 _U64 = 2**64 - 1
@@ -104,7 +117,10 @@ class ObjectHeader:
 
     `db_pages` and `position` describe the database and its WAL after `last_txid`; `position`
     is None when unknown (a snapshot taken from the database file alone, a compacted segment).
-    Times are Unix nanoseconds of the first and last commit.
+    Times are Unix nanoseconds of the first and last commit.  `pre_checksum` and
+    `post_checksum` are the database's checksum (`replicad.checksum`) before the object applies
+    and after its last transaction; None in v1 objects.  A snapshot's `pre_checksum` is 0 (it
+    applies to nothing).
     """
 
     kind: ObjectKind
@@ -117,6 +133,13 @@ class ObjectHeader:
     db_pages: int
     position: WalPosition | None
     codec: Codec = Codec.ZSTD
+    pre_checksum: int | None = None
+    post_checksum: int | None = None
+
+    @property
+    def chained(self) -> bool:
+        """True when the object records checksums, so it proves where it sits in a history."""
+        return self.post_checksum is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,10 +154,12 @@ class TxnInfo:
 
 @dataclass(frozen=True, slots=True)
 class Transaction:
-    """A transaction with its pages, `(pgno, page bytes)` in the order they were written."""
+    """A transaction with its pages, `(pgno, page bytes)` in the order they were written, and
+    the database checksum after it (None in an object that records no checksums)."""
 
     info: TxnInfo
     pages: list[tuple[int, bytes]]
+    checksum: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +183,14 @@ class ObjectIndex:
     blocks: list[BlockRef]
     raw_length: int
     object_length: int
+    #: The database checksum after each transaction (v2, chained objects); None otherwise.
+    checksums: list[int] | None = None
+
+    def checksum_after(self, txid: int) -> int | None:
+        """The database checksum after transaction `txid` of this object, if recorded."""
+        if self.checksums is None:
+            return None
+        return self.checksums[txid - self.transactions[0].txid]
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +221,13 @@ class EndEvent:
     """The object is complete and its trailer agrees with everything returned before."""
 
     transactions: list[TxnInfo]
+    #: The verified trailer, with each transaction's database checksum after it if recorded.
+    index: ObjectIndex | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def checksums(self) -> list[int] | None:
+        """The database checksum after each transaction, when the object records them."""
+        return None if self.index is None else self.index.checksums
 
 
 DecodeEvent = PageEvent | TxnStartEvent | TxnEndEvent | EndEvent
@@ -197,11 +237,32 @@ DecodeEvent = PageEvent | TxnStartEvent | TxnEndEvent | EndEvent
 # Header
 
 
+def object_name(header: ObjectHeader) -> ObjectName:
+    """The key an object with this header is stored under: the one place names are made."""
+    pre, post = header.pre_checksum, header.post_checksum
+    if header.kind is ObjectKind.SNAPSHOT:
+        return snapshot_name(
+            header.last_txid,
+            header.max_time_ns // 1_000_000,
+            post=NO_CHECKSUM if post is None else post,
+        )
+    return segment_name(
+        level=header.level,
+        first_txid=header.first_txid,
+        last_txid=header.last_txid,
+        min_time_ms=header.min_time_ns // 1_000_000,
+        max_time_ms=header.max_time_ns // 1_000_000,
+        pre=NO_CHECKSUM if pre is None else pre,
+        post=NO_CHECKSUM if post is None else post,
+    )
+
+
 def encode_header(header: ObjectHeader) -> bytes:
     """The `HEADER_SIZE` bytes that start an object. Raises ValueError for an invalid header."""
     if problem := _header_problem(header):
         raise ValueError(f"invalid object header: {problem}")
     pos = header.position
+    flags = (_FLAG_POSITION if pos else 0) | (_FLAG_CHECKSUMS if header.chained else 0)
     fields = _HEADER_FIELDS.pack(
         MAGIC,
         FORMAT_VERSION,
@@ -209,7 +270,7 @@ def encode_header(header: ObjectHeader) -> bytes:
         _KIND_CODES[header.kind],
         Codec(header.codec),
         header.level,
-        _FLAG_POSITION if pos else 0,
+        flags,
         header.page_size,
         header.db_pages,
         header.first_txid,
@@ -217,6 +278,8 @@ def encode_header(header: ObjectHeader) -> bytes:
         header.min_time_ns,
         header.max_time_ns,
         *((pos.salt1, pos.salt2, pos.offset, pos.checksum1, pos.checksum2) if pos else (0,) * 5),
+        header.pre_checksum or 0,
+        header.post_checksum or 0,
     )
     body = fields.ljust(_HEADER_CRC_AT, b"\0")
     return body + _CRC.pack(zlib.crc32(body))
@@ -234,22 +297,30 @@ def decode_header(data: bytes | memoryview) -> ObjectHeader:
     if zlib.crc32(head[:_HEADER_CRC_AT]) != crc:
         raise FormatError("header checksum mismatch: the object is corrupt")
     fields = _HEADER_FIELDS.unpack_from(head)
+    major = fields[1]
     kind_code, codec, level, flags, page_size, db_pages, first, last, tmin, tmax = fields[3:13]
-    salt1, salt2, offset, ck1, ck2 = fields[13:]
+    salt1, salt2, offset, ck1, ck2, pre, post = fields[13:]
     kind = _KINDS_BY_CODE.get(kind_code)
     if kind is None:
         raise FormatError(f"unknown object kind {kind_code}; upgrade replicad")
     if codec not in _CODECS:
         raise FormatError(f"unknown codec {codec}; upgrade replicad")
-    if flags & ~_FLAG_POSITION:
+    known = _FLAG_POSITION | (_FLAG_CHECKSUMS if major >= 2 else 0)
+    if flags & ~known:
         raise FormatError(f"unknown header flags {flags:#04x}; upgrade replicad")
     position = None
     if flags & _FLAG_POSITION:
         position = WalPosition(salt1, salt2, offset, ck1, ck2)
     elif salt1 or salt2 or offset or ck1 or ck2:
         raise FormatError("bad header: WAL position fields are set but flagged absent")
+    checksums: tuple[int | None, int | None] = (None, None)
+    if flags & _FLAG_CHECKSUMS:
+        checksums = (pre, post)
+    elif pre or post:
+        raise FormatError("bad header: checksum fields are set but flagged absent")
     header = ObjectHeader(
-        kind, page_size, level, first, last, tmin, tmax, db_pages, position, Codec(codec)
+        kind, page_size, level, first, last, tmin, tmax, db_pages, position, Codec(codec),
+        *checksums,
     )
     if problem := _header_problem(header):
         raise FormatError(f"bad header: {problem}")
@@ -271,9 +342,9 @@ def _check_major(major: int) -> None:
     if major > FORMAT_VERSION:
         raise FormatError(
             f"object written by a newer replicad (format v{major}); upgrade",
-            hint=f"this replicad reads format v{FORMAT_VERSION}",
+            hint=f"this replicad reads format v{FORMAT_VERSION} and older",
         )
-    if major != FORMAT_VERSION:
+    if major not in READABLE_VERSIONS:
         raise FormatError(f"unknown object format version {major}")
 
 
@@ -295,7 +366,13 @@ def _header_problem(h: ObjectHeader) -> str | None:
         return f"database size {h.db_pages} pages out of range 1..2**32-1"
     if h.position is not None and (problem := _position_problem(h.position)):
         return problem
+    if (h.pre_checksum is None) != (h.post_checksum is None):
+        return "the checksums before and after are recorded together or not at all"
+    if not all(0 <= c <= _U64 for c in (h.pre_checksum or 0, h.post_checksum or 0)):
+        return "a database checksum is out of range"
     if h.kind is ObjectKind.SNAPSHOT:
+        if h.pre_checksum:
+            return "a snapshot applies to nothing: its checksum before is 0"
         if h.level != 0:
             return f"a snapshot has level 0, not {h.level}"
         if h.first_txid != h.last_txid or h.min_time_ns != h.max_time_ns:
@@ -420,6 +497,7 @@ class ObjectWriter:
             zstandard.ZstdCompressor(level=zstd_level) if header.codec == Codec.ZSTD else None
         )
         self._sequence = _Sequence(header)
+        self._checksums: list[int] = []
         self._pending = bytearray()  # raw content not yet in a block
         self._raw_written = 0  # raw content already in blocks
         self._blocks: list[BlockRef] = []
@@ -428,13 +506,27 @@ class ObjectWriter:
         self._write(encoded_header)
 
     def begin_transaction(
-        self, txid: int, commit_time_ns: int, db_pages: int, page_count: int
+        self,
+        txid: int,
+        commit_time_ns: int,
+        db_pages: int,
+        page_count: int,
+        checksum: int | None = None,
     ) -> None:
-        """Start the record of transaction `txid`; exactly `page_count` pages must follow."""
+        """Start the record of transaction `txid`; exactly `page_count` pages must follow.
+
+        `checksum`: the database checksum after it, required when the header records
+        checksums (the last transaction's must be the header's `post_checksum`).
+        """
         self._check_open()
         info = TxnInfo(txid, commit_time_ns, db_pages, page_count)
+        if self._header.chained != (checksum is not None):
+            raise ValueError("a transaction's checksum goes with a header that records them")
+        if checksum is not None and not 0 <= checksum <= _U64:
+            raise ValueError(f"checksum {checksum} out of range")
         if problem := self._sequence.start(info, self._raw_written + len(self._pending)):
             raise ValueError(problem)
+        self._checksums.append(checksum or 0)
         self._pending += _TXN.pack(txid, commit_time_ns, db_pages, page_count)
         self._flush_full_blocks()
 
@@ -450,16 +542,30 @@ class ObjectWriter:
         self._pending += data
         self._flush_full_blocks()
 
+    def settle_checksum(self, checksum: int) -> bytes:
+        """Record the database checksum after the last transaction, learnt only once its pages
+        were written (a snapshot hashes them as it goes), as that transaction's and the
+        header's `post_checksum`.  Returns the header to write again at the object's start,
+        so the sink must be seekable.  The header began with a placeholder checksum."""
+        self._check_open()
+        if not self._header.chained or not self._checksums:
+            raise ValueError("settle_checksum needs a header that records checksums")
+        self._header = dataclasses.replace(self._header, post_checksum=checksum)
+        self._checksums[-1] = checksum
+        return encode_header(self._header)
+
     def finish(self) -> int:
         """Write the last blocks, the end marker, trailer and footer; return the object's size."""
         self._check_open()
         if problem := self._sequence.finish():
             raise ValueError(problem)
+        if self._header.chained and self._checksums[-1] != self._header.post_checksum:
+            raise ValueError("the last transaction's checksum is not the header's post_checksum")
         self._finished = True
         while self._pending:
             self._write_block(self._take_block())
         self._write(_BLOCK.pack(0, 0, 0))
-        trailer = _encode_trailer(self._sequence, self._blocks, self._raw_written)
+        trailer = _encode_trailer(self._sequence, self._checksums, self._blocks, self._raw_written)
         self._write(trailer)
         object_length = self._written + FOOTER_SIZE
         self._write(_encode_footer(object_length, trailer))
@@ -495,14 +601,16 @@ class ObjectWriter:
         self._written += len(data)
 
 
-def _encode_trailer(sequence: _Sequence, blocks: list[BlockRef], raw_length: int) -> bytes:
+def _encode_trailer(
+    sequence: _Sequence, checksums: list[int], blocks: list[BlockRef], raw_length: int
+) -> bytes:
     txns = sequence.transactions
     if len(txns) > _U32 or len(blocks) > _U32:
         raise ValueError("too many transactions or blocks for one object")
     parts = [_TRAILER_HEAD.pack(len(txns), len(blocks), raw_length)]
     parts += (
-        _TRAILER_TXN.pack(t.txid, t.commit_time_ns, t.db_pages, t.page_count, offset)
-        for t, offset in zip(txns, sequence.record_offsets, strict=True)
+        _TRAILER_TXN.pack(t.txid, t.commit_time_ns, t.db_pages, t.page_count, offset, checksum)
+        for t, offset, checksum in zip(txns, sequence.record_offsets, checksums, strict=True)
     )
     parts += (_TRAILER_BLOCK.pack(b.object_offset, b.raw_offset) for b in blocks)
     return b"".join(parts)
@@ -534,7 +642,9 @@ def encode_object(
     writer = ObjectWriter(_ListSink(chunks), header, block_size=block_size, zstd_level=zstd_level)
     for txn in transactions:
         info = txn.info
-        writer.begin_transaction(info.txid, info.commit_time_ns, info.db_pages, info.page_count)
+        writer.begin_transaction(
+            info.txid, info.commit_time_ns, info.db_pages, info.page_count, txn.checksum
+        )
         for pgno, data in txn.pages:
             writer.add_page(pgno, data)
     writer.finish()
@@ -555,7 +665,7 @@ class _ListSink:
 
 def trailer_span(tail: bytes | memoryview) -> int:
     """How many bytes at the end of an object `read_index` needs, from its last FOOTER_SIZE."""
-    object_length, trailer_length, _ = _decode_footer(tail)
+    object_length, trailer_length, _, _ = _decode_footer(tail)
     if object_length < HEADER_SIZE + _BLOCK.size + trailer_length + FOOTER_SIZE:
         raise FormatError(f"bad footer: object length {object_length} is too small")
     return trailer_length + FOOTER_SIZE
@@ -566,7 +676,8 @@ def read_index(tail: bytes | memoryview) -> ObjectIndex:
     span = trailer_span(tail)
     if len(tail) < span:
         raise FormatError(f"truncated object: the trailer needs the last {span} bytes")
-    object_length, trailer_length, trailer_crc = _decode_footer(tail)
+    object_length, trailer_length, trailer_crc, major = _decode_footer(tail)
+    entry_format = _TRAILER_TXN if major >= 2 else _TRAILER_TXN_V1
     start = len(tail) - span
     trailer = bytes(tail[start : start + trailer_length])
     if zlib.crc32(trailer) != trailer_crc:
@@ -574,16 +685,17 @@ def read_index(tail: bytes | memoryview) -> ObjectIndex:
     if trailer_length < _TRAILER_HEAD.size:
         raise FormatError(f"bad trailer: {trailer_length} bytes is too short")
     txn_count, block_count, raw_length = _TRAILER_HEAD.unpack_from(trailer)
-    blocks_at = _TRAILER_HEAD.size + txn_count * _TRAILER_TXN.size
+    blocks_at = _TRAILER_HEAD.size + txn_count * entry_format.size
     if blocks_at + block_count * _TRAILER_BLOCK.size != trailer_length:
         raise FormatError(f"bad trailer: {trailer_length} bytes do not fit its counts")
-    entries = list(_TRAILER_TXN.iter_unpack(trailer[_TRAILER_HEAD.size : blocks_at]))
+    entries = list(entry_format.iter_unpack(trailer[_TRAILER_HEAD.size : blocks_at]))
     index = ObjectIndex(
         transactions=[TxnInfo(*entry[:4]) for entry in entries],
         record_offsets=[entry[4] for entry in entries],
         blocks=[BlockRef(*b) for b in _TRAILER_BLOCK.iter_unpack(trailer[blocks_at:])],
         raw_length=raw_length,
         object_length=object_length,
+        checksums=[entry[5] for entry in entries] if major >= 2 else None,
     )
     if problem := _index_problem(index, trailer_length):
         raise FormatError(f"bad trailer: {problem}")
@@ -595,8 +707,9 @@ def read_trailer(tail: bytes | memoryview) -> list[TxnInfo]:
     return read_index(tail).transactions
 
 
-def _decode_footer(tail: bytes | memoryview) -> tuple[int, int, int]:
-    """(object length, trailer length, trailer CRC) from the last FOOTER_SIZE bytes."""
+def _decode_footer(tail: bytes | memoryview) -> tuple[int, int, int, int]:
+    """(object length, trailer length, trailer CRC, major version) from the last FOOTER_SIZE
+    bytes."""
     if len(tail) < FOOTER_SIZE:
         raise FormatError(
             f"truncated object: the footer needs {FOOTER_SIZE} bytes, got {len(tail)}"
@@ -608,7 +721,7 @@ def _decode_footer(tail: bytes | memoryview) -> tuple[int, int, int]:
     _check_major(major)
     if zlib.crc32(footer[:_FOOTER_CRC_AT]) != crc:
         raise FormatError("footer checksum mismatch: the object is corrupt")
-    return object_length, trailer_length, trailer_crc
+    return object_length, trailer_length, trailer_crc, major
 
 
 def _index_problem(index: ObjectIndex, trailer_length: int) -> str | None:
@@ -682,6 +795,7 @@ class ObjectDecoder:
         self._decompressor = zstandard.ZstdDecompressor()
         self._blocks: list[BlockRef] = []
         self._trailer_head = b""
+        self._major = FORMAT_VERSION
         self._error: FormatError | None = None
 
     def feed(self, chunk: bytes | memoryview) -> list[DecodeEvent]:
@@ -756,6 +870,7 @@ class ObjectDecoder:
 
     def _take_header(self, data: memoryview) -> None:
         header = decode_header(data)
+        (self._major,) = _VERSION.unpack_from(data, len(MAGIC))[:1]
         if self._expected is not None:
             _check_expected(header, self._expected)
         self.header = header
@@ -818,12 +933,14 @@ class ObjectDecoder:
 
     def _trailer_rest_length(self) -> int:
         txn_count, block_count, _ = _TRAILER_HEAD.unpack(self._trailer_head)
-        rest: int = txn_count * _TRAILER_TXN.size + block_count * _TRAILER_BLOCK.size
+        entry = _TRAILER_TXN if self._major >= 2 else _TRAILER_TXN_V1
+        rest: int = txn_count * entry.size + block_count * _TRAILER_BLOCK.size
         return rest + FOOTER_SIZE
 
     def _take_trailer(self, rest: bytes) -> EndEvent:
         assert self._records is not None
-        index = read_index(self._trailer_head + rest)
+        assert self.header is not None
+        index = _checked_checksums(read_index(self._trailer_head + rest), self.header)
         sequence = self._records.sequence
         body = ObjectIndex(
             transactions=sequence.transactions,
@@ -832,13 +949,28 @@ class ObjectDecoder:
             raw_length=self._records.raw_length,
             object_length=self._consumed + len(rest),
         )
-        if index != body:
-            differs = [f for f in _INDEX_FIELDS if getattr(index, f) != getattr(body, f)]
+        differs = [f for f in _INDEX_FIELDS if getattr(index, f) != getattr(body, f)]
+        if differs:
             raise FormatError(f"trailer disagrees with body: {', '.join(differs)} differ")
         self._part = _Part.DONE
-        return EndEvent(index.transactions)
+        return EndEvent(index.transactions, index)
 
 
+def _checked_checksums(index: ObjectIndex, header: ObjectHeader) -> ObjectIndex:
+    """The index with its per-transaction checksums, which must agree with the header's (and
+    be absent, all zeros, where the header records none)."""
+    if index.checksums is None:
+        return index
+    if not header.chained:
+        if any(index.checksums):
+            raise FormatError("bad trailer: checksums recorded for an object without them")
+        return dataclasses.replace(index, checksums=None)
+    if index.checksums[-1] != header.post_checksum:
+        raise FormatError("bad trailer: the last checksum is not the header's post_checksum")
+    return index
+
+
+#: What the body shows of the trailer (the checksums are in the trailer only).
 _INDEX_FIELDS: Final = ("transactions", "record_offsets", "blocks", "raw_length", "object_length")
 
 
@@ -849,6 +981,11 @@ def _check_expected(header: ObjectHeader, name: ObjectName) -> None:
         raise FormatError(
             f"object content does not match its key {name.key}: it holds a level "
             f"{header.level} {header.kind.value} of TXIDs {header.first_txid}..{header.last_txid}"
+        )
+    if name.chained and (header.pre_checksum, header.post_checksum) != (name.pre, name.post):
+        raise FormatError(
+            f"object content does not match its key {name.key}: its database checksums differ "
+            "from the ones its name records"
         )
 
 
@@ -930,9 +1067,16 @@ def decode_object(
     decoder.close()
     assert decoder.header is not None
     transactions: list[Transaction] = []
+    checksums: list[int] | None = None
     for event in events:
         if isinstance(event, TxnStartEvent):
             transactions.append(Transaction(event.info, []))
         elif isinstance(event, PageEvent):
             transactions[-1].pages.append((event.pgno, event.data))
+        elif isinstance(event, EndEvent):
+            checksums = event.checksums
+    if checksums is not None:
+        transactions = [
+            dataclasses.replace(t, checksum=c) for t, c in zip(transactions, checksums, strict=True)
+        ]
     return decoder.header, transactions

@@ -30,9 +30,10 @@ from replicad.format import (
     ObjectWriter,
     SupportsWrite,
     decode_header,
+    object_name,
 )
 from replicad.lease import Lease, is_lease_key
-from replicad.position import ObjectKind, ObjectName, WalPosition, parse_key, segment_name
+from replicad.position import ObjectKind, ObjectName, WalPosition, parse_key
 from replicad.retention import DEFAULT_RETENTION, DEFAULT_RETENTION_GRACE, plan_retention
 
 #: Raw page bytes per segment object; a backlog is split into objects of about this size.
@@ -52,6 +53,8 @@ class ReplicaTip:
     position: WalPosition | None
     db_pages: int
     page_size: int
+    #: The database checksum after `txid` (None for a v1 object, which records none).
+    checksum: int | None = None
 
 
 @dataclass(slots=True)
@@ -172,7 +175,13 @@ class Replica:
         self.shipped_txid = newest.last_txid
         self.page_size = header.page_size
         self.loaded = True
-        return ReplicaTip(newest.last_txid, header.position, header.db_pages, header.page_size)
+        return ReplicaTip(
+            newest.last_txid,
+            header.position,
+            header.db_pages,
+            header.page_size,
+            header.post_checksum,
+        )
 
     async def _read_header(self, name: ObjectName) -> ObjectHeader:
         head = b""
@@ -460,7 +469,9 @@ def _write_segment(
     """Stream the batch's transactions into `sink` as one object; its size."""
     writer = ObjectWriter(sink, header)
     for t in batch:
-        writer.begin_transaction(t.txid + offset, t.commit_time_ns, t.db_pages, len(t.pages))
+        writer.begin_transaction(
+            t.txid + offset, t.commit_time_ns, t.db_pages, len(t.pages), checksum=t.post
+        )
         for pgno, data in t.pages:
             writer.add_page(pgno, data)
     return writer.finish()
@@ -471,28 +482,23 @@ def _segment_header(
 ) -> tuple[ObjectName, ObjectHeader]:
     """The name and header of the level-0 segment holding `batch` (replica TXIDs)."""
     first, last = batch[0], batch[-1]
-    name = segment_name(
-        level=0,
-        first_txid=first.txid + offset,
-        last_txid=last.txid + offset,
-        min_time_ms=first.commit_time_ns // 1_000_000,
-        max_time_ms=last.commit_time_ns // 1_000_000,
-    )
     header = ObjectHeader(
         kind=ObjectKind.SEGMENT,
         page_size=page_size,
         level=0,
-        first_txid=name.first_txid,
-        last_txid=name.last_txid,
+        first_txid=first.txid + offset,
+        last_txid=last.txid + offset,
         min_time_ns=first.commit_time_ns,
         max_time_ns=last.commit_time_ns,
         db_pages=last.db_pages,
         position=last.end,
+        pre_checksum=first.pre,
+        post_checksum=last.post,
     )
-    return name, header
+    return object_name(header), header
 
 
-def spool_path(state_dir: Path, name: ObjectName) -> Path:
-    """Where a snapshot is encoded before upload: the database's own state directory."""
+def spool_dir(state_dir: Path) -> Path:
+    """Where snapshots are encoded before upload: the database's own state directory."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return state_dir / f"snapshot-{name.last_txid:016x}-{os.getpid()}.tmp"
+    return state_dir

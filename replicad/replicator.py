@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
+import tempfile
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -21,12 +23,13 @@ from typing import Any
 import structlog
 
 from replicad.checkpoint import Checkpointer, CheckpointPolicy, CheckpointResult
+from replicad.checksum import PageHashes, format_checksum
 from replicad.db import Database, SnapshotRetry, SnapshotSource, SyncResult
 from replicad.errors import ReplicadError
-from replicad.format import ObjectHeader, ObjectWriter
+from replicad.format import ObjectHeader, ObjectWriter, object_name
 from replicad.lease import LeaseLostError
-from replicad.position import ObjectKind, ObjectName, snapshot_name
-from replicad.replica import Replica, ReplicaTip, SnapshotFile, spool_path
+from replicad.position import ObjectKind
+from replicad.replica import Replica, ReplicaTip, SnapshotFile, spool_dir
 from replicad.retention import RETENTION_CHECK_INTERVAL
 
 #: Seconds between syncs when no file-change event arrives (the source of truth if one is missed).
@@ -329,39 +332,65 @@ class DatabaseReplicator:
         for replica in targets:
             txid = replica.snapshot_txid(source.txid)
             if txid not in by_txid:
-                name = snapshot_name(txid, source.time_ns // 1_000_000)
-                by_txid[txid] = self._write_snapshot(source, name)
+                by_txid[txid] = self._write_snapshot(source, txid)
                 by_txid[txid].users += 1
             out.append((replica, by_txid[txid]))
         return out
 
-    def _write_snapshot(self, source: SnapshotSource, name: ObjectName) -> SnapshotFile:
-        path = spool_path(self.state_dir, name)
+    def _write_snapshot(self, source: SnapshotSource, txid: int) -> SnapshotFile:
+        """Encode the snapshot, hashing every page on the way: the page hashes it yields are
+        the state's (a fresh start adopts them; otherwise they check the ones kept current)."""
         header = ObjectHeader(
             kind=ObjectKind.SNAPSHOT,
             page_size=source.page_size,
             level=0,
-            first_txid=name.first_txid,
-            last_txid=name.last_txid,
+            first_txid=txid,
+            last_txid=txid,
             min_time_ns=source.time_ns,
             max_time_ns=source.time_ns,
             db_pages=source.db_pages,
             # No WAL generation yet (empty WAL): nothing to resume from after a restart.
             position=source.position if source.position.salt1 >= 0 else None,
+            pre_checksum=0,
+            post_checksum=0,  # patched below, once every page has been hashed
         )
+        fd, tmp = tempfile.mkstemp(prefix="snapshot-", suffix=".tmp", dir=spool_dir(self.state_dir))
+        path = Path(tmp)
         try:
-            with path.open("wb") as sink:
+            with os.fdopen(fd, "wb") as sink:
                 writer = ObjectWriter(sink, header)
                 writer.begin_transaction(
-                    name.last_txid, source.time_ns, source.db_pages, source.db_pages
+                    txid, source.time_ns, source.db_pages, source.db_pages, checksum=0
                 )
+                hashes = PageHashes(source.page_size, spill_dir=self.state_dir)
                 for pgno, data in self.db.iter_snapshot_pages(source):
                     writer.add_page(pgno, data)
+                    hashes.set_page(pgno, data)
+                hashes.set_size(source.db_pages)
+                head = writer.settle_checksum(hashes.checksum)
                 size = writer.finish()
+                sink.seek(0)
+                sink.write(head)
+                header = dataclasses.replace(header, post_checksum=hashes.checksum)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        return SnapshotFile(name, source.txid, path, size)
+        self._check_hashes(hashes)
+        return SnapshotFile(object_name(header), source.txid, path, size)
+
+    def _check_hashes(self, hashes: PageHashes) -> None:
+        """Adopt the snapshot's page hashes; if some were kept current, they must agree."""
+        kept = self.db.state.hashes
+        if kept is not None and kept.checksum != hashes.checksum:
+            # Something changed the database outside its WAL, or a bug: the objects since the
+            # last snapshot carry checksums a restore will refuse; from here on they are right.
+            self.log.error(
+                "database checksum drifted from the pages replicad captured; the snapshot "
+                "starts a verified chain again",
+                kept=format_checksum(kept.checksum),
+                actual=format_checksum(hashes.checksum),
+            )
+        self.db.adopt_hashes(hashes)
 
     async def checkpoint_step(self) -> CheckpointResult | None:
         """Checkpoint if the policy says so; None if none was due (see checkpoint.py)."""

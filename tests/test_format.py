@@ -359,12 +359,12 @@ def with_version(data: bytes, major: int) -> bytes:
 
 
 def test_newer_major_version_is_refused_with_upgrade_hint() -> None:
-    data = with_version(small_object()[0], 2)
+    data = with_version(small_object()[0], 3)
     for decode in (decode_object, decode_header, lambda d: ObjectDecoder().feed(d[:12])):
-        with pytest.raises(FormatError, match=r"newer replicad \(format v2\); upgrade"):
+        with pytest.raises(FormatError, match=r"newer replicad \(format v3\); upgrade"):
             decode(data)
     footer = bytearray(data[-FOOTER_SIZE:])
-    struct.pack_into("<H", footer, 16, 2)
+    struct.pack_into("<H", footer, 16, 3)
     with pytest.raises(FormatError, match="upgrade"):
         read_trailer(data[:-FOOTER_SIZE] + footer)
 
