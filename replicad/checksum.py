@@ -58,6 +58,21 @@ def format_checksum(value: int) -> str:
     return f"{value:016x}"
 
 
+def file_checksum(path: Path, page_size: int, db_pages: int) -> int:
+    """The checksum of the database file at `path` (its first `db_pages` pages), read in
+    bounded chunks."""
+    checksum = 0
+    chunk_pages = max(1, (4 << 20) // page_size)
+    with path.open("rb", buffering=0) as f:
+        for first in range(1, db_pages + 1, chunk_pages):
+            count = min(chunk_pages, db_pages - first + 1)
+            data = f.read(count * page_size).ljust(count * page_size, b"\0")
+            view = memoryview(data)
+            for i in range(count):
+                checksum ^= page_hash(first + i, view[i * page_size : (i + 1) * page_size])
+    return checksum
+
+
 class PageHashes:
     """One hash per page of a database and their XOR, the database's checksum.
 

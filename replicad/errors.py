@@ -11,6 +11,7 @@
     │   ├── ReplicaAccessError    permanent: credentials, permissions, missing bucket or directory
     │   └── ReplicaUnavailableError  transient: network, 5xx, throttling, timeouts; retry
     ├── RestoreError              a restore cannot produce a correct database
+    │   └── HistoryForkError      objects of another history (a stale branch) block the target
     ├── StateError                replicad's own local state directory is full or unwritable
     └── ShutdownError             the final flush did not finish before its deadline
 
@@ -79,6 +80,11 @@ class ReplicaUnavailableError(ReplicaError):
 
 class RestoreError(ReplicadError):
     """A restore cannot produce a correct database (target exists, no data, gap, bad check)."""
+
+
+class HistoryForkError(RestoreError):
+    """No chain reaches the target: where it stops, only objects of another history (their
+    database checksums do not continue it) start.  The message names them."""
 
 
 class StateError(ReplicadError):

@@ -319,7 +319,16 @@ def decode_header(data: bytes | memoryview) -> ObjectHeader:
     elif pre or post:
         raise FormatError("bad header: checksum fields are set but flagged absent")
     header = ObjectHeader(
-        kind, page_size, level, first, last, tmin, tmax, db_pages, position, Codec(codec),
+        kind,
+        page_size,
+        level,
+        first,
+        last,
+        tmin,
+        tmax,
+        db_pages,
+        position,
+        Codec(codec),
         *checksums,
     )
     if problem := _header_problem(header):
@@ -366,17 +375,23 @@ def _header_problem(h: ObjectHeader) -> str | None:
         return f"database size {h.db_pages} pages out of range 1..2**32-1"
     if h.position is not None and (problem := _position_problem(h.position)):
         return problem
-    if (h.pre_checksum is None) != (h.post_checksum is None):
-        return "the checksums before and after are recorded together or not at all"
-    if not all(0 <= c <= _U64 for c in (h.pre_checksum or 0, h.post_checksum or 0)):
-        return "a database checksum is out of range"
+    if problem := _checksum_problem(h):
+        return problem
     if h.kind is ObjectKind.SNAPSHOT:
-        if h.pre_checksum:
-            return "a snapshot applies to nothing: its checksum before is 0"
         if h.level != 0:
             return f"a snapshot has level 0, not {h.level}"
         if h.first_txid != h.last_txid or h.min_time_ns != h.max_time_ns:
             return "a snapshot holds one transaction: its TXID and time ranges are single values"
+    return None
+
+
+def _checksum_problem(h: ObjectHeader) -> str | None:
+    if (h.pre_checksum is None) != (h.post_checksum is None):
+        return "the checksums before and after are recorded together or not at all"
+    if not all(0 <= c <= _U64 for c in (h.pre_checksum or 0, h.post_checksum or 0)):
+        return "a database checksum is out of range"
+    if h.kind is ObjectKind.SNAPSHOT and h.pre_checksum:
+        return "a snapshot applies to nothing: its checksum before is 0"
     return None
 
 
@@ -785,6 +800,8 @@ class ObjectDecoder:
 
     def __init__(self, *, expected: ObjectName | None = None) -> None:
         self.header: ObjectHeader | None = None
+        #: The verified trailer, once the object has ended.
+        self.index: ObjectIndex | None = None
         self._expected = expected
         self._input = bytearray()
         self._consumed = 0  # object offset of self._input[0]
@@ -953,6 +970,7 @@ class ObjectDecoder:
         if differs:
             raise FormatError(f"trailer disagrees with body: {', '.join(differs)} differ")
         self._part = _Part.DONE
+        self.index = index
         return EndEvent(index.transactions, index)
 
 

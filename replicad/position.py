@@ -94,7 +94,7 @@ class ObjectName:
         (`NO_CHECKSUM`: a state of unknown checksum, which anything may follow, unproven)."""
         if self.kind is ObjectKind.SNAPSHOT:
             return True
-        return not self.chained or checksum == NO_CHECKSUM or self.pre == checksum
+        return not self.chained or checksum in (NO_CHECKSUM, self.pre)
 
     @property
     def key(self) -> str:

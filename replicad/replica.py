@@ -491,7 +491,8 @@ def _segment_header(
         min_time_ns=first.commit_time_ns,
         max_time_ns=last.commit_time_ns,
         db_pages=last.db_pages,
-        position=last.end,
+        # No WAL generation yet (a restart's changed pages over an empty WAL): none to resume.
+        position=last.end if last.end.salt1 >= 0 else None,
         pre_checksum=first.pre,
         post_checksum=last.post,
     )

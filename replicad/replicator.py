@@ -24,13 +24,14 @@ import structlog
 
 from replicad.checkpoint import Checkpointer, CheckpointPolicy, CheckpointResult
 from replicad.checksum import PageHashes, format_checksum
-from replicad.db import Database, SnapshotRetry, SnapshotSource, SyncResult
+from replicad.db import CapturedTxn, Database, SnapshotRetry, SnapshotSource, SyncResult
 from replicad.errors import ReplicadError
 from replicad.format import ObjectHeader, ObjectWriter, object_name
 from replicad.lease import LeaseLostError
 from replicad.position import ObjectKind
 from replicad.replica import Replica, ReplicaTip, SnapshotFile, spool_dir
 from replicad.retention import RETENTION_CHECK_INTERVAL
+from replicad.spool import PageSpool
 
 #: Seconds between syncs when no file-change event arrives (the source of truth if one is missed).
 DEFAULT_POLL_INTERVAL = 1.0
@@ -60,6 +61,8 @@ _LEAPFROG_DURING_CHECKPOINT = 0.005
 #: How often the maintenance task looks whether compaction or retention is due.
 _MAINTENANCE_TICK = 5.0
 _SNAPSHOT_ATTEMPTS = 5
+#: The page hashes of the state every replica held at the last clean stop (state directory).
+HASHES_NAME = "pagehashes"
 
 
 @dataclass(slots=True)
@@ -158,6 +161,12 @@ class DatabaseReplicator:
         tips = await self._load_tips()
         async with self._lock:
             self._lost = await asyncio.to_thread(self._resume, tips)
+            if self._lost is not None:
+                changes = await asyncio.to_thread(self._ship_changes, tips, self._lost)
+                if changes is None:
+                    self._lost = None
+                else:
+                    self._lost = f"{self._lost}; {changes}"
         if self._lost is not None:
             self.log.info("taking a snapshot", reason=self._lost)
         self._last_snapshot_ms = max(
@@ -206,13 +215,95 @@ class DatabaseReplicator:
                     f"replica {name} has page size {tip.page_size}, database {self.db.page_size}"
                 )
                 continue
-            reason_or_none = self.db.resume(tip.position, txid=0, db_pages=tip.db_pages)
+            reason_or_none = self.db.resume(
+                tip.position, txid=0, db_pages=tip.db_pages, checksum=tip.checksum
+            )
             if reason_or_none is None:
                 self._align(tips, tip)
                 self.log.info("resumed from replica", replica=name, txid=tip.txid)
                 return None
             reason = reason_or_none
         return reason
+
+    def _ship_changes(self, tips: dict[str, ReplicaTip | None], why: str) -> str | None:
+        """Instead of a snapshot, queue one transaction of the pages that changed since the
+        replicas' newest state, if the page hashes saved at the last stop prove that state
+        (blocking).  Returns None when queued, else why not.
+
+        The proof: the saved table's checksum equals every replica's newest `post` checksum,
+        so the table describes exactly the state the next object applies to.
+        """
+        saved = PageHashes.load(self._hashes_path, spill_dir=self.state_dir)
+        if saved is None:
+            return "no page hashes were saved at the last stop"
+        loaded = [r for r in self.replicas if r.loaded]
+        if not loaded or any(
+            (tip := tips.get(r.name)) is None
+            or tip.checksum != saved.checksum
+            or tip.page_size != self.db.page_size
+            for r in loaded
+        ):
+            return "the saved page hashes are not those of every replica's newest state"
+        source = self.db.start_fresh(base_txid=self.db.state.txid)
+        current = self.db.page_hashes(source)
+        changed = current.diff(saved)
+        if 2 * len(changed) > max(1, source.db_pages):
+            return f"{len(changed)} of {source.db_pages} pages changed: a snapshot is smaller"
+        pages = self._changed_pages(source, changed)
+        self.db.adopt_hashes(current)
+        txn = CapturedTxn(
+            source.txid,
+            source.time_ns,
+            source.db_pages,
+            pages,
+            source.position,
+            saved.checksum,
+            current.checksum,
+        )
+        for replica in loaded:
+            replica.align(source.txid - 1, self.db.page_size)
+            replica.enqueue([txn])
+        self.log.info(
+            "restarted without a snapshot: shipping the pages that changed while replicad was "
+            "not running",
+            reason=why,
+            pages=len(changed),
+            db_pages=source.db_pages,
+        )
+        return None
+
+    def _changed_pages(
+        self, source: SnapshotSource, changed: list[int]
+    ) -> list[tuple[int, bytes]] | PageSpool:
+        """The changed pages, in memory or (past the spill size) in a spool file."""
+        if len(changed) * self.db.page_size <= self.db.spill_bytes:
+            return self.db.read_pages(source, changed)
+        spool = PageSpool(self.db.spill_dir, self.db.page_size)
+        try:
+            for pgno, data in self.db.read_pages(source, changed):
+                spool.put(pgno, data)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
+
+    @property
+    def _hashes_path(self) -> Path:
+        return self.state_dir / HASHES_NAME
+
+    def save_hashes(self) -> None:
+        """Save the page hashes of the captured state for the next start (blocking); call it
+        when every replica holds that state (at a clean stop), so a restart ships only what
+        changes meanwhile."""
+        hashes = self.db.state.hashes
+        if hashes is None:
+            return
+        try:
+            hashes.save(self._hashes_path)
+        except ReplicadError as exc:
+            self.log.warning(
+                "cannot save page hashes; the next start takes a snapshot", error=str(exc)
+            )
 
     def _align(self, tips: dict[str, ReplicaTip | None], resumed: ReplicaTip) -> None:
         for replica in self.replicas:
@@ -621,7 +712,11 @@ class DatabaseReplicator:
         except ReplicadError as exc:
             return [f"{self.name}: final sync failed: {exc}"]
         results = await asyncio.gather(*(self._flush_replica(r, deadline) for r in self.replicas))
-        return [problem for problem in results if problem]
+        problems = [problem for problem in results if problem]
+        if not problems and self._lost is None:
+            async with self._lock:
+                await asyncio.to_thread(self.save_hashes)
+        return problems
 
     async def _flush_replica(self, replica: Replica, deadline: float) -> str | None:
         backoff = Backoff(maximum=2.0)

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import structlog
 
+from replicad.checksum import file_checksum
 from replicad.clients.base import ObjectInfo, ReplicaClient
-from replicad.errors import FormatError, RestoreError
+from replicad.errors import FormatError, HistoryForkError, RestoreError
 from replicad.format import (
     HEADER_SIZE,
     ObjectDecoder,
@@ -41,6 +42,7 @@ from replicad.format import (
     read_trailer,
 )
 from replicad.position import (
+    NO_CHECKSUM,
     SEGMENT_PREFIX,
     SNAPSHOT_PREFIX,
     ObjectKind,
@@ -77,12 +79,18 @@ log = structlog.get_logger()
 
 @dataclass(frozen=True, slots=True)
 class RestorePlan:
-    """The objects that rebuild the database as of `target_txid`, in the order to apply them."""
+    """The objects that rebuild the database as of `target_txid`, in the order to apply them.
+
+    `verified`: every object records database checksums (format v2) and each continues the
+    state the one before it left, so the result can be proven equal to the source.
+    `warnings`: objects left out because they belong to another history (a stale branch).
+    """
 
     snapshot: ObjectName
     segments: tuple[ObjectName, ...]
     target_txid: int
     sizes: tuple[int, ...]
+    warnings: tuple[str, ...] = ()
 
     @property
     def objects(self) -> tuple[ObjectName, ...]:
@@ -93,6 +101,11 @@ class RestorePlan:
     def total_bytes(self) -> int:
         """Bytes to download."""
         return sum(self.sizes)
+
+    @property
+    def verified(self) -> bool:
+        """True when every object chains by checksum (see the class docstring)."""
+        return all(n.chained for n in self.objects)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +119,9 @@ class RestoreResult:
     objects: int
     bytes_downloaded: int
     seconds: float
+    #: The database checksum the restored file was proven to have (None: format v1, unproven).
+    checksum: int | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def names_from_listing(objects: Iterable[ObjectInfo]) -> dict[ObjectName, int]:
@@ -118,11 +134,29 @@ def names_from_listing(objects: Iterable[ObjectInfo]) -> dict[ObjectName, int]:
     return out
 
 
+# -- planning ---------------------------------------------------------------------------------
+#
+# A chain is a snapshot and segments, each starting at the TXID after the one before ends and,
+# where both record database checksums (format v2), starting from the checksum the one before
+# ended with.  Names carry the checksums, so the planner proves a chain from the listing alone
+# and never splices two histories: objects of a stale branch (a second daemon, a lapsed lease)
+# share TXIDs with the true history but not its checksums.  A v1 object records none and
+# continues any state, unproven (`ObjectName.follows`).
+
+
+def _state_after(name: ObjectName) -> int:
+    """The database checksum after `name` (`NO_CHECKSUM` when a v1 name records none)."""
+    return name.post if name.chained else NO_CHECKSUM
+
+
 def plan_restore(names: dict[ObjectName, int], *, target_txid: int | None = None) -> RestorePlan:
     """Choose the objects that restore `target_txid` (default: the newest TXID). Pure.
 
-    Raises `RestoreError` when the replica is empty, the target is out of range, or the chain
-    of segments after the chosen snapshot has a gap before the target.
+    The newest snapshot from which a verified chain reaches the target is used; for the newest
+    state, if no snapshot reaches the newest TXID listed (it is on a stale branch), the newest
+    TXID that a chain does reach, with a warning naming what was left out.  Raises
+    `RestoreError` when the replica is empty, the target is out of range, or no chain reaches
+    it (a gap, or a fork: the message names the objects that disagree).
     """
     if not names:
         raise RestoreError(
@@ -134,20 +168,78 @@ def plan_restore(names: dict[ObjectName, int], *, target_txid: int | None = None
     target = newest if target_txid is None else target_txid
     if target > newest:
         raise RestoreError(f"TXID {target} is newer than the replica's newest ({newest})")
-    snapshot = _snapshot_for(names, target)
-    segments = _chain(names, snapshot.last_txid, target)
+    starts = _starts(names)
+    snapshots = _snapshots_before(names, target)
+    first_error: RestoreError | None = None
+    warnings: list[str] = []
+    for snapshot in snapshots:
+        try:
+            segments = _chain(starts, snapshot.last_txid, target, _state_after(snapshot))
+        except RestoreError as exc:
+            first_error = first_error or exc
+            warnings.append(f"snapshot {snapshot.key} does not reach TXID {target}: {exc.message}")
+            continue
+        return _plan(names, snapshot, segments, target, warnings if first_error else [])
+    assert first_error is not None
+    if target_txid is None and isinstance(first_error, HistoryForkError):
+        return _newest_reachable(names, starts, snapshots, first_error)
+    raise first_error
+
+
+def _plan(
+    names: dict[ObjectName, int],
+    snapshot: ObjectName,
+    segments: Sequence[ObjectName],
+    target: int,
+    warnings: Sequence[str],
+) -> RestorePlan:
     chosen = (snapshot, *segments)
-    return RestorePlan(snapshot, tuple(segments), target, tuple(names[n] for n in chosen))
+    return RestorePlan(
+        snapshot, tuple(segments), target, tuple(names[n] for n in chosen), tuple(warnings)
+    )
 
 
-def _snapshot_for(names: Iterable[ObjectName], target: int) -> ObjectName:
-    snapshots = [n for n in names if n.kind is ObjectKind.SNAPSHOT and n.last_txid <= target]
+def _newest_reachable(
+    names: dict[ObjectName, int],
+    starts: dict[int, list[ObjectName]],
+    snapshots: Sequence[ObjectName],
+    error: RestoreError | None,
+) -> RestorePlan:
+    """The newest state some chain reaches, when the newest TXID listed is on a stale branch."""
+    best: tuple[int, ObjectName] | None = None
+    for snapshot in snapshots:
+        reached = max(_reachable(starts, snapshot.last_txid, _state_after(snapshot)))
+        if best is None or reached > best[0]:
+            best = (reached, snapshot)
+    if best is None:
+        assert error is not None
+        raise error
+    target, snapshot = best
+    segments = _chain(starts, snapshot.last_txid, target, _state_after(snapshot))
+    beyond = sorted(n.key for n in names if n.last_txid > target)
+    warning = (
+        f"the newest verified state is TXID {target}; {len(beyond)} newer objects do not "
+        f"continue its history and were left out (a stale branch?): {', '.join(beyond[:5])}"
+    )
+    return _plan(names, snapshot, segments, target, [warning])
+
+
+def _snapshots_before(names: Iterable[ObjectName], target: int) -> list[ObjectName]:
+    """Snapshots at or before `target`, newest first (of two at one TXID, the later taken)."""
+    snapshots = sorted(
+        (n for n in names if n.kind is ObjectKind.SNAPSHOT and n.last_txid <= target),
+        reverse=True,
+    )
     if not snapshots:
         raise RestoreError(
             f"no snapshot at or before TXID {target}",
             hint="the history before the oldest snapshot is no longer kept",
         )
-    return max(snapshots)  # the newest; of two at one TXID, the later taken
+    return snapshots
+
+
+def _snapshot_for(names: Iterable[ObjectName], target: int) -> ObjectName:
+    return _snapshots_before(names, target)[0]
 
 
 def _starts(names: Iterable[ObjectName]) -> dict[int, list[ObjectName]]:
@@ -157,6 +249,13 @@ def _starts(names: Iterable[ObjectName]) -> dict[int, list[ObjectName]]:
         if name.kind is ObjectKind.SEGMENT:
             starts.setdefault(name.first_txid, []).append(name)
     return starts
+
+
+def _following(
+    starts: dict[int, list[ObjectName]], reached: int, checksum: int
+) -> list[ObjectName]:
+    """The segments that continue the state (`reached`, `checksum`)."""
+    return [n for n in starts.get(reached + 1, ()) if n.follows(checksum)]
 
 
 def _furthest(candidates: Iterable[ObjectName], target: int | None) -> ObjectName | None:
@@ -170,32 +269,47 @@ def _furthest(candidates: Iterable[ObjectName], target: int | None) -> ObjectNam
     return max(within) if within else None
 
 
-def _chain(names: Iterable[ObjectName], after: int, target: int) -> list[ObjectName]:
-    """Segments from `after + 1` up to `target`: at each step the one reaching furthest
-    without passing the target, else the one that contains it (applied partly).
+def _chain(
+    starts: dict[int, list[ObjectName]], after: int, target: int, checksum: int = NO_CHECKSUM
+) -> list[ObjectName]:
+    """Segments from `after + 1` up to `target` continuing the state with `checksum`: at each
+    step the one reaching furthest without passing the target, else the one that contains it
+    (applied partly).
 
     Where that greedy walk meets a dead end (a segment whose successor is missing while
-    another segment with the same start goes on: a retried upload once left such a pair),
-    a breadth-first search finds the chain with the fewest objects, if there is one.
+    another segment with the same start goes on: a retried upload once left such a pair, and
+    a stale branch's objects look alike), a breadth-first search over (TXID, checksum) states
+    finds the chain with the fewest objects, if there is one.
     """
-    starts = _starts(names)
     try:
-        return _greedy_chain(starts, after, target)
+        return _greedy_chain(starts, after, target, checksum)
     except _Gap as gap:
-        chain = _search_chain(starts, after, target)
+        chain = _search_chain(starts, after, target, checksum)
         if chain is None:
-            raise gap.error() from None
+            raise gap.error(starts) from None
         return chain
 
 
 class _Gap(Exception):
-    """No segment starts right after `reached`."""
+    """No segment continues the state (`reached`, `checksum`)."""
 
-    def __init__(self, reached: int) -> None:
+    def __init__(self, reached: int, checksum: int) -> None:
         super().__init__(reached)
         self.reached = reached
+        self.checksum = checksum
 
-    def error(self) -> RestoreError:
+    def error(self, starts: dict[int, list[ObjectName]]) -> RestoreError:
+        others = starts.get(self.reached + 1, [])
+        if others:
+            keys = ", ".join(n.key for n in others[:5])
+            return HistoryForkError(
+                f"the history forks after TXID {self.reached}: no object continues its verified "
+                f"state (checksum {self.checksum:016x}); these start there but belong to "
+                f"another history: {keys}",
+                hint=f"the newest verified state on this path is TXID {self.reached}: restore it "
+                f"with --txid {self.reached}, and check which daemon wrote the others "
+                "(`replicad ls`, `replicad verify`)",
+            )
         return RestoreError(
             f"the history has a gap: no segment starts at TXID {self.reached + 1}",
             hint=f"the newest state before the gap is TXID {self.reached}: "
@@ -204,26 +318,30 @@ class _Gap(Exception):
 
 
 def _greedy_steps(
-    starts: dict[int, list[ObjectName]], after: int, target: int | None
+    starts: dict[int, list[ObjectName]], after: int, target: int | None, checksum: int
 ) -> Iterator[ObjectName]:
     """From `after`, the segments reaching furthest without passing `target`, in turn, until
-    none starts where the last one ended."""
+    none continues where the last one ended."""
     reached = after
     while target is None or reached < target:
-        step = _furthest(starts.get(reached + 1, ()), target)
+        step = _furthest(_following(starts, reached, checksum), target)
         if step is None:
             return
         yield step
-        reached = step.last_txid
+        reached, checksum = step.last_txid, _state_after(step)
 
 
-def _greedy_chain(starts: dict[int, list[ObjectName]], after: int, target: int) -> list[ObjectName]:
-    chain = list(_greedy_steps(starts, after, target))
+def _greedy_chain(
+    starts: dict[int, list[ObjectName]], after: int, target: int, checksum: int
+) -> list[ObjectName]:
+    chain = list(_greedy_steps(starts, after, target, checksum))
     reached = chain[-1].last_txid if chain else after
+    if chain:
+        checksum = _state_after(chain[-1])
     if reached < target:  # nothing fits within the target: one that contains it, or a gap
-        candidates = starts.get(reached + 1)
+        candidates = _following(starts, reached, checksum)
         if not candidates:
-            raise _Gap(reached)
+            raise _Gap(reached, checksum)
         step = min(candidates, key=lambda n: (n.level, n))
         if step.last_txid > target and step.level > 0:
             # A compacted segment carries its pages on its last transaction only: applying it
@@ -238,30 +356,48 @@ def _greedy_chain(starts: dict[int, list[ObjectName]], after: int, target: int) 
 
 
 def _search_chain(
-    starts: dict[int, list[ObjectName]], after: int, target: int
+    starts: dict[int, list[ObjectName]], after: int, target: int, checksum: int
 ) -> list[ObjectName] | None:
     """The chain with the fewest objects from `after + 1` to `target`, or None."""
-    came_from: dict[int, tuple[int, ObjectName] | None] = {after: None}
-    frontier = [after]
+    begin = (after, checksum)
+    came_from: dict[tuple[int, int], tuple[tuple[int, int], ObjectName] | None] = {begin: None}
+    frontier = [begin]
     while frontier:
         following = []
-        for reached in frontier:
-            for step in starts.get(reached + 1, ()):
-                end = min(step.last_txid, target)
+        for state in frontier:
+            for step in _following(starts, *state):
                 if step.last_txid > target and step.level > 0:
                     continue  # cannot be applied partly
+                end = (min(step.last_txid, target), _state_after(step))
+                if step.last_txid > target:
+                    end = (target, NO_CHECKSUM)  # applied partly: checked from its trailer
                 if end not in came_from:
-                    came_from[end] = (reached, step)
+                    came_from[end] = (state, step)
                     following.append(end)
-        if target in came_from:
+        done = next((s for s in came_from if s[0] == target), None)
+        if done is not None:
             chain = []
-            node = came_from[target]
+            node = came_from[done]
             while node is not None:
                 chain.append(node[1])
                 node = came_from[node[0]]
             return chain[::-1]
         frontier = following
     return None
+
+
+def _reachable(starts: dict[int, list[ObjectName]], after: int, checksum: int) -> set[int]:
+    """Every TXID ending an object that a chain from (`after`, `checksum`) reaches."""
+    seen = {(after, checksum)}
+    frontier = [(after, checksum)]
+    while frontier:
+        state = frontier.pop()
+        for step in _following(starts, *state):
+            end = (step.last_txid, _state_after(step))
+            if end not in seen:
+                seen.add(end)
+                frontier.append(end)
+    return {txid for txid, _ in seen}
 
 
 def parse_timestamp(text: str) -> int:
@@ -335,8 +471,12 @@ async def restore(
     started = time.monotonic()
     output, tmp = await asyncio.to_thread(_prepare_target, output, force)
     plan = await make_plan(client, target_txid=target_txid, at_ns=at_ns)
+    for warning in plan.warnings:
+        log.warning(warning)
     try:
-        page_size, db_pages = await _apply(client, plan, tmp, prefetch)
+        applied = await _apply(client, plan, tmp, prefetch)
+        await asyncio.to_thread(_check_size, tmp, applied)
+        checksum = await asyncio.to_thread(_prove, tmp, plan, applied)
         await asyncio.to_thread(_check_integrity, tmp, integrity)
         await asyncio.to_thread(_move_into_place, tmp, output, force)
     except BaseException:
@@ -345,12 +485,62 @@ async def restore(
     return RestoreResult(
         output,
         plan.target_txid,
-        page_size,
-        db_pages,
+        applied.page_size,
+        applied.db_pages,
         len(plan.objects),
         plan.total_bytes,
         time.monotonic() - started,
+        checksum,
+        plan.warnings,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    """What applying a plan wrote, and the checksum the result must have (None: unrecorded)."""
+
+    page_size: int
+    db_pages: int
+    expected: int | None
+
+
+def _check_size(tmp: Path, applied: _Applied) -> None:
+    """The database size the objects claim must be the one the restored header records, so a
+    corrupt or crafted size cannot make a huge sparse file pass (SQLite header bytes 28-31)."""
+    with tmp.open("rb") as f:
+        header = f.read(100)
+    in_header = int.from_bytes(header[28:32], "big")
+    valid = len(header) == 100 and in_header and header[24:28] == header[92:96]
+    if valid and in_header != applied.db_pages:
+        raise RestoreError(
+            f"the objects say the database has {applied.db_pages} pages, but its own header "
+            f"says {in_header}",
+            hint="the replica is damaged or was written by something else; try an earlier "
+            "--txid or another replica",
+        )
+
+
+def _prove(tmp: Path, plan: RestorePlan, applied: _Applied) -> int | None:
+    """Check the restored file's database checksum against the one the chain ends with: the
+    file is then the source's state at the target TXID, byte for byte.  None when the plan
+    holds v1 objects, which record no checksums (logged: such a restore is unproven)."""
+    if not plan.verified or applied.expected is None:
+        log.warning(
+            "the replica holds format v1 objects, which record no database checksums: this "
+            "restore cannot be proven equal to the source; only the integrity check vouches "
+            "for it"
+        )
+        return None
+    actual = file_checksum(tmp, applied.page_size, applied.db_pages)
+    if actual != applied.expected:
+        raise RestoreError(
+            f"the restored database's checksum {actual:016x} is not {applied.expected:016x}, "
+            f"the source's at TXID {plan.target_txid}: the objects "
+            f"{plan.objects[0].key}..{plan.objects[-1].key} do not add up to that state",
+            hint="the replica is damaged, or two histories were written to it; run `replicad "
+            "verify` on it, and restore an earlier --txid or another replica",
+        )
+    return actual
 
 
 async def make_plan(
@@ -450,29 +640,37 @@ async def _plan_bounded(
     if at_ns is not None:
         target_txid = await _txid_at_bounded(listing, at_ns)
     snapshot = listing.snapshot_for(target_txid)
-    await _list_for_chain(listing, snapshot.last_txid, target_txid)
-    return plan_restore(listing.names, target_txid=target_txid)
+    await _list_for_chain(listing, snapshot.last_txid, target_txid, _state_after(snapshot))
+    plan = plan_restore(listing.names, target_txid=target_txid)
+    if plan.warnings:
+        raise RestoreError("a fork: plan from the whole listing")  # make_plan lists all
+    return plan
 
 
 async def _list_for_chain(
-    listing: _BoundedListing, after: int, target: int | None, *, below: int = _LEVELS
+    listing: _BoundedListing,
+    after: int,
+    target: int | None,
+    checksum: int,
+    *,
+    below: int = _LEVELS,
 ) -> None:
-    """List the segments below level `below` that a chain from `after` to `target` (None: as
-    far as it goes) can use: each level from where the chain over the levels above it stops,
-    highest level first, and none once the chain reaches the target."""
+    """List the segments below level `below` that a chain from (`after`, `checksum`) to
+    `target` (None: as far as it goes) can use: each level from where the chain over the levels
+    above it stops, highest level first, and none once the chain reaches the target."""
     for level in listing.levels:
         if int(level) >= below:
             continue
-        reached = _reach(listing.segments(below), after, target)
+        reached = _reach(listing.segments(below), after, target, checksum)
         if target is not None and reached >= target:
             return
         await listing.list_level(level, reached + 1, target)
 
 
-def _reach(segments: Iterable[ObjectName], after: int, target: int | None) -> int:
+def _reach(segments: Iterable[ObjectName], after: int, target: int | None, checksum: int) -> int:
     """The TXID the chain from `after` reaches over `segments` without passing `target`."""
     reached = after
-    for step in _greedy_steps(_starts(segments), after, target):
+    for step in _greedy_steps(_starts(segments), after, target, checksum):
         reached = step.last_txid
     return reached
 
@@ -488,10 +686,12 @@ async def _txid_at_bounded(listing: _BoundedListing, at_ns: int) -> int:
     taken = [n for n in listing.names if n.kind is ObjectKind.SNAPSHOT and n.max_time_ms < at_ms]
     if not taken:
         raise RestoreError("no snapshot taken before that moment")  # make_plan lists all
-    base = max(taken).last_txid
-    await _list_for_chain(listing, base, None)
+    snapshot = max(taken)
+    base, checksum = snapshot.last_txid, _state_after(snapshot)
+    await _list_for_chain(listing, base, None, checksum)
     segments = listing.segments()
-    chain = _chain(segments, base, max((n.last_txid for n in segments), default=base))
+    newest = max((n.last_txid for n in segments), default=base)
+    chain = _chain(_starts(segments), base, newest, checksum)
     found = await _last_committed(listing, chain, at_ns)
     return base if found is None else max(base, found)
 
@@ -525,9 +725,9 @@ async def _last_committed(
 
 async def _sources(listing: _BoundedListing, name: ObjectName) -> list[ObjectName]:
     """The chain of lower-level segments covering exactly the TXIDs of compacted `name`."""
-    after = name.first_txid - 1
-    await _list_for_chain(listing, after, name.last_txid, below=name.level)
-    chain = _chain(listing.segments(name.level), after, name.last_txid)
+    after, checksum = name.first_txid - 1, name.pre if name.chained else NO_CHECKSUM
+    await _list_for_chain(listing, after, name.last_txid, checksum, below=name.level)
+    chain = _chain(_starts(listing.segments(name.level)), after, name.last_txid, checksum)
     if chain[-1].last_txid != name.last_txid:
         raise RestoreError(f"the segments below {name.key} do not end where it does")
     return chain
@@ -549,9 +749,7 @@ def _prepare_target(output: Path, force: bool) -> tuple[Path, Path]:
     return output, tmp
 
 
-async def _apply(
-    client: ReplicaClient, plan: RestorePlan, tmp: Path, prefetch: int
-) -> tuple[int, int]:
+async def _apply(client: ReplicaClient, plan: RestorePlan, tmp: Path, prefetch: int) -> _Applied:
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as exc:
@@ -559,13 +757,13 @@ async def _apply(
     writer = _PageWriter(fd, plan.target_txid, newest_first=True)
     try:
         try:
-            await _apply_objects(client, plan, writer, prefetch)
+            expected = await _apply_objects(client, plan, writer, prefetch)
         except _UntrackedPage:
             # A database of hundreds of GB: rather than track more pages, start again oldest
             # first, writing every version of every page.
             os.ftruncate(fd, 0)
             writer = _PageWriter(fd, plan.target_txid, newest_first=False)
-            await _apply_objects(client, plan, writer, prefetch)
+            expected = await _apply_objects(client, plan, writer, prefetch)
         writer.finish()
         await asyncio.to_thread(os.fsync, fd)
     except OSError as exc:
@@ -576,19 +774,21 @@ async def _apply(
         ) from exc
     finally:
         os.close(fd)
-    return writer.page_size, writer.db_pages
+    return _Applied(writer.page_size, writer.db_pages, expected)
 
 
 async def _apply_objects(
     client: ReplicaClient, plan: RestorePlan, writer: _PageWriter, prefetch: int
-) -> None:
-    """Apply the plan's objects in `writer`'s order, each chunk as it arrives.
+) -> int | None:
+    """Apply the plan's objects in `writer`'s order, each chunk as it arrives; returns the
+    database checksum the last object records for the target TXID (None: unrecorded).
 
     Decoding runs in the event loop, between downloads.  A worker thread for it was tried: on
     two busy cores it was slower, as decoding is mostly Python and holds the GIL.
     """
     order = plan.objects[::-1] if writer.newest_first else plan.objects
     sizes = dict(zip(plan.objects, plan.sizes, strict=True))
+    expected = None
     try:
         async with asyncio.TaskGroup() as tg:
             downloads = _Downloads(client, order, sizes, prefetch, tg)
@@ -598,6 +798,9 @@ async def _apply_objects(
                     async for chunk in downloads.chunks(name):
                         writer.feed(decoder, chunk)
                     writer.end_object(decoder)
+                if name is plan.objects[-1] and decoder.index is not None:
+                    expected = decoder.index.checksum_after(plan.target_txid)
+        return expected
     except BaseExceptionGroup as group:
         # One root cause ends a restore; report it as itself, not as a group of one.
         raise _root_cause(group) from None

@@ -382,7 +382,7 @@ class _GatedClient(FileReplicaClient):
 def _txn(txid: int, pages: int) -> CapturedTxn:
     end = WalPosition(1, 2, 32 + txid * 4120, txid, txid)
     return CapturedTxn(
-        txid, txid * 1000, pages, [(p, bytes(4096)) for p in range(1, pages + 1)], end
+        txid, txid * 1000, pages, [(p, bytes(4096)) for p in range(1, pages + 1)], end, 0, 0
     )
 
 
