@@ -168,11 +168,14 @@ def plan_restore(names: dict[ObjectName, int], *, target_txid: int | None = None
     target = newest if target_txid is None else target_txid
     if target > newest:
         raise RestoreError(f"TXID {target} is newer than the replica's newest ({newest})")
-    starts = _starts(names)
+    starts = _Segments(names)
     snapshots = _snapshots_before(names, target)
     first_error: RestoreError | None = None
     warnings: list[str] = []
+    forked = _forked(names)
     for snapshot in snapshots:
+        if forked:
+            starts.prefer_live(snapshot.last_txid, _state_after(snapshot))
         try:
             segments = _chain(starts, snapshot.last_txid, target, _state_after(snapshot))
         except RestoreError as exc:
@@ -201,20 +204,23 @@ def _plan(
 
 def _newest_reachable(
     names: dict[ObjectName, int],
-    starts: dict[int, list[ObjectName]],
+    starts: _Segments,
     snapshots: Sequence[ObjectName],
     error: RestoreError | None,
 ) -> RestorePlan:
     """The newest state some chain reaches, when the newest TXID listed is on a stale branch."""
     best: tuple[int, ObjectName] | None = None
     for snapshot in snapshots:
-        reached = max(_reachable(starts, snapshot.last_txid, _state_after(snapshot)))
+        reachable = starts.reachable(snapshot.last_txid, _state_after(snapshot))
+        reached = max(txid for txid, _ in reachable)
         if best is None or reached > best[0]:
             best = (reached, snapshot)
     if best is None:
         assert error is not None
         raise error
     target, snapshot = best
+    if _forked(names):
+        starts.prefer_live(snapshot.last_txid, _state_after(snapshot))
     segments = _chain(starts, snapshot.last_txid, target, _state_after(snapshot))
     beyond = sorted(n.key for n in names if n.last_txid > target)
     warning = (
@@ -242,20 +248,63 @@ def _snapshot_for(names: Iterable[ObjectName], target: int) -> ObjectName:
     return _snapshots_before(names, target)[0]
 
 
-def _starts(names: Iterable[ObjectName]) -> dict[int, list[ObjectName]]:
-    """Segments by first TXID."""
-    starts: dict[int, list[ObjectName]] = {}
-    for name in names:
-        if name.kind is ObjectKind.SEGMENT:
-            starts.setdefault(name.first_txid, []).append(name)
-    return starts
+class _Segments:
+    """Segments by first TXID, and which of them continue a state.
 
+    Where the history forks (`_forked`: two daemons wrote after the same state, or a stale
+    branch shares its first TXIDs), both sides are verified histories; `prefer_live` then makes
+    the planner choose, at each fork, the side that leads on to the newest state a chain
+    reaches, so a restore to an older TXID lands on the history that went on.
+    """
 
-def _following(
-    starts: dict[int, list[ObjectName]], reached: int, checksum: int
-) -> list[ObjectName]:
-    """The segments that continue the state (`reached`, `checksum`)."""
-    return [n for n in starts.get(reached + 1, ()) if n.follows(checksum)]
+    def __init__(self, names: Iterable[ObjectName]) -> None:
+        self.by_first: dict[int, list[ObjectName]] = {}
+        for name in names:
+            if name.kind is ObjectKind.SEGMENT:
+                self.by_first.setdefault(name.first_txid, []).append(name)
+        self._live: set[tuple[int, int]] | None = None
+
+    def starting(self, txid: int) -> list[ObjectName]:
+        """Every segment whose first TXID is `txid`, whatever state it continues."""
+        return self.by_first.get(txid, [])
+
+    def following(self, reached: int, checksum: int) -> list[ObjectName]:
+        """The segments that continue the state (`reached`, `checksum`); only the live ones
+        (see `prefer_live`) when some are."""
+        found = [n for n in self.starting(reached + 1) if n.follows(checksum)]
+        if self._live is None or len(found) < 2:
+            return found
+        live = [n for n in found if (n.last_txid, _state_after(n)) in self._live]
+        return live or found
+
+    def reachable(self, after: int, checksum: int) -> dict[tuple[int, int], set[tuple[int, int]]]:
+        """Every state a chain from (`after`, `checksum`) reaches, with the states before it."""
+        before: dict[tuple[int, int], set[tuple[int, int]]] = {(after, checksum): set()}
+        frontier = [(after, checksum)]
+        while frontier:
+            state = frontier.pop()
+            for step in self.following(*state):
+                end = (step.last_txid, _state_after(step))
+                if end not in before:
+                    before[end] = set()
+                    frontier.append(end)
+                before[end].add(state)
+        return before
+
+    def prefer_live(self, after: int, checksum: int) -> None:
+        """Mark the states on a chain from (`after`, `checksum`) to the newest state reachable
+        from it: at a fork, `following` then returns the side that goes on."""
+        self._live = None
+        before = self.reachable(after, checksum)
+        newest = max(txid for txid, _ in before)
+        live = {state for state in before if state[0] == newest}
+        frontier = list(live)
+        while frontier:
+            for earlier in before[frontier.pop()]:
+                if earlier not in live:
+                    live.add(earlier)
+                    frontier.append(earlier)
+        self._live = live
 
 
 def _furthest(candidates: Iterable[ObjectName], target: int | None) -> ObjectName | None:
@@ -270,7 +319,7 @@ def _furthest(candidates: Iterable[ObjectName], target: int | None) -> ObjectNam
 
 
 def _chain(
-    starts: dict[int, list[ObjectName]], after: int, target: int, checksum: int = NO_CHECKSUM
+    starts: _Segments, after: int, target: int, checksum: int = NO_CHECKSUM
 ) -> list[ObjectName]:
     """Segments from `after + 1` up to `target` continuing the state with `checksum`: at each
     step the one reaching furthest without passing the target, else the one that contains it
@@ -298,8 +347,8 @@ class _Gap(Exception):
         self.reached = reached
         self.checksum = checksum
 
-    def error(self, starts: dict[int, list[ObjectName]]) -> RestoreError:
-        others = starts.get(self.reached + 1, [])
+    def error(self, starts: _Segments) -> RestoreError:
+        others = starts.starting(self.reached + 1)
         if others:
             keys = ", ".join(n.key for n in others[:5])
             return HistoryForkError(
@@ -318,28 +367,26 @@ class _Gap(Exception):
 
 
 def _greedy_steps(
-    starts: dict[int, list[ObjectName]], after: int, target: int | None, checksum: int
+    starts: _Segments, after: int, target: int | None, checksum: int
 ) -> Iterator[ObjectName]:
     """From `after`, the segments reaching furthest without passing `target`, in turn, until
     none continues where the last one ended."""
     reached = after
     while target is None or reached < target:
-        step = _furthest(_following(starts, reached, checksum), target)
+        step = _furthest(starts.following(reached, checksum), target)
         if step is None:
             return
         yield step
         reached, checksum = step.last_txid, _state_after(step)
 
 
-def _greedy_chain(
-    starts: dict[int, list[ObjectName]], after: int, target: int, checksum: int
-) -> list[ObjectName]:
+def _greedy_chain(starts: _Segments, after: int, target: int, checksum: int) -> list[ObjectName]:
     chain = list(_greedy_steps(starts, after, target, checksum))
     reached = chain[-1].last_txid if chain else after
     if chain:
         checksum = _state_after(chain[-1])
     if reached < target:  # nothing fits within the target: one that contains it, or a gap
-        candidates = _following(starts, reached, checksum)
+        candidates = starts.following(reached, checksum)
         if not candidates:
             raise _Gap(reached, checksum)
         step = min(candidates, key=lambda n: (n.level, n))
@@ -356,7 +403,7 @@ def _greedy_chain(
 
 
 def _search_chain(
-    starts: dict[int, list[ObjectName]], after: int, target: int, checksum: int
+    starts: _Segments, after: int, target: int, checksum: int
 ) -> list[ObjectName] | None:
     """The chain with the fewest objects from `after + 1` to `target`, or None."""
     begin = (after, checksum)
@@ -365,7 +412,7 @@ def _search_chain(
     while frontier:
         following = []
         for state in frontier:
-            for step in _following(starts, *state):
+            for step in starts.following(*state):
                 if step.last_txid > target and step.level > 0:
                     continue  # cannot be applied partly
                 end = (min(step.last_txid, target), _state_after(step))
@@ -384,20 +431,6 @@ def _search_chain(
             return chain[::-1]
         frontier = following
     return None
-
-
-def _reachable(starts: dict[int, list[ObjectName]], after: int, checksum: int) -> set[int]:
-    """Every TXID ending an object that a chain from (`after`, `checksum`) reaches."""
-    seen = {(after, checksum)}
-    frontier = [(after, checksum)]
-    while frontier:
-        state = frontier.pop()
-        for step in _following(starts, *state):
-            end = (step.last_txid, _state_after(step))
-            if end not in seen:
-                seen.add(end)
-                frontier.append(end)
-    return {txid for txid, _ in seen}
 
 
 def parse_timestamp(text: str) -> int:
@@ -642,9 +675,24 @@ async def _plan_bounded(
     snapshot = listing.snapshot_for(target_txid)
     await _list_for_chain(listing, snapshot.last_txid, target_txid, _state_after(snapshot))
     plan = plan_restore(listing.names, target_txid=target_txid)
-    if plan.warnings:
-        raise RestoreError("a fork: plan from the whole listing")  # make_plan lists all
+    if plan.warnings or _forked(listing.names):
+        # Which side of a fork went on shows only in the whole listing: make_plan lists it.
+        raise HistoryForkError("the replica holds more than one history")
     return plan
+
+
+def _forked(names: Iterable[ObjectName]) -> bool:
+    """Whether two chained segments start or end at one TXID in different states."""
+    seen: dict[tuple[str, int], int] = {}
+    for name in names:
+        if name.kind is ObjectKind.SEGMENT and name.chained:
+            for key, checksum in (
+                (("pre", name.first_txid), name.pre),
+                (("post", name.last_txid), name.post),
+            ):
+                if seen.setdefault(key, checksum) != checksum:
+                    return True
+    return False
 
 
 async def _list_for_chain(
@@ -670,7 +718,7 @@ async def _list_for_chain(
 def _reach(segments: Iterable[ObjectName], after: int, target: int | None, checksum: int) -> int:
     """The TXID the chain from `after` reaches over `segments` without passing `target`."""
     reached = after
-    for step in _greedy_steps(_starts(segments), after, target, checksum):
+    for step in _greedy_steps(_Segments(segments), after, target, checksum):
         reached = step.last_txid
     return reached
 
@@ -691,7 +739,7 @@ async def _txid_at_bounded(listing: _BoundedListing, at_ns: int) -> int:
     await _list_for_chain(listing, base, None, checksum)
     segments = listing.segments()
     newest = max((n.last_txid for n in segments), default=base)
-    chain = _chain(_starts(segments), base, newest, checksum)
+    chain = _chain(_Segments(segments), base, newest, checksum)
     found = await _last_committed(listing, chain, at_ns)
     return base if found is None else max(base, found)
 
@@ -727,7 +775,7 @@ async def _sources(listing: _BoundedListing, name: ObjectName) -> list[ObjectNam
     """The chain of lower-level segments covering exactly the TXIDs of compacted `name`."""
     after, checksum = name.first_txid - 1, name.pre if name.chained else NO_CHECKSUM
     await _list_for_chain(listing, after, name.last_txid, checksum, below=name.level)
-    chain = _chain(_starts(listing.segments(name.level)), after, name.last_txid, checksum)
+    chain = _chain(_Segments(listing.segments(name.level)), after, name.last_txid, checksum)
     if chain[-1].last_txid != name.last_txid:
         raise RestoreError(f"the segments below {name.key} do not end where it does")
     return chain
