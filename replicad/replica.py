@@ -23,7 +23,7 @@ import structlog
 from replicad.clients.base import ReplicaClient
 from replicad.compaction import DEFAULT_LEVELS, DEFAULT_SETTLE_MS, compact, plan_compaction
 from replicad.db import CapturedTxn
-from replicad.errors import FormatError, ObjectNotFoundError
+from replicad.errors import FormatError, ObjectNotFoundError, RestoreError
 from replicad.format import (
     HEADER_SIZE,
     ObjectHeader,
@@ -34,6 +34,7 @@ from replicad.format import (
 )
 from replicad.lease import Lease, is_lease_key
 from replicad.position import ObjectKind, ObjectName, WalPosition, parse_key
+from replicad.restore import plan_restore
 from replicad.retention import DEFAULT_RETENTION, DEFAULT_RETENTION_GRACE, plan_retention
 
 #: Raw page bytes per segment object; a backlog is split into objects of about this size.
@@ -175,12 +176,14 @@ class Replica:
         self.shipped_txid = newest.last_txid
         self.page_size = header.page_size
         self.loaded = True
+        position = header.position
+        if problem := _unverified_tip(self.objects, newest):
+            # Continuing it would extend a history a restore may not choose: a snapshot numbered
+            # above everything starts a chain no stale object can be taken for.
+            self.log.warning("not continuing the replica's newest object", reason=problem)
+            position = None
         return ReplicaTip(
-            newest.last_txid,
-            header.position,
-            header.db_pages,
-            header.page_size,
-            header.post_checksum,
+            newest.last_txid, position, header.db_pages, header.page_size, header.post_checksum
         )
 
     async def _read_header(self, name: ObjectName) -> ObjectHeader:
@@ -436,6 +439,19 @@ class Replica:
     def _uploaded(self) -> None:
         self.last_upload_monotonic = time.monotonic()
         self.last_upload_time = time.time()
+
+
+def _unverified_tip(objects: dict[ObjectName, int], newest: ObjectName) -> str | None:
+    """Why the newest object is not the end of the history a restore of the newest state
+    proves, or None when it is."""
+    try:
+        plan = plan_restore(objects)
+    except RestoreError as exc:
+        return f"the replica's history does not verify: {exc.message}"
+    last = plan.objects[-1]
+    if (last.last_txid, last.post) != (newest.last_txid, newest.post):
+        return f"{newest.key} is not on the replica's verified history"
+    return None
 
 
 def snapshot_page_size(snapshot: SnapshotFile) -> int:
