@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import random
 import shutil
 import sqlite3
@@ -96,7 +97,9 @@ def test_page_hashes_spill_to_an_unlinked_file(tmp_path: Path, monkeypatch: pyte
     table = PageHashes(PAGE, spill_dir=tmp_path)
     for pgno in range(1, 3000):
         table.set_page(pgno, pgno.to_bytes(4, "little") * (PAGE // 4))
-    memory = PageHashes.build(PAGE, ((p, p.to_bytes(4, "little") * (PAGE // 4)) for p in range(1, 3000)))
+    memory = PageHashes.build(
+        PAGE, ((p, p.to_bytes(4, "little") * (PAGE // 4)) for p in range(1, 3000))
+    )
     assert table.checksum == memory.checksum
     assert list(tmp_path.iterdir()) == []  # unlinked: a crash leaves nothing behind
 
@@ -260,8 +263,17 @@ class _Writer:
         checksum = PageHashes.build(PAGE, enumerate(pages, 1)).checksum
         self.time += 1000
         header = ObjectHeader(
-            ObjectKind.SNAPSHOT, PAGE, 0, txid, txid, self.time, self.time, len(pages), None,
-            pre_checksum=0, post_checksum=checksum,
+            ObjectKind.SNAPSHOT,
+            PAGE,
+            0,
+            txid,
+            txid,
+            self.time,
+            self.time,
+            len(pages),
+            None,
+            pre_checksum=0,
+            post_checksum=checksum,
         )
         info = TxnInfo(txid, self.time, len(pages), len(pages))
         return self.put(header, [Transaction(info, list(enumerate(pages, 1)), checksum)])
@@ -275,9 +287,7 @@ class _Writer:
         for i, state in enumerate(states):
             self.time += 1000
             changed = [
-                (p, d)
-                for p, d in enumerate(state, 1)
-                if p > len(previous) or previous[p - 1] != d
+                (p, d) for p, d in enumerate(state, 1) if p > len(previous) or previous[p - 1] != d
             ]
             for p, d in changed:
                 table.set_page(p, d)
@@ -286,9 +296,17 @@ class _Writer:
             txns.append(Transaction(info, changed, table.checksum))
             previous = state
         header = ObjectHeader(
-            ObjectKind.SEGMENT, PAGE, 0, first, first + len(states) - 1,
-            txns[0].info.commit_time_ns, txns[-1].info.commit_time_ns, len(states[-1]), None,
-            pre_checksum=pre, post_checksum=table.checksum,
+            ObjectKind.SEGMENT,
+            PAGE,
+            0,
+            first,
+            first + len(states) - 1,
+            txns[0].info.commit_time_ns,
+            txns[-1].info.commit_time_ns,
+            len(states[-1]),
+            None,
+            pre_checksum=pre,
+            post_checksum=table.checksum,
         )
         return self.put(header, txns)
 
@@ -371,3 +389,74 @@ def test_a_format_v1_replica_still_restores_and_says_it_is_unproven(tmp_path: Pa
 
 def _keys(root: Path) -> list[str]:
     return [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+
+
+# -- a restart ships only what changed (real processes) ------------------------------------------
+
+
+def test_restart_after_writes_and_a_checkpoint_ships_only_the_changed_pages(tmp_path: Path) -> None:
+    """The daemon stops cleanly; the application writes and checkpoints (TRUNCATE: the WAL
+    restarts, so resuming from the WAL is impossible); the restarted daemon uploads one segment
+    of the changed pages instead of a snapshot, and every TXID before and after restores
+    exactly."""
+    from tests import workload
+    from tests.procs import start_daemon, start_writer, stop, wait_for
+
+    db, replica, dlog, wlog = (tmp_path / n for n in ("app.db", "rep", "d.log", "w.log"))
+    conn = sqlite3.connect(db)
+    workload.setup(conn)
+    conn.execute("CREATE TABLE ballast(b BLOB)")  # pages the writes below never touch
+    conn.executemany("INSERT INTO ballast VALUES (randomblob(3000))", [()] * 400)
+    conn.commit()
+    conn.close()
+    args = [str(db), replica.as_uri()]
+    snapshots = replica / "snapshots"
+    daemon = start_daemon(args, dlog)
+    try:
+        wait_for(lambda: snapshots.exists() and any(snapshots.iterdir()), 30, "the first snapshot")
+        assert start_writer(db, wlog, seed=21, count=150, rate=300).wait(timeout=60) == 0
+    finally:
+        assert stop(daemon) == 0, dlog.read_text()[-3000:]
+    assert start_writer(db, wlog, seed=21, count=60, rate=0).wait(timeout=60) == 0
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    conn.close()
+    daemon = start_daemon(args, dlog)
+    try:
+        wait_for(lambda: "restarted without a snapshot" in dlog.read_text(), 30, "the restart")
+    finally:
+        assert stop(daemon) == 0, dlog.read_text()[-3000:]
+    assert len(list(snapshots.iterdir())) == 1
+    restart = json.loads(
+        next(line for line in dlog.read_text().splitlines() if "without a snapshot" in line)
+    )
+    names = sorted(n for n in map(parse_key, _keys(replica)) if n is not None)
+    jump = max(names, key=lambda n: n.last_txid)
+    assert jump.kind is ObjectKind.SEGMENT and jump.first_txid == jump.last_txid
+    # The segment holds exactly the pages that differ between the states before and after.
+    before, after = tmp_path / "before.db", tmp_path / "after.db"
+    _restore(replica, before, target_txid=jump.last_txid - 1)
+    _restore(replica, after, target_txid=jump.last_txid)
+    old, new = before.read_bytes(), after.read_bytes()
+    pages = [new[i : i + 4096] for i in range(0, len(new), 4096)]
+    differ = sum(1 for i, page in enumerate(pages) if old[i * 4096 : (i + 1) * 4096] != page)
+    assert restart["pages"] == differ < len(pages) / 2
+
+    # Every TXID restores to a committed state of the writer's log, proven by its checksum.
+    def view(path: Path) -> object:  # the writer's content: the ballast is not in its model
+        content = workload.dump(path)
+        content["schema"] = [row for row in content["schema"] if row[1] != "ballast"]
+        content["rows"].pop("ballast", None)
+        return content
+
+    model = workload.replays(21, set(range(0, 211)), tmp_path / "replay.db", view=view)
+    seen = set()
+    for txid in range(1, jump.last_txid + 1):
+        out = tmp_path / f"at-{txid}.db"
+        result = _restore(replica, out, target_txid=txid, integrity="none")
+        assert result.checksum is not None  # type: ignore[attr-defined]
+        k = workload.seq_of(out)
+        assert view(out) == model[k], txid
+        seen.add(k)
+        out.unlink()
+    assert max(seen) == 210
