@@ -468,3 +468,84 @@ def test_restart_after_writes_and_a_checkpoint_ships_only_the_changed_pages(tmp_
         seen.add(k)
         out.unlink()
     assert max(seen) == 210
+    # The live database equals the replica's newest state; after one more write it does not.
+    from tests.procs import replicad
+
+    checked = replicad("verify", replica.as_uri(), "--db", str(db))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "same checksum" in checked.stdout
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE meta SET seq = seq + 1")
+    conn.commit()
+    conn.close()
+    checked = replicad("verify", replica.as_uri(), "--db", str(db))
+    assert checked.returncode == 1
+    assert "differs from the replica" in checked.stdout
+
+
+# -- replicad verify ------------------------------------------------------------------------------
+
+
+def _verify(root: Path, **kwargs: object) -> object:
+    from replicad.verify import verify_replica
+
+    async def run() -> object:
+        client = FileReplicaClient(root)
+        try:
+            return await verify_replica(client, **kwargs)  # type: ignore[arg-type]
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+def _good_replica(root: Path) -> tuple[list[list[bytes]], list[ObjectName]]:
+    w = _Writer(root)
+    states = [_db_pages(n) for n in range(1, 9)]
+    names = [w.snapshot(1, states[0]), w.segment(2, states[0], states[1:4])]
+    names.append(w.segment(5, states[3], states[4:8]))
+    return states, names
+
+
+def test_verify_proves_a_good_replica_and_names_a_bad_object(tmp_path: Path) -> None:
+    root = tmp_path / "replica"
+    states, names = _good_replica(root)
+    report = _verify(root)
+    assert report.ok and report.target_txid == 8  # type: ignore[attr-defined]
+    assert report.checksum == PageHashes.build(PAGE, enumerate(states[7], 1)).checksum  # type: ignore[attr-defined]
+    assert report.checks == 1 + 3 + 1 + 4 + 1  # type: ignore[attr-defined]
+    assert (
+        _verify(root, target_txid=3).checksum
+        == PageHashes.build(  # type: ignore[attr-defined]
+            PAGE, enumerate(states[2], 1)
+        ).checksum
+    )
+    # Forged pages under a valid name and header: the checksum after its first TXID gives it away.
+    header, txns = decode_object((root / names[1].key).read_bytes())
+    forged = _db_pages(40)
+    bad = [Transaction(t.info, [(p, forged[p - 1]) for p, _ in t.pages], t.checksum) for t in txns]
+    (root / names[1].key).write_bytes(encode_object(header, bad))
+    with pytest.raises(FormatError, match=rf"{names[1].key}.*after TXID 2"):
+        _verify(root)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "flipped"])
+def test_verify_command_fails_naming_the_damage(tmp_path: Path, damage: str) -> None:
+    from tests.procs import replicad
+
+    root = tmp_path / "replica"
+    _, names = _good_replica(root)
+    assert replicad("verify", root.as_uri()).returncode == 0
+    victim = root / names[1].key
+    data = victim.read_bytes()
+    if damage == "missing":
+        victim.unlink()
+    elif damage == "truncated":
+        victim.write_bytes(data[: len(data) // 2])
+    else:
+        victim.write_bytes(data[:200] + bytes([data[200] ^ 0xFF]) + data[201:])
+    result = replicad("verify", root.as_uri())
+    assert result.returncode == 1, result.stdout
+    expected = "no segment starts at TXID 2" if damage == "missing" else names[1].key
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
