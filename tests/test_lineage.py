@@ -16,6 +16,7 @@ import random
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -34,7 +35,8 @@ from replicad.format import (
     object_name,
 )
 from replicad.position import NO_CHECKSUM, ObjectKind, ObjectName, parse_key
-from replicad.restore import RestorePlan, plan_restore, restore
+from replicad.restore import RestorePlan, RestoreResult, plan_restore, restore
+from replicad.verify import VerifyReport, verify_replica
 
 PAGE = 512
 T0 = 1_700_000_000_000_000_000
@@ -326,11 +328,11 @@ def _rows(path: Path) -> int:
         conn.close()
 
 
-def _restore(root: Path, out: Path, **kwargs: object) -> object:
-    async def run() -> object:
+def _restore(root: Path, out: Path, **kwargs: Any) -> RestoreResult:
+    async def run() -> RestoreResult:
         client = FileReplicaClient(root)
         try:
-            return await restore(client, out, **kwargs)  # type: ignore[arg-type]
+            return await restore(client, out, **kwargs)
         finally:
             await client.close()
 
@@ -351,8 +353,8 @@ def test_restore_is_proven_and_skips_a_stale_branch(tmp_path: Path) -> None:
     w.segment(5, states[3], states[4:6])  # B: TXIDs 5-6
     out = tmp_path / "out.db"
     result = _restore(root, out)
-    assert result.txid == 6  # type: ignore[attr-defined]
-    assert result.checksum == file_checksum(out, PAGE, len(states[5]))  # type: ignore[attr-defined]
+    assert result.txid == 6
+    assert result.checksum == file_checksum(out, PAGE, len(states[5]))
     assert out.read_bytes() == b"".join(states[5])
     for txid in range(1, 7):
         target = tmp_path / f"at-{txid}.db"
@@ -388,7 +390,7 @@ def test_a_format_v1_replica_still_restores_and_says_it_is_unproven(tmp_path: Pa
     out = tmp_path / "out.db"
     with capture_logs() as logs:
         result = _restore(root, out)
-    assert result.checksum is None  # type: ignore[attr-defined]
+    assert result.checksum is None
     assert _rows(out) == 33
     assert any("format v1" in entry["event"] for entry in logs)
     assert NO_CHECKSUM == -1
@@ -462,7 +464,7 @@ def test_restart_after_writes_and_a_checkpoint_ships_only_the_changed_pages(tmp_
     for txid in range(1, jump.last_txid + 1):
         out = tmp_path / f"at-{txid}.db"
         result = _restore(replica, out, target_txid=txid, integrity="none")
-        assert result.checksum is not None  # type: ignore[attr-defined]
+        assert result.checksum is not None
         k = workload.seq_of(out)
         assert view(out) == model[k], txid
         seen.add(k)
@@ -486,13 +488,11 @@ def test_restart_after_writes_and_a_checkpoint_ships_only_the_changed_pages(tmp_
 # -- replicad verify ------------------------------------------------------------------------------
 
 
-def _verify(root: Path, **kwargs: object) -> object:
-    from replicad.verify import verify_replica
-
-    async def run() -> object:
+def _verify(root: Path, **kwargs: Any) -> VerifyReport:
+    async def run() -> VerifyReport:
         client = FileReplicaClient(root)
         try:
-            return await verify_replica(client, **kwargs)  # type: ignore[arg-type]
+            return await verify_replica(client, **kwargs)
         finally:
             await client.close()
 
@@ -511,14 +511,13 @@ def test_verify_proves_a_good_replica_and_names_a_bad_object(tmp_path: Path) -> 
     root = tmp_path / "replica"
     states, names = _good_replica(root)
     report = _verify(root)
-    assert report.ok and report.target_txid == 8  # type: ignore[attr-defined]
-    assert report.checksum == PageHashes.build(PAGE, enumerate(states[7], 1)).checksum  # type: ignore[attr-defined]
-    assert report.checks == 1 + 3 + 1 + 4 + 1  # type: ignore[attr-defined]
+    assert report.ok
+    assert report.target_txid == 8
+    assert report.checksum == PageHashes.build(PAGE, enumerate(states[7], 1)).checksum
+    assert report.checks == 1 + 3 + 1 + 4 + 1
     assert (
         _verify(root, target_txid=3).checksum
-        == PageHashes.build(  # type: ignore[attr-defined]
-            PAGE, enumerate(states[2], 1)
-        ).checksum
+        == PageHashes.build(PAGE, enumerate(states[2], 1)).checksum
     )
     # Forged pages under a valid name and header: the checksum after its first TXID gives it away.
     header, txns = decode_object((root / names[1].key).read_bytes())
