@@ -95,7 +95,9 @@ def test_page_hashes_save_load_and_diff(tmp_path: Path) -> None:
     assert PageHashes.load(path) is None
 
 
-def test_page_hashes_spill_to_an_unlinked_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_page_hashes_spill_to_an_unlinked_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("replicad.checksum.MEMORY_LIMIT", 8 * 1024)
     table = PageHashes(PAGE, spill_dir=tmp_path)
     for pgno in range(1, 3000):
