@@ -114,7 +114,7 @@ class PageHashes:
         if pgno > self.db_pages:
             self.set_size(pgno)
         new = page_hash(pgno, data)
-        old = int(self._hashes[pgno - 1])
+        old: int = self._hashes.item(pgno - 1)
         self._hashes[pgno - 1] = new
         self.checksum ^= old ^ new
 
