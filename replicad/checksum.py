@@ -5,7 +5,7 @@ after, so consecutive objects prove they belong to one history, and a restored f
 equals the source at its TXID (DESIGN.md section 9).  The checksum must be cheap to keep current
 while pages change, so it is a XOR over pages::
 
-    page_hash(pgno, page) = BLAKE2b-64 of the page, salted with its page number
+    page_hash(pgno, page) = XXH3-64 of the page, seeded with its page number
     checksum(database)    = XOR of page_hash over pages 1..db_pages (0 for no pages)
 
 A page that was never written (the lock page, a hole) counts as zeros, which is what a restore
@@ -14,14 +14,17 @@ remove the old page's hash, add the new one's.  `PageHashes` keeps one 8-byte ha
 for that, in memory while small and in an unlinked file in the state directory past
 `MEMORY_LIMIT` (a 1 TB database of 4 KiB pages needs 2 GiB of hashes).
 
-BLAKE2b rather than a CRC: a CRC is linear, so structured differences (the same edit at two
-places) can cancel in the XOR; a keyed-hash's outputs behave as independent random values, so
-two different states collide with probability 2**-64.  Measured here: 3.8 us per 4 KiB page.
+XXH3 rather than a CRC: a CRC is linear, so structured differences (the same edit at two
+places) can cancel in the XOR; XXH3's outputs behave as independent random values, so two
+different states collide with probability about 2**-64.  It detects accidents (a stale branch,
+a torn or misplaced page, a writer bug), not forgery: whoever can write the bucket can write
+consistent checksums (encryption, when configured, authenticates objects).  BLAKE2b was
+measured first: 3.8 us per 4 KiB page against XXH3's 0.2 us (0.44 against 17.7 on a loaded
+machine), and the checksum cost 5-10% of the daemon's CPU at 500 txn/s with it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import tempfile
@@ -32,6 +35,7 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 from replicad.errors import StateError
 
@@ -44,8 +48,7 @@ _U64 = np.uint64
 
 def page_hash(pgno: int, data: bytes | memoryview) -> int:
     """The 64-bit hash of page `pgno` holding `data`."""
-    digest = hashlib.blake2b(data, digest_size=8, salt=pgno.to_bytes(16, "little")).digest()
-    return int.from_bytes(digest, "little")
+    return xxhash.xxh3_64_intdigest(data, seed=pgno)
 
 
 @lru_cache(maxsize=8)
