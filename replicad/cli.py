@@ -254,8 +254,10 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument(
         "--integrity-check",
         choices=INTEGRITY_MODES,
-        default="full",
-        help="check run on the result before it is moved into place (default: full)",
+        default="auto",
+        help="SQLite check run on the result before it is moved into place; auto (the "
+        "default): none when the checksum chain proves the result equal to the source, full "
+        "when it cannot (format v1 replicas)",
     )
     _add_logging(p)
 
