@@ -49,14 +49,20 @@ def _free_port() -> int:
 
 
 def _fill(db: Path, megabytes: int) -> None:
-    """Make `db` about `megabytes` large with incompressible rows (WAL mode)."""
+    """Make `db` about `megabytes` large (WAL mode): incompressible rows, half of the space in
+    small indexed rows, so an integrity check has b-trees to walk as in a real database."""
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute("CREATE TABLE IF NOT EXISTS rows(id INTEGER PRIMARY KEY, payload BLOB)")
-    rows = megabytes * 1024 * 1024 // 4000
+    conn.execute("CREATE TABLE IF NOT EXISTS small(id INTEGER PRIMARY KEY, k INTEGER, v BLOB)")
+    conn.execute("CREATE INDEX IF NOT EXISTS small_k ON small(k)")
+    half = megabytes * 1024 * 1024 // 2
     conn.execute("BEGIN")
-    conn.executemany("INSERT INTO rows(payload) VALUES (randomblob(3900))", [()] * rows)
+    conn.executemany("INSERT INTO rows(payload) VALUES (randomblob(3900))", [()] * (half // 4000))
+    conn.executemany(
+        "INSERT INTO small(k, v) VALUES (random(), randomblob(100))", [()] * (half // 160)
+    )
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
