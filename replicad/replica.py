@@ -493,6 +493,16 @@ def _segment_header(
 
 
 def spool_path(state_dir: Path, name: ObjectName) -> Path:
-    """Where a snapshot is encoded before upload: the database's own state directory."""
+    """A new, empty file (owner-only) in the database's state directory, where a snapshot is
+    encoded before upload.
+
+    Created with O_EXCL under an unpredictable name: two snapshots at the same TXID (requested
+    back to back with no write between) must never share a file, or releasing the first would
+    delete the second's.
+    """
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return state_dir / f"snapshot-{name.last_txid:016x}-{os.getpid()}.tmp"
+    fd, path = tempfile.mkstemp(
+        prefix=f"snapshot-{name.last_txid:016x}-", suffix=".tmp", dir=state_dir
+    )
+    os.close(fd)
+    return Path(path)

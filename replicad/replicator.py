@@ -231,9 +231,22 @@ class DatabaseReplicator:
         if self._lost is not None or any(r.wants_snapshot for r in self.replicas):
             await self.snapshot_step()
         elif self._snapshot_due():
-            self.log.info("taking a scheduled snapshot", requested=self._snapshot_requested)
-            await self.snapshot_step(everyone=True)
+            await self._due_snapshot()
         return result
+
+    async def _due_snapshot(self) -> None:
+        """A requested or scheduled snapshot, unless one is still waiting to be uploaded to
+        every replica: a request then joins it (the pending snapshot and the segments after it
+        restore any later point just as well)."""
+        requested = self._snapshot_requested
+        pending = [r.snapshot for r in self.replicas if r.loaded]
+        if requested and pending and all(s is not None for s in pending):
+            self._snapshot_requested = False
+            txids = sorted({s.name.last_txid for s in pending if s is not None})
+            self.log.info("snapshot requested; joining the one waiting to upload", txid=txids[-1])
+            return
+        self.log.info("taking a requested snapshot" if requested else "taking a scheduled snapshot")
+        await self.snapshot_step(everyone=True)
 
     def request_snapshot(self) -> None:
         """Take a snapshot for every replica at the next sync (SIGUSR1, `replicad snapshot`)."""
@@ -312,7 +325,10 @@ class DatabaseReplicator:
         self._snapshot_requested = False
         self._last_snapshot_ms = source.time_ns // 1_000_000
         self.stats.snapshots += 1
-        self.log.info("snapshot taken", capture_txid=source.txid, pages=source.db_pages)
+        # The TXID the replicas will hold it as (what "snapshot uploaded" and `ls` say).
+        txids = sorted({f.name.last_txid for _, f in files})
+        txid: object = txids[0] if len(txids) == 1 else txids
+        self.log.info("snapshot taken", txid=txid, pages=source.db_pages)
         return
 
     async def _catch_up(self) -> None:
