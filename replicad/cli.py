@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,6 +35,7 @@ from replicad.config import (
     replica_from_url,
 )
 from replicad.errors import ConfigError, ReplicadError
+from replicad.inspect import iso_ns
 from replicad.observe import MetricsServer, configure_logging, parse_address
 from replicad.restore import (
     INTEGRITY_MODES,
@@ -45,7 +47,9 @@ from replicad.restore import (
 )
 
 if TYPE_CHECKING:
+    from replicad.find import FindStats, Query
     from replicad.inspect import LogEntry
+    from replicad.replay import TxidRange
     from replicad.replicator import DatabaseReplicator
 
 # The daemon's modules (replicator, database, WAL reader with numpy, file watching, inspection)
@@ -77,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_snapshot(sub)
     _add_ls(sub)
     _add_log(sub)
+    _add_find(sub)
     _add_config(sub)
     return parser
 
@@ -156,6 +161,42 @@ def _add_log(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--until", metavar="RFC3339", help="latest commit time")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     _add_logging(p)
+
+
+def _add_find(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "find",
+        help="find the transactions that changed a query's answer (which write deleted my rows?)",
+        description="Rebuild the database as of the start of the range once, apply each "
+        "transaction in turn to that scratch copy, and run the read-only query after each. "
+        "Prints every transaction after which the answer changed: its TXID, commit time, the "
+        "answer before and after, and the `replicad restore` command for the state just "
+        "before it. The scratch copy needs about the database's size on disk.",
+    )
+    _add_source(p)
+    p.add_argument(
+        "--sql",
+        required=True,
+        metavar="QUERY",
+        help='one read-only statement, e.g. "SELECT count(*) FROM invoices"',
+    )
+    _add_txid_range(p)
+    p.add_argument(
+        "--scratch-dir",
+        type=Path,
+        help="where the scratch copy is written (default: the system's temporary directory)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object per change")
+    _add_logging(p)
+
+
+def _add_txid_range(p: argparse.ArgumentParser) -> None:
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--since", metavar="RFC3339", help="first commit time to examine")
+    start.add_argument("--from-txid", type=int, metavar="N", help="first TXID to examine")
+    end = p.add_mutually_exclusive_group()
+    end.add_argument("--until", metavar="RFC3339", help="last commit time to examine")
+    end.add_argument("--to-txid", type=int, metavar="M", help="last TXID to examine")
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
@@ -582,6 +623,80 @@ def _log(args: argparse.Namespace) -> int:
     return 0
 
 
+def _find(args: argparse.Namespace) -> int:
+    from replicad.find import FindStats, Query  # noqa: PLC0415 - see the imports
+
+    replica = _source_replica(args)
+    query, stats = Query(args.sql), FindStats()
+
+    async def run(client: ReplicaClient) -> int:
+        return await _print_changes(client, query, args, stats)
+
+    changes = asyncio.run(_with_client(replica, run))
+    rate = stats.examined / stats.seconds if stats.seconds else 0.0
+    print(
+        f"replicad: examined {stats.examined} transactions, {changes} changed the answer, in "
+        f"{stats.seconds:.1f} s ({rate:.0f} transactions/s; {stats.base_seconds:.1f} s of it "
+        f"rebuilding the first state); read {stats.base_bytes + stats.step_bytes} bytes",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _print_changes(
+    client: ReplicaClient, query: Query, args: argparse.Namespace, stats: FindStats
+) -> int:
+    from replicad.find import answer_json, answer_text, find_changes  # noqa: PLC0415
+
+    txids = await _resolve_range(client, args)
+    if not args.json:
+        print(f"examining TXIDs {txids.base_txid + 1}..{txids.last_txid} of {client.url}")
+    count = 0
+    changes = find_changes(client, query, txids, scratch_parent=args.scratch_dir, stats=stats)
+    async for change in changes:
+        count += 1
+        command = _restore_command(args, change.restore_txid)
+        if args.json:
+            record = {
+                "txid": change.txid,
+                "time": iso_ns(change.commit_time_ns),
+                "before": answer_json(change.before),
+                "after": answer_json(change.after),
+                "restore_txid": change.restore_txid,
+                "restore_command": command,
+            }
+            print(json.dumps(record), flush=True)
+        else:
+            print(f"TXID {change.txid}  committed {iso_ns(change.commit_time_ns)}")
+            print(f"  before: {answer_text(change.before)}")
+            print(f"  after:  {answer_text(change.after)}")
+            print(f"  state just before it: {command}", flush=True)
+    return count
+
+
+async def _resolve_range(client: ReplicaClient, args: argparse.Namespace) -> TxidRange:
+    from replicad.replay import resolve_range  # noqa: PLC0415 - see the imports
+
+    return await resolve_range(
+        client,
+        from_txid=args.from_txid,
+        to_txid=args.to_txid,
+        since_ns=parse_timestamp(args.since) if args.since else None,
+        until_ns=parse_timestamp(args.until) if args.until else None,
+    )
+
+
+def _restore_command(args: argparse.Namespace, txid: int) -> str:
+    """The restore command for the state after `txid`, from the same source as this one."""
+    words = ["replicad", "restore", "--txid", str(txid), "-o", f"before-{txid + 1}.db"]
+    if args.config is not None:
+        words += ["-c", str(args.config)]
+        if args.replica is not None:
+            words += ["--replica", args.replica]
+    words.append(args.source)
+    return shlex.join(words)
+
+
 async def _with_client(config: ReplicaConfig, action: Callable[[ReplicaClient], Awaitable[T]]) -> T:
     client = await make_client(config)
     try:
@@ -618,4 +733,5 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ls": _ls,
     "status": _ls,
     "log": _log,
+    "find": _find,
 }

@@ -140,5 +140,11 @@ def iso(ms: int) -> str:
 
 
 def iso_ns(ns: int) -> str:
-    """Unix nanoseconds as RFC 3339 UTC (microsecond precision)."""
-    return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat(timespec="microseconds")
+    """Unix nanoseconds as RFC 3339 UTC, to the nanosecond.
+
+    Exact, so a time copied from `replicad log` or `find` into `--timestamp`, `--since` or
+    `--until` names that very transaction (a rounded time could fall just after it or before).
+    """
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    moment = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{moment}.{fraction:09d}+00:00"
