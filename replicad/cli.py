@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import shlex
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -35,7 +36,6 @@ from replicad.config import (
     replica_from_url,
 )
 from replicad.errors import ConfigError, ReplicadError
-from replicad.inspect import iso_ns
 from replicad.observe import MetricsServer, configure_logging, parse_address
 from replicad.restore import (
     INTEGRITY_MODES,
@@ -48,7 +48,7 @@ from replicad.restore import (
 
 if TYPE_CHECKING:
     from replicad.find import FindStats, Query
-    from replicad.inspect import LogEntry
+    from replicad.inspect import LogEntry, LogStats
     from replicad.replay import TxidRange
     from replicad.replicator import DatabaseReplicator
 
@@ -152,13 +152,26 @@ def _add_ls(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _add_log(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "log",
-        help="list transactions in a time range (to find the bad one)",
-        description="TXID, commit time, pages changed and database size of each transaction "
-        "committed between --since and --until (RFC 3339), from the replica.",
+        help="list transactions and what each did (to find the bad one)",
+        description="TXID, commit time (when replicad saw the commit), pages and database "
+        "size of each transaction in the range, and what it did: tables and indexes whose "
+        "pages it wrote, schema changes (tables created, dropped, altered), pages freed, the "
+        "database growing or shrinking. The state before the range is rebuilt once into a "
+        "scratch copy (about the database's size on disk) and the transactions are replayed "
+        "onto it; --brief reads only the segments' trailers instead. Prints what it read.",
     )
     _add_source(p)
-    p.add_argument("--since", metavar="RFC3339", help="earliest commit time")
-    p.add_argument("--until", metavar="RFC3339", help="latest commit time")
+    _add_txid_range(p)
+    p.add_argument(
+        "--brief",
+        action="store_true",
+        help="TXID, time, pages and size only, from the segments' trailers (ranged reads)",
+    )
+    p.add_argument(
+        "--scratch-dir",
+        type=Path,
+        help="where the scratch copy is written (default: the system's temporary directory)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON lines")
     _add_logging(p)
 
@@ -297,6 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read our output stopped (`replicad log | head`): nothing went wrong here.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 # -- replicate -------------------------------------------------------------------------------
@@ -606,21 +624,56 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _log(args: argparse.Namespace) -> int:
-    from replicad.inspect import transaction_log  # noqa: PLC0415 - see the imports
+    from replicad.inspect import LogStats  # noqa: PLC0415 - see the imports
 
-    since = parse_timestamp(args.since) if args.since else None
-    until = parse_timestamp(args.until) if args.until else None
+    if args.brief and (args.from_txid is not None or args.to_txid is not None):
+        raise ConfigError("--brief selects by commit time only: use --since/--until")
+    stats = LogStats()
 
-    async def run(client: ReplicaClient) -> list[LogEntry]:
-        return await transaction_log(client, since_ns=since, until_ns=until)
+    async def run(client: ReplicaClient) -> None:
+        async with contextlib.aclosing(_log_entries(client, args, stats)) as entries:
+            async for entry in entries:
+                if args.json:
+                    print(json.dumps(entry.as_dict()), flush=True)
+                else:
+                    print(_log_line(entry), flush=True)
 
-    entries = asyncio.run(_with_client(_source_replica(args), run))
-    for e in entries:
-        if args.json:
-            print(json.dumps(dataclasses.asdict(e)))
-        else:
-            print(f"{e.txid:>10}  {e.committed}  pages {e.pages:>6}  db_pages {e.db_pages}")
+    asyncio.run(_with_client(_source_replica(args), run))
+    per_txn = stats.bytes // stats.transactions if stats.transactions else 0
+    base = f"{stats.base_bytes} bytes for the state before them and " if not args.brief else ""
+    print(
+        f"replicad: {stats.transactions} transactions; read {base}{stats.bytes} bytes for the "
+        f"transactions ({per_txn} per transaction)",
+        file=sys.stderr,
+    )
     return 0
+
+
+async def _log_entries(
+    client: ReplicaClient, args: argparse.Namespace, stats: LogStats
+) -> AsyncGenerator[LogEntry, None]:
+    from replicad.inspect import detailed_log, transaction_log  # noqa: PLC0415
+
+    if args.brief:
+        since = parse_timestamp(args.since) if args.since else None
+        until = parse_timestamp(args.until) if args.until else None
+        for entry in await transaction_log(client, since_ns=since, until_ns=until, stats=stats):
+            yield entry
+        return
+    txids = await _resolve_range(client, args)
+    log = detailed_log(client, txids, scratch_parent=args.scratch_dir, stats=stats)
+    async with contextlib.aclosing(log) as entries:
+        async for entry in entries:
+            yield entry
+
+
+def _log_line(e: LogEntry) -> str:
+    line = f"{e.txid:>10}  {e.committed}  pages {e.pages:>6}  db_pages {e.db_pages}"
+    if e.marks:
+        line += "  " + "  ".join(e.marks)
+    if e.touched:
+        line += "  touched: " + ", ".join(f"{name} {n}" for name, n in e.touched.items())
+    return line
 
 
 def _find(args: argparse.Namespace) -> int:
@@ -647,30 +700,32 @@ async def _print_changes(
     client: ReplicaClient, query: Query, args: argparse.Namespace, stats: FindStats
 ) -> int:
     from replicad.find import answer_json, answer_text, find_changes  # noqa: PLC0415
+    from replicad.inspect import iso_ns  # noqa: PLC0415
 
     txids = await _resolve_range(client, args)
     if not args.json:
         print(f"examining TXIDs {txids.base_txid + 1}..{txids.last_txid} of {client.url}")
     count = 0
     changes = find_changes(client, query, txids, scratch_parent=args.scratch_dir, stats=stats)
-    async for change in changes:
-        count += 1
-        command = _restore_command(args, change.restore_txid)
-        if args.json:
-            record = {
-                "txid": change.txid,
-                "time": iso_ns(change.commit_time_ns),
-                "before": answer_json(change.before),
-                "after": answer_json(change.after),
-                "restore_txid": change.restore_txid,
-                "restore_command": command,
-            }
-            print(json.dumps(record), flush=True)
-        else:
-            print(f"TXID {change.txid}  committed {iso_ns(change.commit_time_ns)}")
-            print(f"  before: {answer_text(change.before)}")
-            print(f"  after:  {answer_text(change.after)}")
-            print(f"  state just before it: {command}", flush=True)
+    async with contextlib.aclosing(changes) as found:
+        async for change in found:
+            count += 1
+            command = _restore_command(args, change.restore_txid)
+            if args.json:
+                record = {
+                    "txid": change.txid,
+                    "time": iso_ns(change.commit_time_ns),
+                    "before": answer_json(change.before),
+                    "after": answer_json(change.after),
+                    "restore_txid": change.restore_txid,
+                    "restore_command": command,
+                }
+                print(json.dumps(record), flush=True)
+            else:
+                print(f"TXID {change.txid}  committed {iso_ns(change.commit_time_ns)}")
+                print(f"  before: {answer_text(change.before)}")
+                print(f"  after:  {answer_text(change.after)}")
+                print(f"  state just before it: {command}", flush=True)
     return count
 
 

@@ -14,10 +14,10 @@ gives that error as its answer: a DROP TABLE shows up as a change like any other
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -25,7 +25,7 @@ from urllib.request import pathname2url
 
 from replicad.clients.base import ReplicaClient
 from replicad.errors import ConfigError
-from replicad.replay import Replay, TxidRange
+from replicad.replay import TxidRange, scratch_replay
 
 #: What a query may do: anything else is refused when it is prepared.
 _ALLOWED: Final = frozenset(
@@ -110,7 +110,7 @@ async def find_changes(
     scratch_parent: Path | None = None,
     stats: FindStats | None = None,
     on_base: Callable[[Answer], None] | None = None,
-) -> AsyncIterator[Change]:
+) -> AsyncGenerator[Change, None]:
     """Every transaction in `txids` after which `query`'s answer changed, in order.
 
     The scratch copy lives in a private temporary directory under `scratch_parent` (default:
@@ -118,22 +118,21 @@ async def find_changes(
     `on_base` is given the answer on the state before the range.
     """
     stats = stats if stats is not None else FindStats()
-    with tempfile.TemporaryDirectory(prefix="replicad-find-", dir=scratch_parent) as scratch:
-        replay = Replay(client, Path(scratch) / "scratch.db")
-        await replay.start(txids.base_txid)
+    async with scratch_replay(client, txids.base_txid, parent=scratch_parent) as replay:
         stats.base_bytes = replay.base_bytes
         stats.base_seconds = time.monotonic() - stats.started
         answer = query.check(replay.path)
         if on_base is not None:
             on_base(answer)
-        async for step in replay.steps(txids.last_txid):
-            stats.examined += 1
-            after = query.run(replay.path)
-            if after != answer:
-                yield Change(step.info.txid, step.info.commit_time_ns, answer, after)
-            answer = after
-            stats.step_bytes = replay.step_bytes
-            stats.seconds = time.monotonic() - stats.started
+        async with contextlib.aclosing(replay.steps(txids.last_txid)) as steps:
+            async for step in steps:
+                stats.examined += 1
+                after = query.run(replay.path)
+                if after != answer:
+                    yield Change(step.info.txid, step.info.commit_time_ns, answer, after)
+                answer = after
+                stats.step_bytes = replay.step_bytes
+                stats.seconds = time.monotonic() - stats.started
         stats.step_bytes = replay.step_bytes
 
 

@@ -13,7 +13,9 @@ database's size on disk.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +141,7 @@ class Replay:
         self.base_bytes = self.client.stats.bytes_downloaded - before
         self.txid, self.page_size, self.db_pages = result.txid, result.page_size, result.db_pages
 
-    async def steps(self, last_txid: int) -> AsyncIterator[Step]:
+    async def steps(self, last_txid: int) -> AsyncGenerator[Step, None]:
         """Apply each transaction up to `last_txid` in turn; yield after each one is applied.
 
         The scratch file holds exactly the state after `Step.info.txid` while the caller has it.
@@ -148,8 +150,11 @@ class Replay:
         fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         try:
             for name in chain:
-                async for step in self._apply(fd, name, last_txid):
-                    yield step
+                # Closed here, not by the garbage collector, when the caller stops early: the
+                # download inside must be closed before this generator is.
+                async with contextlib.aclosing(self._apply(fd, name, last_txid)) as steps:
+                    async for step in steps:
+                        yield step
         finally:
             os.close(fd)
 
@@ -157,7 +162,7 @@ class Replay:
         end = f"{_LEVEL0}{last_txid + 1:016x}"
         return list(names_from_listing(await self.client.list_objects(_LEVEL0, end_before=end)))
 
-    async def _apply(self, fd: int, name: ObjectName, last_txid: int) -> AsyncIterator[Step]:
+    async def _apply(self, fd: int, name: ObjectName, last_txid: int) -> AsyncGenerator[Step, None]:
         decoder = ObjectDecoder(expected=name)
         written: set[int] = set()
         before = self.client.stats.bytes_downloaded
@@ -194,6 +199,18 @@ class Replay:
             os.ftruncate(fd, info.db_pages * self.page_size)
         self.txid, self.db_pages = info.txid, info.db_pages
         return Step(info, tuple(sorted(written)), before)
+
+
+@contextlib.asynccontextmanager
+async def scratch_replay(
+    client: ReplicaClient, base_txid: int, *, parent: Path | None = None
+) -> AsyncIterator[Replay]:
+    """A started `Replay` in a private temporary directory under `parent` (default: the
+    system's), removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="replicad-replay-", dir=parent) as scratch:
+        replay = Replay(client, Path(scratch) / "scratch.db")
+        await replay.start(base_txid)
+        yield replay
 
 
 def level0_chain(names: Iterable[ObjectName], after: int, last: int) -> list[ObjectName]:
