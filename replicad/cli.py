@@ -263,7 +263,9 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "or a replica URL. The result is written to OUT.tmp, checked, and moved to OUT atomically.",
     )
     _add_source(p)
-    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the database")
+    p.add_argument(
+        "-o", "--output", type=Path, help="where to write the database (not with --dry-run)"
+    )
     target = p.add_mutually_exclusive_group()
     target.add_argument("--txid", type=int, help="restore the state right after this transaction")
     target.add_argument(
@@ -276,7 +278,8 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the plan (objects, bytes, TXID range) as JSON without downloading",
+        help="print the plan (target TXID and its commit time, objects, bytes) as JSON "
+        "without downloading the objects",
     )
     p.add_argument(
         "--if-replica-exists",
@@ -494,7 +497,12 @@ async def make_client(config: ReplicaConfig, *, max_attempts: int | None = None)
 
 def _restore(args: argparse.Namespace) -> int:
     replica_config = _source_replica(args)
-    if args.if_db_not_exists and args.output.exists():
+    if args.output is None and not args.dry_run:
+        raise ConfigError(
+            "restore needs -o OUT: where to write the restored database",
+            hint="restore beside the live database, e.g. -o /var/lib/app/restored.db",
+        )
+    if args.if_db_not_exists and args.output is not None and args.output.exists():
         print(json.dumps({"skipped": f"{args.output} exists (--if-db-not-exists)"}))
         return 0
     result = asyncio.run(_run_restore(replica_config, args))
@@ -543,8 +551,11 @@ async def _run_restore(config: ReplicaConfig, args: argparse.Namespace) -> Resto
             print(json.dumps({"skipped": f"{client.url} holds nothing (--if-replica-exists)"}))
             return None
         if args.dry_run:
+            from replicad.inspect import commit_time_ns, iso_ns  # noqa: PLC0415
+
             plan = await make_plan(client, target_txid=args.txid, at_ns=at_ns)
-            print(json.dumps(_plan_json(plan), indent=2))
+            committed = iso_ns(await commit_time_ns(client, plan))
+            print(json.dumps({"target_committed": committed, **_plan_json(plan)}, indent=2))
             return None
         return await restore(
             client,

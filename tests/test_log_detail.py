@@ -12,7 +12,7 @@ import pytest
 
 from replicad.clients.file import FileReplicaClient
 from replicad.format import ObjectHeader, Transaction, TxnInfo, encode_object
-from replicad.inspect import TAIL_GUESS, _trailer
+from replicad.inspect import TAIL_GUESS, read_transactions
 from replicad.position import ObjectKind, segment_name
 from tests.incident import GOOD_INVOICES, LATER_CUSTOMERS, Incident, make_incident
 from tests.procs import ROOT, clean_env, replicad
@@ -70,7 +70,7 @@ def test_text_output_marks_and_reports_bytes_read(incident: Incident) -> None:
     assert "bytes for the transactions" in result.stderr
 
 
-def test_brief_log_reads_trailers_only(incident: Incident) -> None:
+def test_brief_log_readsread_transactionss_only(incident: Incident) -> None:
     result = replicad("log", incident.url, "--brief", "--json")
     assert result.returncode == 0, result.stderr
     brief = [json.loads(line) for line in result.stdout.splitlines()]
@@ -78,7 +78,7 @@ def test_brief_log_reads_trailers_only(incident: Incident) -> None:
     assert set(brief[0]) == {"txid", "committed", "pages", "db_pages"}
 
 
-async def test_a_trailer_is_read_with_range_requests(tmp_path: Path) -> None:
+async def test_aread_transactions_is_read_with_range_requests(tmp_path: Path) -> None:
     """A segment bigger than the first guess: two small reads from its end, not the whole."""
     transactions = [
         Transaction(TxnInfo(txid, 1_000_000 * txid, 40, 1), [(txid % 39 + 1, os.urandom(4096))])
@@ -101,7 +101,7 @@ async def test_a_trailer_is_read_with_range_requests(tmp_path: Path) -> None:
     (tmp_path / "segments" / "00").mkdir(parents=True)
     (tmp_path / name.key).write_bytes(data)
     client = FileReplicaClient(tmp_path)
-    infos = await _trailer(client, name, len(data))
+    infos = await read_transactions(client, name, len(data))
     assert [i.txid for i in infos] == list(range(2, 600))
     # 40 bytes a transaction: the trailer is more than the first guess, so two reads.
     assert client.stats.requests == {"GET": 2}
