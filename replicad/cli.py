@@ -36,7 +36,7 @@ from replicad.config import (
     replica_from_url,
 )
 from replicad.errors import ConfigError, ReplicadError
-from replicad.observe import MetricsServer, configure_logging, parse_address
+from replicad.observe import MetricsServer, bind_scope, configure_logging, parse_address
 from replicad.restore import (
     INTEGRITY_MODES,
     RestorePlan,
@@ -773,8 +773,28 @@ async def _with_client(config: ReplicaConfig, action: Callable[[ReplicaClient], 
 
 def _config(args: argparse.Namespace) -> int:
     config = load_config(args.config or DEFAULT_CONFIG_PATH)
+    for note in _config_notes(config):
+        print(f"replicad: {note}", file=sys.stderr)
     print(json.dumps(_plain(config), indent=2))
     return 0
+
+
+def _config_notes(config: Config) -> list[str]:
+    """What `config check` should point out in a configuration that is valid."""
+    notes = []
+    for i, db in enumerate(config.databases):
+        if not db.path.exists():
+            notes.append(
+                f"warning: databases[{i}].path: {db.path} does not exist; replicad would wait "
+                "for it to appear (relative paths are relative to the configuration file)"
+            )
+    if config.metrics_addr:
+        host, port = parse_address(config.metrics_addr)
+        notes.append(
+            f"metrics_addr {config.metrics_addr!r} serves http://{host}:{port}/metrics to "
+            f"{bind_scope(host)}"
+        )
+    return notes
 
 
 def _plain(value: object) -> object:

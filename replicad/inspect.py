@@ -22,7 +22,7 @@ from replicad.errors import FormatError, RestoreError
 from replicad.format import FOOTER_SIZE, TxnInfo, read_trailer, trailer_span
 from replicad.position import ObjectKind, ObjectName
 from replicad.replay import TxidRange, scratch_replay
-from replicad.restore import RestorePlan, names_from_listing
+from replicad.restore import RestorePlan, empty_replica_error, names_from_listing
 
 #: Bytes read from the end of a segment at first: the footer and, usually, the whole trailer
 #: (40 bytes per transaction and 16 per block), so one request is enough.
@@ -95,8 +95,13 @@ class LogStats:
 
 
 async def summarize(client: ReplicaClient) -> ReplicaSummary:
-    """One LIST, summarized: snapshots, segment levels, newest TXID and its age."""
+    """One LIST, summarized: snapshots, segment levels, newest TXID and its age.
+
+    Raises `RestoreError` for a replica that holds nothing (a wrong URL, most likely).
+    """
     names = names_from_listing(await client.list_objects())
+    if not names:
+        raise empty_replica_error()
     newest = max(names, key=lambda n: n.last_txid, default=None)
     newest_ms = newest.max_time_ms if newest else None
     return ReplicaSummary(

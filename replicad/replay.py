@@ -24,7 +24,7 @@ from replicad.clients.base import ReplicaClient
 from replicad.errors import FormatError, RestoreError
 from replicad.format import DecodeEvent, ObjectDecoder, PageEvent, TxnEndEvent, TxnInfo
 from replicad.position import SEGMENT_PREFIX, SNAPSHOT_PREFIX, ObjectKind, ObjectName
-from replicad.restore import make_plan, names_from_listing, restore
+from replicad.restore import empty_replica_error, make_plan, names_from_listing, restore
 
 _LEVEL0 = f"{SEGMENT_PREFIX}00/"
 
@@ -71,10 +71,7 @@ async def resolve_range(
         raise RestoreError("--since is after --until: the range is empty")
     snapshots = names_from_listing(await client.list_objects(SNAPSHOT_PREFIX))
     if not snapshots:
-        raise RestoreError(
-            f"{client.url} holds no snapshot",
-            hint="check the replica URL and prefix; `replicad ls URL` shows what it holds",
-        )
+        raise empty_replica_error()
     oldest = min(n.last_txid for n in snapshots)
     newest = (await make_plan(client)).target_txid
     if from_txid is not None:

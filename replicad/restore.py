@@ -120,6 +120,15 @@ def names_from_listing(objects: Iterable[ObjectInfo]) -> dict[ObjectName, int]:
     return out
 
 
+def empty_replica_error() -> RestoreError:
+    """What every command says about a replica that holds nothing of ours."""
+    return RestoreError(
+        "the replica holds no replicad objects",
+        hint="check the replica URL and prefix; a replica gets its first snapshot when "
+        "`replicad replicate` starts",
+    )
+
+
 def plan_restore(names: dict[ObjectName, int], *, target_txid: int | None = None) -> RestorePlan:
     """Choose the objects that restore `target_txid` (default: the newest TXID). Pure.
 
@@ -127,11 +136,7 @@ def plan_restore(names: dict[ObjectName, int], *, target_txid: int | None = None
     of segments after the chosen snapshot has a gap before the target.
     """
     if not names:
-        raise RestoreError(
-            "the replica holds no replicad objects",
-            hint="check the replica URL and prefix; a replica gets its first snapshot when "
-            "`replicad replicate` starts",
-        )
+        raise empty_replica_error()
     newest = max(n.last_txid for n in names)
     target = newest if target_txid is None else target_txid
     if target > newest:

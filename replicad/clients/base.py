@@ -67,6 +67,8 @@ _ERROR_KINDS: dict[type[ReplicaError], str] = {
     ObjectExistsError: "exists",
     ReplicaAccessError: "access",
 }
+#: Every kind `ClientStats.count_error` records.
+ERROR_KINDS = (*_ERROR_KINDS.values(), "unavailable")
 
 
 class ReplicaClient(Protocol):
