@@ -25,6 +25,7 @@ from replicad.db import Database, SnapshotRetry, SnapshotSource, SyncResult
 from replicad.errors import ReplicadError
 from replicad.format import ObjectHeader, ObjectWriter
 from replicad.lease import LeaseLostError
+from replicad.pidfile import database_replaced
 from replicad.position import ObjectKind, ObjectName, snapshot_name
 from replicad.replica import Replica, ReplicaTip, SnapshotFile, spool_path
 from replicad.retention import RETENTION_CHECK_INTERVAL
@@ -152,9 +153,12 @@ class DatabaseReplicator:
         reached is logged and retried by its upload loop; the others go ahead.
         """
         await asyncio.to_thread(self.db.open)
+        replaced = await asyncio.to_thread(database_replaced, self.state_dir, self.db.path)
         tips = await self._load_tips()
         async with self._lock:
             self._lost = await asyncio.to_thread(self._resume, tips)
+        if self._lost is not None and replaced:
+            self._lost = "the database file was replaced while replicad was not running"
         if self._lost is not None:
             self.log.info("taking a snapshot", reason=self._lost)
         self._last_snapshot_ms = max(
