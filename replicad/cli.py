@@ -161,16 +161,11 @@ def _add_log(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "onto it; --brief reads only the segments' trailers instead. Prints what it read.",
     )
     _add_source(p)
-    _add_txid_range(p)
+    _add_replay_args(p)
     p.add_argument(
         "--brief",
         action="store_true",
         help="TXID, time, pages and size only, from the segments' trailers (ranged reads)",
-    )
-    p.add_argument(
-        "--scratch-dir",
-        type=Path,
-        help="where the scratch copy is written (default: the system's temporary directory)",
     )
     p.add_argument("--json", action="store_true", help="print JSON lines")
     _add_logging(p)
@@ -193,23 +188,24 @@ def _add_find(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="QUERY",
         help='one read-only statement, e.g. "SELECT count(*) FROM invoices"',
     )
-    _add_txid_range(p)
-    p.add_argument(
-        "--scratch-dir",
-        type=Path,
-        help="where the scratch copy is written (default: the system's temporary directory)",
-    )
+    _add_replay_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per change")
     _add_logging(p)
 
 
-def _add_txid_range(p: argparse.ArgumentParser) -> None:
+def _add_replay_args(p: argparse.ArgumentParser) -> None:
+    """The range of transactions to replay, and where the scratch copy goes."""
     start = p.add_mutually_exclusive_group()
     start.add_argument("--since", metavar="RFC3339", help="first commit time to examine")
     start.add_argument("--from-txid", type=int, metavar="N", help="first TXID to examine")
     end = p.add_mutually_exclusive_group()
     end.add_argument("--until", metavar="RFC3339", help="last commit time to examine")
     end.add_argument("--to-txid", type=int, metavar="M", help="last TXID to examine")
+    p.add_argument(
+        "--scratch-dir",
+        type=Path,
+        help="where the scratch copy is written (default: the system's temporary directory)",
+    )
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:

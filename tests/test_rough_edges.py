@@ -31,6 +31,19 @@ def _events(log: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
 
 
+def _replicate_until_snapshots(db: Path, replica: Path, log: Path, snapshots: int) -> None:
+    """Run the daemon until the replica holds `snapshots` snapshots, then stop it cleanly."""
+    daemon = start_daemon([str(db), replica.as_uri()], log)
+    try:
+        wait_for(
+            lambda: len(list((replica / "snapshots").glob("*.snap"))) >= snapshots,
+            20,
+            f"{snapshots} snapshots",
+        )
+    finally:
+        assert stop(daemon) == 0
+
+
 def _config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "replicad.toml"
     path.write_text(text)
@@ -138,11 +151,7 @@ def test_ls_on_a_replica_that_does_not_exist_fails_with_restores_hint(
 def test_dry_run_needs_no_output_and_shows_the_commit_time(tmp_path: Path) -> None:
     db, replica, log = tmp_path / "app.db", tmp_path / "replica", tmp_path / "d.log"
     _make_db(db)
-    daemon = start_daemon([str(db), replica.as_uri()], log)
-    try:
-        wait_for(lambda: any((replica / "snapshots").glob("*.snap")), 20, "the snapshot")
-    finally:
-        assert stop(daemon) == 0
+    _replicate_until_snapshots(db, replica, log, 1)
     result = replicad("restore", "--dry-run", replica.as_uri())
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
@@ -214,21 +223,13 @@ def _settled(log: Path, nth: int) -> bool:
 def test_a_snapshot_after_the_database_was_replaced_says_so(tmp_path: Path) -> None:
     db, replica, log = tmp_path / "app.db", tmp_path / "replica", tmp_path / "d.log"
     _make_db(db)
-    daemon = start_daemon([str(db), replica.as_uri()], log)
-    try:
-        wait_for(lambda: any((replica / "snapshots").glob("*.snap")), 20, "the snapshot")
-    finally:
-        assert stop(daemon) == 0
+    _replicate_until_snapshots(db, replica, log, 1)
     other = tmp_path / "other.db"
     _make_db(other)
     _make_db(other)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     os.replace(other, db)
-    daemon = start_daemon([str(db), replica.as_uri()], log)
-    try:
-        wait_for(lambda: len(list((replica / "snapshots").glob("*.snap"))) == 2, 20, "a snapshot")
-    finally:
-        assert stop(daemon) == 0
+    _replicate_until_snapshots(db, replica, log, 2)
     reasons = [e.get("reason") for e in _events(log) if e["event"] == "taking a snapshot"]
     assert reasons[-1] == "the database file was replaced while replicad was not running"
