@@ -94,6 +94,10 @@ async def test_a_request_while_one_is_pending_joins_it(tmp_path: Path) -> None:
             await rep.replicas[0].upload()
         events = [e["event"] for e in logs]
         assert events.count("snapshot taken") == 1
+        # Both lines name the snapshot by the TXID the replica holds it as.
+        taken = next(e for e in logs if e["event"] == "snapshot taken")
+        uploaded = next(e for e in logs if e["event"] == "snapshot uploaded")
+        assert taken["txid"] == uploaded["txid"] == pending.name.last_txid
         assert "snapshot requested; joining the one waiting to upload" in events
         assert events.count("snapshot uploaded") == 1
         assert not pending.path.exists()
