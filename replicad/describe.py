@@ -63,7 +63,7 @@ class SchemaChange:
             )
             if items
         ]
-        return "; ".join(parts) or "schema rewritten"
+        return "; ".join(parts) or "rewritten, same objects"  # VACUUM does this
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +79,7 @@ class Description:
     size_change: int
 
     def marks(self) -> list[str]:
-        """Short marks for text output: SCHEMA, FREED n, REUSED n, GREW +n, SHRANK -n."""
+        """Short marks for text output: SCHEMA ..., FREED n, GREW +n, SHRANK -n."""
         marks = []
         if self.schema is not None:
             marks.append(f"SCHEMA {self.schema.text()}")

@@ -192,7 +192,9 @@ class Replay:
         if info.txid != self.txid + 1:
             raise RestoreError(f"level 0 skips from TXID {self.txid} to {info.txid}")
         before = self.db_pages
-        if info.db_pages < before:
+        if info.db_pages != before:
+            # Shrunk: cut.  Grown: a page of the new size may not have been written (a freelist
+            # page at the end), and the file must still be the size SQLite says it is.
             os.ftruncate(fd, info.db_pages * self.page_size)
         self.txid, self.db_pages = info.txid, info.db_pages
         return Step(info, tuple(sorted(written)), before)

@@ -54,11 +54,19 @@ def test_the_delete_without_where_shows_as_freed_invoice_pages(
 
 
 def test_schema_changes_name_the_table(entries: list[dict[str, object]]) -> None:
-    created, dropped = entries[-3], entries[-1]
+    created, dropped = entries[-4], entries[-2]
     assert created["schema"] == {"created": ["table scratch"], "dropped": [], "altered": []}
     assert dropped["schema"] == {"created": [], "dropped": ["table scratch"], "altered": []}
     assert any(str(m) == "SCHEMA dropped table scratch" for m in dropped["marks"])  # type: ignore[union-attr]
     assert "scratch" in dropped["touched"]  # type: ignore[operator]
+
+
+def test_vacuum_shows_as_a_shrinking_database(entries: list[dict[str, object]]) -> None:
+    vacuum = entries[-1]
+    assert int(str(vacuum["size_change"])) < 0
+    assert any(str(m).startswith("SHRANK -") for m in vacuum["marks"])  # type: ignore[union-attr]
+    assert vacuum["schema"] == {"created": [], "dropped": [], "altered": []}
+    assert "SCHEMA rewritten, same objects" in vacuum["marks"]  # type: ignore[operator]
 
 
 def test_text_output_marks_and_reports_bytes_read(incident: Incident) -> None:
@@ -74,7 +82,7 @@ def test_brief_log_readsread_transactionss_only(incident: Incident) -> None:
     result = replicad("log", incident.url, "--brief", "--json")
     assert result.returncode == 0, result.stderr
     brief = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(brief) == GOOD_INVOICES + 1 + LATER_CUSTOMERS + 3
+    assert len(brief) == GOOD_INVOICES + 1 + LATER_CUSTOMERS + 4
     assert set(brief[0]) == {"txid", "committed", "pages", "db_pages"}
 
 
