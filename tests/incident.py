@@ -10,6 +10,7 @@ vacuums.  The daemon is stopped cleanly, so the replica holds everything committ
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,24 +24,27 @@ LATER_CUSTOMERS = 30
 
 @dataclass(frozen=True)
 class Incident:
-    """Where the incident's files are."""
+    """Where the incident's files are (`replica` is the local directory of a file replica)."""
 
     db: Path
     replica: Path
     daemon_log: Path
-
-    @property
-    def url(self) -> str:
-        return self.replica.as_uri()
+    url: str
 
 
 def _connect(db: Path) -> sqlite3.Connection:
     return sqlite3.connect(db, isolation_level=None, timeout=10)
 
 
-def make_incident(directory: Path) -> Incident:
-    """Build the history in `directory` (app.db, replica/, daemon.log)."""
-    incident = Incident(directory / "app.db", directory / "replica", directory / "daemon.log")
+def make_incident(
+    directory: Path, *, url: str | None = None, env: Mapping[str, str] | None = None
+) -> Incident:
+    """Build the history in `directory` (app.db, daemon.log), replicated to `url` (default: a
+    file replica in directory/replica) by a daemon given `env`."""
+    replica = directory / "replica"
+    incident = Incident(
+        directory / "app.db", replica, directory / "daemon.log", url or replica.as_uri()
+    )
     conn = _connect(incident.db)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL)")
@@ -60,10 +64,10 @@ def make_incident(directory: Path) -> Incident:
             [(i, i, 100 * i, "x" * 200) for i in range(1, INVOICES + 1)],
         )
     conn.close()
-    daemon = start_daemon([str(incident.db), incident.url], incident.daemon_log)
+    daemon = start_daemon([str(incident.db), incident.url], incident.daemon_log, env=env)
     try:
         wait_for(
-            lambda: any((incident.replica / "snapshots").glob("*.snap")), 30, "the first snapshot"
+            lambda: "snapshot uploaded" in incident.daemon_log.read_text(), 30, "the first snapshot"
         )
         conn = _connect(incident.db)
         for i in range(INVOICES + 1, INVOICES + GOOD_INVOICES + 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.incident import (
     make_incident,
 )
 from tests.procs import ROOT, replicad
+from tests.s3servers import S3Server, child_env, create_bucket, unique_bucket
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +69,26 @@ def test_find_sees_a_dropped_table_as_an_error_answer(incident: Incident) -> Non
     changes = _find_json(incident, "--sql", "SELECT count(*) FROM scratch")
     assert [c["after"] for c in changes] == [0, 1, {"error": "no such table: scratch"}]
     assert changes[0]["before"] == {"error": "no such table: scratch"}
+
+
+async def test_find_and_log_through_s3(rclone_server: S3Server, tmp_path: Path) -> None:
+    """The same bad write, replicated to a real S3 server: find names it; the brief log reads
+    trailers with ranged GETs."""
+    bucket = unique_bucket()
+    await create_bucket(rclone_server, bucket)
+    url = f"s3://{bucket}/app?endpoint={rclone_server.endpoint_url}&path_style=true&region=auto"
+    env = child_env(rclone_server, tmp_path)
+    incident = await asyncio.to_thread(make_incident, tmp_path, url=url, env=env)
+    found = await asyncio.to_thread(
+        replicad, "find", url, "--sql", "SELECT count(*) FROM invoices", "--json", env=env
+    )
+    assert found.returncode == 0, found.stderr
+    changes = [json.loads(line) for line in found.stdout.splitlines()]
+    assert changes[-1]["before"] == INVOICES + GOOD_INVOICES
+    assert changes[-1]["after"] == 0
+    log = await asyncio.to_thread(replicad, "log", incident.url, "--brief", "--json", env=env)
+    assert log.returncode == 0, log.stderr
+    assert len(log.stdout.splitlines()) > LATER_CUSTOMERS
 
 
 def test_find_respects_the_txid_range(incident: Incident) -> None:
