@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ from tests.incident import (
     count,
     make_incident,
 )
-from tests.procs import ROOT, replicad
+from tests.procs import clean_env, replicad
 from tests.s3servers import S3Server, child_env, create_bucket, unique_bucket
 
 
@@ -52,17 +55,24 @@ def test_find_names_the_bad_delete_and_how_to_get_before_it(
     bad = changes[-1]
     assert bad["before"] == INVOICES + GOOD_INVOICES
     assert set(bad) >= {"txid", "time", "before", "after", "restore_command"}
-    # The printed command, run as printed (in a scratch directory), gives the state before it.
-    words = shlex.split(str(bad["restore_command"]))
+    # The printed command, pasted into a shell in an empty directory, gives the state before it.
+    command = str(bad["restore_command"])
+    words = shlex.split(command)
     assert words[:4] == ["replicad", "restore", "--txid", str(int(str(bad["txid"])) - 1)]
-    result = replicad(*words[1:], "--log-level", "error", env=None, timeout=60)
-    out = ROOT / words[words.index("-o") + 1]
-    try:
-        assert result.returncode == 0, result.stderr
-        assert count(out, "invoices") == INVOICES + GOOD_INVOICES
-        assert count(out, "customers") == CUSTOMERS
-    finally:
-        out.unlink(missing_ok=True)
+    env = clean_env({"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    result = subprocess.run(
+        ["bash", "-c", command],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / words[words.index("-o") + 1]
+    assert count(out, "invoices") == INVOICES + GOOD_INVOICES
+    assert count(out, "customers") == CUSTOMERS
 
 
 def test_find_sees_a_dropped_table_as_an_error_answer(incident: Incident) -> None:
