@@ -85,23 +85,30 @@ def _init(db: Path) -> None:
         conn.close()
 
 
-def _write(db: Path, log_path: Path, *, rate: float, count: int, row_bytes: int) -> None:
-    """Commit on an absolute schedule, so a slow commit is caught up rather than drifting."""
-    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+def paced(count: int, rate: float) -> Iterator[int]:
+    """1..count, each on an absolute schedule of `rate` per second, so a slow step is caught
+    up rather than drifting."""
     interval = 1.0 / rate
     next_at = time.monotonic()
+    for k in range(1, count + 1):
+        yield k
+        next_at += interval
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def _write(db: Path, log_path: Path, *, rate: float, count: int, row_bytes: int) -> None:
+    """Commit on an absolute schedule (`paced`)."""
+    conn = sqlite3.connect(db, isolation_level=None, timeout=30)
     try:
         with log_path.open("a", buffering=1) as log:
-            for k in range(1, count + 1):
+            for k in paced(count, rate):
                 conn.execute("BEGIN")
                 conn.execute("INSERT INTO rows(payload) VALUES (?)", (os.urandom(row_bytes),))
                 start_ns = time.time_ns()
                 conn.execute("COMMIT")
                 log.write(f"{k} {time.time_ns()} {start_ns}\n")
-                next_at += interval
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
     finally:
         conn.close()
 

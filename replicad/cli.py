@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -34,7 +36,7 @@ from replicad.config import (
     replica_from_url,
 )
 from replicad.errors import ConfigError, ReplicadError
-from replicad.observe import MetricsServer, configure_logging, parse_address
+from replicad.observe import MetricsServer, bind_scope, configure_logging, parse_address
 from replicad.restore import (
     INTEGRITY_MODES,
     RestorePlan,
@@ -45,7 +47,9 @@ from replicad.restore import (
 )
 
 if TYPE_CHECKING:
-    from replicad.inspect import LogEntry
+    from replicad.find import FindStats, Query
+    from replicad.inspect import LogEntry, LogStats
+    from replicad.replay import TxidRange
     from replicad.replicator import DatabaseReplicator
 
 # The daemon's modules (replicator, database, WAL reader with numpy, file watching, inspection)
@@ -78,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ls(sub)
     _add_log(sub)
     _add_verify(sub)
+    _add_find(sub)
     _add_config(sub)
     return parser
 
@@ -164,15 +169,60 @@ def _add_ls(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _add_log(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "log",
-        help="list transactions in a time range (to find the bad one)",
-        description="TXID, commit time, pages changed and database size of each transaction "
-        "committed between --since and --until (RFC 3339), from the replica.",
+        help="list transactions and what each did (to find the bad one)",
+        description="TXID, commit time (when replicad saw the commit), pages and database "
+        "size of each transaction in the range, and what it did: tables and indexes whose "
+        "pages it wrote, schema changes (tables created, dropped, altered), pages freed, the "
+        "database growing or shrinking. The state before the range is rebuilt once into a "
+        "scratch copy (about the database's size on disk) and the transactions are replayed "
+        "onto it; --brief reads only the segments' trailers instead. Prints what it read.",
     )
     _add_source(p)
-    p.add_argument("--since", metavar="RFC3339", help="earliest commit time")
-    p.add_argument("--until", metavar="RFC3339", help="latest commit time")
+    _add_replay_args(p)
+    p.add_argument(
+        "--brief",
+        action="store_true",
+        help="TXID, time, pages and size only, from the segments' trailers (ranged reads)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON lines")
     _add_logging(p)
+
+
+def _add_find(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "find",
+        help="find the transactions that changed a query's answer (which write deleted my rows?)",
+        description="Rebuild the database as of the start of the range once, apply each "
+        "transaction in turn to that scratch copy, and run the read-only query after each. "
+        "Prints every transaction after which the answer changed: its TXID, commit time, the "
+        "answer before and after, and the `replicad restore` command for the state just "
+        "before it. The scratch copy needs about the database's size on disk.",
+    )
+    _add_source(p)
+    p.add_argument(
+        "--sql",
+        required=True,
+        metavar="QUERY",
+        help='one read-only statement, e.g. "SELECT count(*) FROM invoices"',
+    )
+    _add_replay_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object per change")
+    _add_logging(p)
+
+
+def _add_replay_args(p: argparse.ArgumentParser) -> None:
+    """The range of transactions to replay, and where the scratch copy goes."""
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--since", metavar="RFC3339", help="first commit time to examine")
+    start.add_argument("--from-txid", type=int, metavar="N", help="first TXID to examine")
+    end = p.add_mutually_exclusive_group()
+    end.add_argument("--until", metavar="RFC3339", help="last commit time to examine")
+    end.add_argument("--to-txid", type=int, metavar="M", help="last TXID to examine")
+    p.add_argument(
+        "--scratch-dir",
+        type=Path,
+        help="where the scratch copy is written (default: the system's temporary directory)",
+    )
 
 
 def _add_logging(parser: argparse.ArgumentParser) -> None:
@@ -226,7 +276,9 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "or a replica URL. The result is written to OUT.tmp, checked, and moved to OUT atomically.",
     )
     _add_source(p)
-    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the database")
+    p.add_argument(
+        "-o", "--output", type=Path, help="where to write the database (not with --dry-run)"
+    )
     target = p.add_mutually_exclusive_group()
     target.add_argument("--txid", type=int, help="restore the state right after this transaction")
     target.add_argument(
@@ -239,7 +291,8 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the plan (objects, bytes, TXID range) as JSON without downloading",
+        help="print the plan (target TXID and its commit time, objects, bytes) as JSON "
+        "without downloading the objects",
     )
     p.add_argument(
         "--if-replica-exists",
@@ -275,6 +328,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read our output stopped (`replicad log | head`): nothing went wrong here.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 # -- replicate -------------------------------------------------------------------------------
@@ -454,7 +512,12 @@ async def make_client(config: ReplicaConfig, *, max_attempts: int | None = None)
 
 def _restore(args: argparse.Namespace) -> int:
     replica_config = _source_replica(args)
-    if args.if_db_not_exists and args.output.exists():
+    if args.output is None and not args.dry_run:
+        raise ConfigError(
+            "restore needs -o OUT: where to write the restored database",
+            hint="restore beside the live database, e.g. -o /var/lib/app/restored.db",
+        )
+    if args.if_db_not_exists and args.output is not None and args.output.exists():
         print(json.dumps({"skipped": f"{args.output} exists (--if-db-not-exists)"}))
         return 0
     result = asyncio.run(_run_restore(replica_config, args))
@@ -508,8 +571,11 @@ async def _run_restore(config: ReplicaConfig, args: argparse.Namespace) -> Resto
             print(json.dumps({"skipped": f"{client.url} holds nothing (--if-replica-exists)"}))
             return None
         if args.dry_run:
+            from replicad.inspect import commit_time_ns, iso_ns  # noqa: PLC0415
+
             plan = await make_plan(client, target_txid=args.txid, at_ns=at_ns)
-            print(json.dumps(_plan_json(plan), indent=2))
+            committed = iso_ns(await commit_time_ns(client, plan))
+            print(json.dumps({"target_committed": committed, **_plan_json(plan)}, indent=2))
             return None
         return await restore(
             client,
@@ -589,20 +655,28 @@ def _ls(args: argparse.Namespace) -> int:
 
 
 def _log(args: argparse.Namespace) -> int:
-    from replicad.inspect import transaction_log  # noqa: PLC0415 - see the imports
+    from replicad.inspect import LogStats  # noqa: PLC0415 - see the imports
 
-    since = parse_timestamp(args.since) if args.since else None
-    until = parse_timestamp(args.until) if args.until else None
+    if args.brief and (args.from_txid is not None or args.to_txid is not None):
+        raise ConfigError("--brief selects by commit time only: use --since/--until")
+    stats = LogStats()
 
-    async def run(client: ReplicaClient) -> list[LogEntry]:
-        return await transaction_log(client, since_ns=since, until_ns=until)
+    async def run(client: ReplicaClient) -> None:
+        async with contextlib.aclosing(_log_entries(client, args, stats)) as entries:
+            async for entry in entries:
+                if args.json:
+                    print(json.dumps(entry.as_dict()), flush=True)
+                else:
+                    print(_log_line(entry), flush=True)
 
-    entries = asyncio.run(_with_client(_source_replica(args), run))
-    for e in entries:
-        if args.json:
-            print(json.dumps(dataclasses.asdict(e)))
-        else:
-            print(f"{e.txid:>10}  {e.committed}  pages {e.pages:>6}  db_pages {e.db_pages}")
+    asyncio.run(_with_client(_source_replica(args), run))
+    per_txn = stats.bytes // stats.transactions if stats.transactions else 0
+    base = f"{stats.base_bytes} bytes for the state before them and " if not args.brief else ""
+    print(
+        f"replicad: {stats.transactions} transactions; read {base}{stats.bytes} bytes for the "
+        f"transactions ({per_txn} per transaction)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -643,6 +717,109 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+async def _log_entries(
+    client: ReplicaClient, args: argparse.Namespace, stats: LogStats
+) -> AsyncGenerator[LogEntry, None]:
+    from replicad.inspect import detailed_log, transaction_log  # noqa: PLC0415
+
+    if args.brief:
+        since = parse_timestamp(args.since) if args.since else None
+        until = parse_timestamp(args.until) if args.until else None
+        for entry in await transaction_log(client, since_ns=since, until_ns=until, stats=stats):
+            yield entry
+        return
+    txids = await _resolve_range(client, args)
+    log = detailed_log(client, txids, scratch_parent=args.scratch_dir, stats=stats)
+    async with contextlib.aclosing(log) as entries:
+        async for entry in entries:
+            yield entry
+
+
+def _log_line(e: LogEntry) -> str:
+    line = f"{e.txid:>10}  {e.committed}  pages {e.pages:>6}  db_pages {e.db_pages}"
+    if e.marks:
+        line += "  " + "  ".join(e.marks)
+    if e.touched:
+        line += "  touched: " + ", ".join(f"{name} {n}" for name, n in e.touched.items())
+    return line
+
+
+def _find(args: argparse.Namespace) -> int:
+    from replicad.find import FindStats, Query  # noqa: PLC0415 - see the imports
+
+    replica = _source_replica(args)
+    query, stats = Query(args.sql), FindStats()
+
+    async def run(client: ReplicaClient) -> int:
+        return await _print_changes(client, query, args, stats)
+
+    changes = asyncio.run(_with_client(replica, run))
+    rate = stats.examined / stats.seconds if stats.seconds else 0.0
+    print(
+        f"replicad: examined {stats.examined} transactions, {changes} changed the answer, in "
+        f"{stats.seconds:.1f} s ({rate:.0f} transactions/s; {stats.base_seconds:.1f} s of it "
+        f"rebuilding the first state); read {stats.base_bytes + stats.step_bytes} bytes",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _print_changes(
+    client: ReplicaClient, query: Query, args: argparse.Namespace, stats: FindStats
+) -> int:
+    from replicad.find import answer_json, answer_text, find_changes  # noqa: PLC0415
+    from replicad.inspect import iso_ns  # noqa: PLC0415
+
+    txids = await _resolve_range(client, args)
+    if not args.json:
+        print(f"examining TXIDs {txids.base_txid + 1}..{txids.last_txid} of {client.url}")
+    count = 0
+    changes = find_changes(client, query, txids, scratch_parent=args.scratch_dir, stats=stats)
+    async with contextlib.aclosing(changes) as found:
+        async for change in found:
+            count += 1
+            command = _restore_command(args, change.restore_txid)
+            if args.json:
+                record = {
+                    "txid": change.txid,
+                    "time": iso_ns(change.commit_time_ns),
+                    "before": answer_json(change.before),
+                    "after": answer_json(change.after),
+                    "restore_txid": change.restore_txid,
+                    "restore_command": command,
+                }
+                print(json.dumps(record), flush=True)
+            else:
+                print(f"TXID {change.txid}  committed {iso_ns(change.commit_time_ns)}")
+                print(f"  before: {answer_text(change.before)}")
+                print(f"  after:  {answer_text(change.after)}")
+                print(f"  state just before it: {command}", flush=True)
+    return count
+
+
+async def _resolve_range(client: ReplicaClient, args: argparse.Namespace) -> TxidRange:
+    from replicad.replay import resolve_range  # noqa: PLC0415 - see the imports
+
+    return await resolve_range(
+        client,
+        from_txid=args.from_txid,
+        to_txid=args.to_txid,
+        since_ns=parse_timestamp(args.since) if args.since else None,
+        until_ns=parse_timestamp(args.until) if args.until else None,
+    )
+
+
+def _restore_command(args: argparse.Namespace, txid: int) -> str:
+    """The restore command for the state after `txid`, from the same source as this one."""
+    words = ["replicad", "restore", "--txid", str(txid), "-o", f"before-{txid + 1}.db"]
+    if args.config is not None:
+        words += ["-c", str(args.config)]
+        if args.replica is not None:
+            words += ["--replica", args.replica]
+    words.append(args.source)
+    return shlex.join(words)
+
+
 async def _with_client(config: ReplicaConfig, action: Callable[[ReplicaClient], Awaitable[T]]) -> T:
     client = await make_client(config)
     try:
@@ -653,8 +830,28 @@ async def _with_client(config: ReplicaConfig, action: Callable[[ReplicaClient], 
 
 def _config(args: argparse.Namespace) -> int:
     config = load_config(args.config or DEFAULT_CONFIG_PATH)
+    for note in _config_notes(config):
+        print(f"replicad: {note}", file=sys.stderr)
     print(json.dumps(_plain(config), indent=2))
     return 0
+
+
+def _config_notes(config: Config) -> list[str]:
+    """What `config check` should point out in a configuration that is valid."""
+    notes = []
+    for i, db in enumerate(config.databases):
+        if not db.path.exists():
+            notes.append(
+                f"warning: databases[{i}].path: {db.path} does not exist; replicad would wait "
+                "for it to appear (relative paths are relative to the configuration file)"
+            )
+    if config.metrics_addr:
+        host, port = parse_address(config.metrics_addr)
+        notes.append(
+            f"metrics_addr {config.metrics_addr!r} serves http://{host}:{port}/metrics to "
+            f"{bind_scope(host)}"
+        )
+    return notes
 
 
 def _plain(value: object) -> object:
@@ -680,4 +877,5 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": _ls,
     "log": _log,
     "verify": _verify,
+    "find": _find,
 }

@@ -31,7 +31,7 @@ from replicad.checkpoint import (
 from replicad.compaction import DEFAULT_LEVELS
 from replicad.errors import ConfigError
 from replicad.lease import DEFAULT_LEASE_DURATION
-from replicad.observe import DEFAULT_READY_MAX_LAG
+from replicad.observe import DEFAULT_READY_MAX_LAG, parse_address
 from replicad.retention import DEFAULT_RETENTION
 
 DEFAULT_CONFIG_PATH = Path("/etc/replicad.toml")
@@ -173,7 +173,7 @@ def load_config(path: Path, *, env: Mapping[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-    reader = _Reader(str(path), os.environ if env is None else env)
+    reader = _Reader(str(path), os.environ if env is None else env, base=path.absolute().parent)
     return reader.config(raw)
 
 
@@ -194,9 +194,13 @@ def replica_from_url(url: str, *, env: Mapping[str, str] | None = None) -> Repli
 class _Reader:
     """Validates raw TOML data, tracking the file and key path for messages."""
 
-    def __init__(self, source: str, env: Mapping[str, str]) -> None:
+    def __init__(self, source: str, env: Mapping[str, str], *, base: Path | None = None) -> None:
         self.source = source
         self.env = env
+        #: Relative paths in a file are relative to the file's directory, so the meaning of a
+        #: configuration does not depend on where the daemon was started from.  On the command
+        #: line they are relative to the working directory, as usual.
+        self.base = base or Path.cwd()
 
     def error(self, key: str, message: str, hint: str | None = None) -> ConfigError:
         return ConfigError(f"{self.source}: {key}: {message}", hint=hint)
@@ -207,6 +211,11 @@ class _Reader:
         log_format = t.choice("log_format", LOG_FORMATS, "auto")
         shutdown_timeout = t.positive_float("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
         metrics_addr = t.optional("metrics_addr")
+        if metrics_addr is not None:
+            try:
+                parse_address(metrics_addr)
+            except ConfigError as exc:
+                raise self.error("metrics_addr", exc.message, hint=exc.hint) from None
         ready_max_lag = t.positive_float("ready_max_lag", DEFAULT_READY_MAX_LAG)
         dbs = t.list_of_tables("databases", required=True)
         if not dbs:
@@ -225,7 +234,7 @@ class _Reader:
 
     def database(self, raw: dict[str, Any], where: str) -> DatabaseConfig:
         t = _Table(self, raw, where, _DB_KEYS)
-        path = Path(t.string("path", required=True)).absolute()
+        path = self.base / Path(t.string("path", required=True))
         replicas_raw = t.list_of_tables("replicas", required=True)
         if not replicas_raw:
             raise self.error(f"{where}.replicas", "at least one replica is required")
@@ -237,7 +246,9 @@ class _Reader:
         return DatabaseConfig(
             path=path,
             name=t.string("name") or path.stem,
-            state_dir=Path(state_dir) if state_dir else path.with_name(f".{path.name}-replicad"),
+            state_dir=self.base / state_dir
+            if state_dir
+            else path.with_name(f".{path.name}-replicad"),
             replicas=replicas,
             poll_interval=t.positive_float("poll_interval", DEFAULT_POLL_INTERVAL),
             sync_interval=t.non_negative_float("sync_interval", DEFAULT_SYNC_INTERVAL),
@@ -377,9 +388,7 @@ class _Table:
         if allowed is not None:
             for key in raw:
                 if key not in allowed:
-                    close = difflib.get_close_matches(key, sorted(allowed), n=1)
-                    hint = f"did you mean {close[0]!r}?" if close else None
-                    raise reader.error(self.key(key), "unknown key", hint=hint)
+                    raise reader.error(self.key(key), "unknown key", hint=_hint(key, allowed))
 
     def key(self, name: str) -> str:
         return f"{self.where}.{name}" if self.where else name
@@ -473,6 +482,23 @@ class _Table:
         if not isinstance(value, list):
             raise self.reader.error(self.key(name), "expected an array of tables ([[...]])")
         return value
+
+
+def _hint(key: str, allowed: frozenset[str]) -> str:
+    """What to do about an unknown key: where it belongs if it belongs elsewhere, else the
+    closest accepted key, and always the keys accepted here."""
+    accepted = f"keys accepted here: {', '.join(sorted(allowed))}"
+    if key in _TOP_KEYS and allowed is not _TOP_KEYS:
+        return (
+            f"{key} is a top-level key: move it above the first [[databases]] (in TOML a key "
+            f"belongs to the table header above it)"
+        )
+    if key == "replicas" and allowed is _TOP_KEYS:
+        return "replicas belong to a database: write [[databases.replicas]] under its [[databases]]"
+    if key in _S3_KEYS | _COMMON_REPLICA_KEYS and allowed is _DB_KEYS:
+        return f"{key} belongs to a replica: put it under [[databases.replicas]]; {accepted}"
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    return f"did you mean {close[0]!r}? {accepted}" if close else accepted
 
 
 def _url_value(value: str) -> Any:

@@ -122,9 +122,10 @@ class Lease:
         newest = await self._newest(keys)
         held = newest is not None and newest.owner != self.owner
         if newest is not None and held and self._left_by_dead_local_daemon(newest):
-            self.log.info(
-                "lease left by an earlier daemon on this host; claiming it", pid=newest.pid
-            )
+            if not newest.released:  # a clean release needs no remark
+                self.log.info(
+                    "lease left by an earlier daemon on this host; claiming it", pid=newest.pid
+                )
             held = False
         if newest is not None and held and not takeover and newest.expires_at > time.time():
             raise LeaseLostError(

@@ -17,6 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from replicad.checkpoint import MODES as CHECKPOINT_MODES
+from replicad.clients.base import ERROR_KINDS
 from replicad.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -97,7 +99,7 @@ class ReplicadCollector(Collector):
                 family.add_metric([r.name], getattr(r.stats, name))
             wal.add_metric([r.name], r.stats.wal_size)
             high.add_metric([r.name], r.stats.wal_high_water)
-            for mode, n in r.stats.checkpoints.items():
+            for mode, n in _from_zero(r.stats.checkpoints, CHECKPOINT_MODES).items():
                 checkpoints.add_metric([r.name, mode], n)
             busy.add_metric([r.name], r.stats.checkpoints_busy)
             seconds.add_metric([r.name], r.stats.checkpoint_seconds)
@@ -135,9 +137,9 @@ class ReplicadCollector(Collector):
             for replica in r.replicas:
                 key = [r.name, replica.name]
                 stats = replica.client.stats
-                for op, n in stats.requests.items():
+                for op, n in _from_zero(stats.requests, _OPERATIONS).items():
                     requests.add_metric([*key, op], n)
-                for kind, n in stats.errors.items():
+                for kind, n in _from_zero(stats.errors, ERROR_KINDS).items():
                     errors.add_metric([*key, kind], n)
                 uploaded.add_metric(key, stats.bytes_uploaded)
                 downloaded.add_metric(key, stats.bytes_downloaded)
@@ -146,6 +148,16 @@ class ReplicadCollector(Collector):
                 pending.add_metric(key, replica.pending_bytes)
         yield from (requests, errors, uploaded, downloaded, lag, shipped, pending)
 
+
+def _from_zero(counts: dict[str, int], known: Sequence[str]) -> dict[str, int]:
+    """`counts` with every known label present, at 0 until it happens: a series that appears
+    only after its first event breaks `rate()` and `increase()` over the moment it appears,
+    and an alert on errors cannot tell "none yet" from "not exported"."""
+    return {**dict.fromkeys(known, 0), **counts}
+
+
+#: Operations every backend performs (the rest appear when first used).
+_OPERATIONS = ("PUT", "GET", "LIST", "DELETE")
 
 _DB_COUNTERS = {
     "syncs": "Sync steps run",
@@ -227,6 +239,11 @@ class MetricsServer:
                 f"cannot listen on {self.host}:{self.port} for metrics: {exc.strerror}",
                 hint="choose another --metrics-addr or stop what is using that port",
             ) from exc
+        structlog.get_logger().info(
+            "serving metrics",
+            url=f"http://{_url_host(self.host)}:{self.port}/metrics",
+            reachable_from=bind_scope(self.host),
+        )
 
     async def stop(self) -> None:
         """Stop listening."""
@@ -252,6 +269,21 @@ def _status(problems: list[str]) -> web.Response:
 
     body = {"ok": not problems, "problems": problems}
     return web.json_response(body, status=503 if problems else 200)
+
+
+def bind_scope(host: str) -> str:
+    """Who can reach a server bound to `host`, in words (for `config check` and the log)."""
+    if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+        return "this host only (loopback)"
+    if host == "0.0.0.0":
+        return "every IPv4 interface: other hosts can reach it"
+    if host in ("::", ""):
+        return "every interface: other hosts can reach it"
+    return f"the interface with address {host}"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def parse_address(value: str) -> tuple[str, int]:

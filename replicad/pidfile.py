@@ -15,6 +15,8 @@ from pathlib import Path
 from replicad.errors import ReplicadError
 
 PID_NAME = "replicad.pid"
+#: The device and inode of the database file the last daemon replicated.
+IDENTITY_NAME = "database.id"
 
 
 class StateLock:
@@ -65,3 +67,24 @@ def running_daemon(state_dir: Path) -> int | None:
     finally:
         os.close(fd)
     return None
+
+
+def database_replaced(state_dir: Path, db_path: Path) -> bool:
+    """Whether `db_path` is another file than the one the last daemon here replicated (its
+    device and inode differ from those recorded), so a snapshot can say why it was needed.
+
+    Records the current file's identity for the next start.  False when nothing was recorded.
+    """
+    st = db_path.stat()
+    current = f"{st.st_dev} {st.st_ino}\n"
+    record = state_dir / IDENTITY_NAME
+    try:
+        previous: str | None = record.read_text()
+    except (FileNotFoundError, UnicodeDecodeError):
+        previous = None
+    if previous != current:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(current)
+        tmp.replace(record)
+    return previous is not None and previous != current

@@ -515,7 +515,15 @@ def _segment_header(
     return object_name(header), header
 
 
-def spool_dir(state_dir: Path) -> Path:
-    """Where snapshots are encoded before upload: the database's own state directory."""
+def spool_path(state_dir: Path, txid: int) -> Path:
+    """A new, empty file (owner-only) in the database's state directory, where a snapshot of
+    `txid` is encoded before upload.
+
+    Created with O_EXCL under an unpredictable name: two snapshots at the same TXID (requested
+    back to back with no write between) must never share a file, or releasing the first would
+    delete the second's.
+    """
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return state_dir
+    fd, path = tempfile.mkstemp(prefix=f"snapshot-{txid:016x}-", suffix=".tmp", dir=state_dir)
+    os.close(fd)
+    return Path(path)

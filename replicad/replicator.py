@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import random
-import tempfile
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -28,8 +26,9 @@ from replicad.db import CapturedTxn, Database, SnapshotRetry, SnapshotSource, Sy
 from replicad.errors import ReplicadError
 from replicad.format import ObjectHeader, ObjectWriter, object_name
 from replicad.lease import LeaseLostError
+from replicad.pidfile import database_replaced
 from replicad.position import ObjectKind
-from replicad.replica import Replica, ReplicaTip, SnapshotFile, spool_dir
+from replicad.replica import Replica, ReplicaTip, SnapshotFile, spool_path
 from replicad.retention import RETENTION_CHECK_INTERVAL
 from replicad.spool import PageSpool
 
@@ -158,15 +157,16 @@ class DatabaseReplicator:
         reached is logged and retried by its upload loop; the others go ahead.
         """
         await asyncio.to_thread(self.db.open)
+        replaced = await asyncio.to_thread(database_replaced, self.state_dir, self.db.path)
         tips = await self._load_tips()
         async with self._lock:
             self._lost = await asyncio.to_thread(self._resume, tips)
-            if self._lost is not None:
+            if self._lost is not None and replaced:
+                # Another file: a new base, rather than a diff against one it never continued.
+                self._lost = "the database file was replaced while replicad was not running"
+            elif self._lost is not None:
                 changes = await asyncio.to_thread(self._ship_changes, tips, self._lost)
-                if changes is None:
-                    self._lost = None
-                else:
-                    self._lost = f"{self._lost}; {changes}"
+                self._lost = None if changes is None else f"{self._lost}; {changes}"
         if self._lost is not None:
             self.log.info("taking a snapshot", reason=self._lost)
         self._last_snapshot_ms = max(
@@ -249,8 +249,13 @@ class DatabaseReplicator:
         changed = current.diff(saved)
         if 2 * len(changed) > max(1, source.db_pages):
             return f"{len(changed)} of {source.db_pages} pages changed: a snapshot is smaller"
-        pages = self._changed_pages(source, changed)
         self.db.adopt_hashes(current)
+        if current.checksum == saved.checksum:
+            for replica in loaded:  # nothing changed: the replicas hold this very state
+                replica.align(source.txid, self.db.page_size)
+            self.log.info("resumed from replica", reason="unchanged since the last stop")
+            return None
+        pages = self._changed_pages(source, changed)
         txn = CapturedTxn(
             source.txid,
             source.time_ns,
@@ -325,9 +330,22 @@ class DatabaseReplicator:
         if self._lost is not None or any(r.wants_snapshot for r in self.replicas):
             await self.snapshot_step()
         elif self._snapshot_due():
-            self.log.info("taking a scheduled snapshot", requested=self._snapshot_requested)
-            await self.snapshot_step(everyone=True)
+            await self._due_snapshot()
         return result
+
+    async def _due_snapshot(self) -> None:
+        """A requested or scheduled snapshot, unless one is still waiting to be uploaded to
+        every replica: a request then joins it (the pending snapshot and the segments after it
+        restore any later point just as well)."""
+        requested = self._snapshot_requested
+        pending = [r.snapshot for r in self.replicas if r.loaded]
+        if requested and pending and all(s is not None for s in pending):
+            self._snapshot_requested = False
+            txids = sorted({s.name.last_txid for s in pending if s is not None})
+            self.log.info("snapshot requested; joining the one waiting to upload", txid=txids[-1])
+            return
+        self.log.info("taking a requested snapshot" if requested else "taking a scheduled snapshot")
+        await self.snapshot_step(everyone=True)
 
     def request_snapshot(self) -> None:
         """Take a snapshot for every replica at the next sync (SIGUSR1, `replicad snapshot`)."""
@@ -406,7 +424,10 @@ class DatabaseReplicator:
         self._snapshot_requested = False
         self._last_snapshot_ms = source.time_ns // 1_000_000
         self.stats.snapshots += 1
-        self.log.info("snapshot taken", capture_txid=source.txid, pages=source.db_pages)
+        # The TXID the replicas will hold it as (what "snapshot uploaded" and `ls` say).
+        txids = sorted({f.name.last_txid for _, f in files})
+        txid: object = txids[0] if len(txids) == 1 else txids
+        self.log.info("snapshot taken", txid=txid, pages=source.db_pages)
         return
 
     async def _catch_up(self) -> None:
@@ -445,10 +466,9 @@ class DatabaseReplicator:
             pre_checksum=0,
             post_checksum=0,  # patched below, once every page has been hashed
         )
-        fd, tmp = tempfile.mkstemp(prefix="snapshot-", suffix=".tmp", dir=spool_dir(self.state_dir))
-        path = Path(tmp)
+        path = spool_path(self.state_dir, txid)
         try:
-            with os.fdopen(fd, "wb") as sink:
+            with path.open("r+b") as sink:
                 writer = ObjectWriter(sink, header)
                 writer.begin_transaction(
                     txid, source.time_ns, source.db_pages, source.db_pages, checksum=0

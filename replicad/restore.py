@@ -76,6 +76,8 @@ _MAX_TXID = 2**64 - 1
 _LEVELS = 100
 #: A segment level's directory name, as `replicad.position.parse_key` reads it.
 _LEVEL_DIR = re.compile(r"\d{2}")
+#: The fraction of a second in an RFC 3339 time (after the seconds' two digits).
+_FRACTION = re.compile(r"T\d{2}:\d{2}:\d{2}\.(\d+)")
 
 log = structlog.get_logger()
 
@@ -137,6 +139,15 @@ def names_from_listing(objects: Iterable[ObjectInfo]) -> dict[ObjectName, int]:
     return out
 
 
+def empty_replica_error() -> RestoreError:
+    """What every command says about a replica that holds nothing of ours."""
+    return RestoreError(
+        "the replica holds no replicad objects",
+        hint="check the replica URL and prefix; a replica gets its first snapshot when "
+        "`replicad replicate` starts",
+    )
+
+
 # -- planning ---------------------------------------------------------------------------------
 #
 # A chain is a snapshot and segments, each starting at the TXID after the one before ends and,
@@ -162,11 +173,7 @@ def plan_restore(names: dict[ObjectName, int], *, target_txid: int | None = None
     it (a gap, or a fork: the message names the objects that disagree).
     """
     if not names:
-        raise RestoreError(
-            "the replica holds no replicad objects",
-            hint="check the replica URL and prefix; a replica gets its first snapshot when "
-            "`replicad replicate` starts",
-        )
+        raise empty_replica_error()
     newest = max(n.last_txid for n in names)
     target = newest if target_txid is None else target_txid
     if target > newest:
@@ -437,7 +444,15 @@ def _search_chain(
 
 
 def parse_timestamp(text: str) -> int:
-    """An RFC 3339 timestamp (any time zone) as Unix nanoseconds; RestoreError if malformed."""
+    """An RFC 3339 timestamp (any time zone) as Unix nanoseconds; RestoreError if malformed.
+
+    Fractions of a second keep up to nine digits (`replicad log` prints nanoseconds).
+    """
+    nanos = 0
+    if match := _FRACTION.search(text):
+        digits = match[1]
+        nanos = int(digits[:9].ljust(9, "0")) % 1000  # datetime keeps the microseconds
+        text = text[: match.start(1)] + digits[:6] + text[match.end(1) :]
     try:
         moment = datetime.fromisoformat(text)
     except ValueError as exc:
@@ -450,7 +465,7 @@ def parse_timestamp(text: str) -> int:
             hint="add Z for UTC or an offset such as +01:00, so the moment is unambiguous",
         )
     delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000 + nanos
 
 
 async def txid_at(client: ReplicaClient, names: dict[ObjectName, int], at_ns: int) -> int:

@@ -35,7 +35,7 @@ def test_example_config_is_valid_and_masks_secrets() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('log_levl = "info"\n', "log_levl: unknown key (hint: did you mean 'log_level'?)"),
+        ('log_levl = "info"\n', "log_levl: unknown key (hint: did you mean 'log_level'?"),
         ("[[databases]]\npath = 'a.db'\n", "databases[0].replicas: missing (required)"),
         (
             "[[databases]]\npath='a.db'\n[[databases.replicas]]\nurl='file:///x'\nnme='y'\n",

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from replicad.errors import (
     ObjectExistsError,
@@ -67,6 +67,8 @@ _ERROR_KINDS: dict[type[ReplicaError], str] = {
     ObjectExistsError: "exists",
     ReplicaAccessError: "access",
 }
+#: Every kind `ClientStats.count_error` records.
+ERROR_KINDS = (*_ERROR_KINDS.values(), "unavailable")
 
 
 class ReplicaClient(Protocol):
@@ -141,6 +143,22 @@ class ReplicaClient(Protocol):
 
     async def close(self) -> None:
         """Release connections. The client cannot be used afterwards."""
+        ...
+
+
+@runtime_checkable
+class SupportsRangeRead(Protocol):
+    """A backend that can read part of an object (S3 `Range`, a file's `pread`).
+
+    Optional: callers check `isinstance(client, SupportsRangeRead)` and read whole objects
+    otherwise.
+    """
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes `start` up to `end` (exclusive) of the object; fewer if it ends before.
+
+        Raises `ObjectNotFoundError` if it does not exist.
+        """
         ...
 
 

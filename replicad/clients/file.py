@@ -155,6 +155,15 @@ class FileReplicaClient:
         self._stats.bytes_downloaded += len(data)
         return data
 
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes `start..end-1` of the object (`SupportsRangeRead`)."""
+        self._check_open()
+        path = self._path(key)
+        self._stats.count("GET")
+        data = await self._run(f"GET {key!r}", _read_range, path, start, end, missing=key)
+        self._stats.bytes_downloaded += len(data)
+        return data
+
     async def iter_object(self, key: str, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
         """The object in chunks of at most `chunk_size` bytes, read in a worker thread."""
         self._check_open()
@@ -369,3 +378,9 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_range(path: Path, start: int, end: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(start)
+        return f.read(max(0, end - start))

@@ -361,6 +361,24 @@ class S3ReplicaClient:
         """The whole object; `ObjectNotFoundError` if it does not exist."""
         return b"".join([chunk async for chunk in self.iter_object(key)])
 
+    @_counting_errors
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """GetObject with a `Range` header (`SupportsRangeRead`)."""
+        full_key = self._root + key
+        what = f"GET {full_key!r} bytes {start}-{end - 1}"
+        response = await self._call(
+            what, "get_object", Bucket=self._bucket, Key=full_key, Range=f"bytes={start}-{end - 1}"
+        )
+        body = response["Body"]
+        try:
+            data = cast(bytes, await body.read())
+        except _TRANSIENT_ERRORS as exc:
+            raise self._translate(exc, what) from exc
+        finally:
+            body.close()
+        self._stats.bytes_downloaded += len(data)
+        return data
+
     async def iter_object(self, key: str, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
         """Stream the GetObject body in chunks of at most `chunk_size` bytes."""
         try:
