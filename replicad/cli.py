@@ -519,7 +519,7 @@ def _plan_json(plan: RestorePlan) -> dict[str, object]:
 
 
 def _snapshot(args: argparse.Namespace) -> int:
-    from replicad.pidfile import running_daemon  # noqa: PLC0415 - see the imports
+    from replicad.pidfile import signalable_daemon  # noqa: PLC0415 - see the imports
 
     if args.config:
         config = load_config(args.config)
@@ -529,7 +529,7 @@ def _snapshot(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("name a database (DB_PATH) or a configuration (-c CONFIG)")
     for db in dbs:
-        pid = running_daemon(db.state_dir)
+        pid = signalable_daemon(db.state_dir)
         if pid is None:
             raise ReplicadError(
                 f"no replicad daemon is running for {db.path}",

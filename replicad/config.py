@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import os
 import re
 import tomllib
@@ -41,6 +42,11 @@ DEFAULT_SYNC_INTERVAL = 1.0
 DEFAULT_MAX_PENDING_BYTES = 256 << 20
 DEFAULT_S3_PART_SIZE = 8 << 20
 DEFAULT_S3_CONCURRENCY = 4
+#: Largest duration any setting accepts (ten years): beyond it a value is a typo, and huge
+#: floats overflow timers and integer conversions further down (busy timeouts, nanoseconds).
+MAX_SECONDS = 10 * 365.25 * 86400
+#: `checkpoint_timeout` becomes SQLite's busy timeout in milliseconds, a C int.
+MAX_CHECKPOINT_TIMEOUT = 86400.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 
@@ -251,7 +257,9 @@ class _Reader:
                 ),
                 truncate_pages=t.non_negative_int("truncate_pages", DEFAULT_TRUNCATE_PAGES),
                 checkpoint_timeout=t.positive_float(
-                    "checkpoint_timeout", DEFAULT_CHECKPOINT_TIMEOUT
+                    "checkpoint_timeout",
+                    DEFAULT_CHECKPOINT_TIMEOUT,
+                    maximum=MAX_CHECKPOINT_TIMEOUT,
                 ),
             ),
         )
@@ -414,18 +422,29 @@ class _Table:
         value = self._get(name, bool, "true or false")
         return default if value is None else bool(value)
 
-    def positive_float(self, name: str, default: float) -> float:
-        value = self.non_negative_float(name, default)
+    def positive_float(self, name: str, default: float, *, maximum: float = MAX_SECONDS) -> float:
+        value = self.non_negative_float(name, default, maximum=maximum)
         if value <= 0:
             raise self.reader.error(self.key(name), f"must be greater than 0, got {value}")
         return value
 
-    def non_negative_float(self, name: str, default: float) -> float:
+    def non_negative_float(
+        self, name: str, default: float, *, maximum: float = MAX_SECONDS
+    ) -> float:
+        """A duration in seconds: finite (TOML's `nan` and `inf` are refused), at most `maximum`."""
         value = self._get(name, (int, float), "a number of seconds")
         if value is None:
             return default
+        if not math.isfinite(value):
+            raise self.reader.error(
+                self.key(name), f"must be a finite number of seconds, got {value}"
+            )
         if value < 0:
             raise self.reader.error(self.key(name), f"must not be negative, got {value}")
+        if value > maximum:
+            raise self.reader.error(
+                self.key(name), f"must be at most {maximum:g} seconds, got {value:g}"
+            )
         return float(value)
 
     def positive_int(self, name: str, default: int, *, minimum: int = 1) -> int:
@@ -442,7 +461,8 @@ class _Table:
         if value is None:
             return default
         if not isinstance(value, list) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= MAX_SECONDS
+            for v in value
         ):
             raise self.reader.error(self.key(name), "expected a list of seconds, e.g. [30, 300]")
         widths = tuple(float(v) for v in value)

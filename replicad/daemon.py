@@ -72,6 +72,8 @@ class Daemon:
         `early_signals`: SIGTERM/SIGINT that arrived while the process was still starting
         (`catch_early_signals`); they are acted on as soon as the daemon's handlers are in.
         """
+        for replicator in self.replicators:
+            _require_directory(replicator.db.path)
         locks = [StateLock(r.state_dir, str(r.db.path)) for r in self.replicators]
         try:
             return await self._serve(early_signals)
@@ -104,7 +106,7 @@ class Daemon:
             raise failure
         if problems:
             raise ShutdownError(
-                "shutdown deadline passed with data not shipped: " + "; ".join(problems),
+                "stopped with data not shipped: " + "; ".join(problems),
                 hint="the replica was unreachable; what was not shipped is still in the WAL and "
                 "is shipped when replicad starts again, unless the WAL is checkpointed first",
             )
@@ -251,6 +253,20 @@ class Daemon:
         if not problems:
             log.info("stopped: everything committed was shipped")
         return problems
+
+
+def _require_directory(db_path: Path) -> None:
+    """Refuse a database whose directory does not exist, before anything is created there.
+
+    A missing database file is waited for, but a missing directory is a typo or an unmounted
+    volume: creating the state directory beside the database would make the path up.
+    """
+    if not db_path.parent.is_dir():
+        raise DatabaseError(
+            f"the directory of {db_path} does not exist",
+            hint="check the database path; replicad waits for a missing database file, but never "
+            "creates its directory (mount the volume or create it first)",
+        )
 
 
 def catch_early_signals() -> list[signal.Signals]:

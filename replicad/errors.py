@@ -60,6 +60,19 @@ class FormatError(ReplicadError):
 class ReplicaError(ReplicadError):
     """An operation on a replica failed."""
 
+    #: The storage verb that failed (`PUT`, `GET`, `LIST`, `DELETE`, `HEAD`, `multipart`), set
+    #: by the backend that raised it; None when unknown.
+    operation: str | None = None
+
+    @property
+    def failed_write(self) -> bool:
+        """Whether a write failed (so "cannot read replica" would mislead: a read-only mount or a
+        read-only key)."""
+        return self.operation in _WRITE_OPERATIONS
+
+
+_WRITE_OPERATIONS = frozenset({"PUT", "DELETE", "multipart"})
+
 
 class ObjectNotFoundError(ReplicaError):
     """The requested key does not exist in the replica."""

@@ -2,13 +2,17 @@
 
 `flock` on a file of our own never touches SQLite's POSIX locks on the database.  The lock is
 released by the kernel when the process exits, however it exits, so a stale file is harmless.
-`replicad snapshot` reads the pid to signal the running daemon.
+`replicad snapshot` reads the pid to signal the running daemon, but a pid file is only a
+claim: `signalable_daemon` signals nothing unless the pid is, right now, a replicad process of
+this user that holds the lock (Linux `/proc`), so a stale or forged file cannot aim SIGUSR1
+(whose default action is to terminate) at an unrelated process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 from pathlib import Path
 
@@ -49,6 +53,69 @@ def read_pid(path: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         return int(path.read_text().strip())
     return None
+
+
+def signalable_daemon(state_dir: Path) -> int | None:
+    """The pid of the replicad daemon holding this state directory's lock, proven from `/proc`;
+    None if no daemon runs.  Raises `ReplicadError` when the pid file names a process that is
+    not that daemon (another user's, not replicad, or not the lock's holder)."""
+    pid = running_daemon(state_dir)
+    if pid is None:
+        return None
+    problem = _not_our_daemon(pid, state_dir / PID_NAME)
+    if problem is not None:
+        raise ReplicadError(
+            f"refusing to signal pid {pid} named by {state_dir / PID_NAME}: {problem}",
+            hint="the pid file is stale or was written by someone else; check which process "
+            "replicates this database (its state directory must belong to replicad's user)",
+        )
+    return pid
+
+
+def _not_our_daemon(pid: int, pid_path: Path) -> str | None:
+    """Why `pid` is not the replicad daemon holding `pid_path`'s lock, or None if it is."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        owner = proc.stat().st_uid
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+        inode = pid_path.stat().st_ino
+        locks = Path("/proc/locks").read_text()
+    except FileNotFoundError:
+        return "no such process"
+    except OSError as exc:
+        return f"cannot inspect it ({exc.strerror})"
+    if owner != os.getuid():
+        return f"it belongs to uid {owner}, not to this user ({os.getuid()})"
+    if not _is_replicad(argv):
+        return "it is not a replicad process"
+    if not _holds_flock(locks, pid, inode):
+        return "it does not hold the state directory's lock"
+    return None
+
+
+def _is_replicad(argv: list[bytes]) -> bool:
+    """`replicad ...` (the console script, run directly or by an interpreter) or
+    `python -m replicad ...`."""
+    words = [os.path.basename(word) for word in argv[:3]]
+    return b"replicad" in words or any(
+        flag == b"-m" and module == b"replicad" for flag, module in itertools.pairwise(argv[:4])
+    )
+
+
+def _holds_flock(locks: str, pid: int, inode: int) -> bool:
+    """Whether `/proc/locks` shows `pid` holding a FLOCK on the file with this inode.
+
+    Lines read `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF` (device and inode)."""
+    for line in locks.splitlines():
+        fields = line.split()
+        if (
+            len(fields) >= 6
+            and fields[1] == "FLOCK"
+            and fields[4] == str(pid)
+            and fields[5].rsplit(":", 1)[-1] == str(inode)
+        ):
+            return True
+    return False
 
 
 def running_daemon(state_dir: Path) -> int | None:

@@ -275,6 +275,7 @@ class FileReplicaClient:
             return await asyncio.to_thread(func, *args)
         except OSError as exc:
             error = self._translate(exc, what, missing)
+            error.operation = what.split(" ", 1)[0]
             self._stats.count_error(error)
             raise error from exc
         except ReplicaError as exc:
