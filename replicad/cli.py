@@ -93,6 +93,12 @@ def _add_exec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-c", "--config", type=Path, help=f"TOML file (default {DEFAULT_CONFIG_PATH})")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="as for replicate")
     p.add_argument("--takeover", action="store_true", help="as for replicate")
+    p.add_argument(
+        "--pass-credentials",
+        action="store_true",
+        help="leave replicad's own storage credentials in CMD's environment (by default the "
+        "AWS_* credential variables and every variable holding a configured secret are removed)",
+    )
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="[DB_PATH REPLICA_URL] -- CMD")
     _add_logging(p)
 
@@ -287,11 +293,60 @@ def _exec(args: argparse.Namespace) -> int:
     configure_logging(
         level=args.log_level or config.log_level, fmt=args.log_format or config.log_format
     )
+    env = dict(os.environ)
+    if not args.pass_credentials:
+        env, removed = scrub_credentials(env, _configured_secrets(config))
+        if removed:
+            log.info(
+                "removed replicad's credentials from the application's environment", names=removed
+            )
     return asyncio.run(
         _serve(
-            config, args.metrics_addr or config.metrics_addr, child=command, takeover=args.takeover
+            config,
+            args.metrics_addr or config.metrics_addr,
+            child=command,
+            child_env=env,
+            takeover=args.takeover,
         )
     )
+
+
+#: Variables botocore reads credentials from; the application gets its own if it needs any.
+AWS_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+)
+
+
+def scrub_credentials(
+    environ: dict[str, str], secrets: set[str]
+) -> tuple[dict[str, str], list[str]]:
+    """`environ` without the AWS credential variables and without any variable whose value is
+    one of `secrets` (how `${VAR}` handed a secret to the configuration); also the names
+    removed, sorted (names only: they are not secret)."""
+    kept = {
+        name: value
+        for name, value in environ.items()
+        if name not in AWS_CREDENTIAL_VARIABLES and value not in secrets
+    }
+    return kept, sorted(set(environ) - set(kept))
+
+
+def _configured_secrets(config: Config) -> set[str]:
+    found = set()
+    for db in config.databases:
+        for replica in db.replicas:
+            if replica.s3 is not None:
+                for secret in (
+                    replica.s3.access_key_id,
+                    replica.s3.secret_access_key,
+                    replica.s3.session_token,
+                ):
+                    if secret is not None:
+                        found.add(secret.reveal())
+    return found
 
 
 def _replicate_config(args: argparse.Namespace) -> Config:
@@ -312,6 +367,7 @@ async def _serve(
     metrics_addr: str | None,
     *,
     child: list[str] | None = None,
+    child_env: dict[str, str] | None = None,
     takeover: bool = False,
 ) -> int:
     from replicad.daemon import Daemon, catch_early_signals  # noqa: PLC0415 - see the imports
@@ -337,6 +393,7 @@ async def _serve(
         shutdown_timeout=config.shutdown_timeout,
         metrics=metrics,
         child=child,
+        child_env=child_env,
     )
     status = await daemon.serve(early_signals)
     return daemon.child_status if daemon.child_status is not None else status

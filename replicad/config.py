@@ -275,7 +275,7 @@ class _Reader:
             return self._s3_replica(raw, where, index, url)
         raise self.error(
             f"{where}.url",
-            f"unsupported replica URL {url!r}",
+            f"unsupported replica URL {redact_url(url)!r}",
             hint="use file:///absolute/dir or s3://bucket/prefix",
         )
 
@@ -286,7 +286,7 @@ class _Reader:
         if host not in ("", "localhost") or not path.startswith("/"):
             raise self.error(
                 f"{where}.url",
-                f"file URL must name an absolute local path, got {url!r}",
+                f"file URL must name an absolute local path, got {redact_url(url)!r}",
                 hint="write file:///var/backups/app (three slashes)",
             )
         return ReplicaConfig(
@@ -302,7 +302,8 @@ class _Reader:
     def _s3_replica(self, raw: dict[str, Any], where: str, index: int, url: str) -> ReplicaConfig:
         parts = urlsplit(url)
         if not parts.netloc:
-            raise self.error(f"{where}.url", f"S3 URL has no bucket: {url!r}")
+            raise self.error(f"{where}.url", f"S3 URL has no bucket: {redact_url(url)!r}")
+        _refuse_userinfo(self, f"{where}.url", url)
         merged = dict(raw)
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key not in _S3_URL_KEYS:
@@ -333,6 +334,8 @@ class _Reader:
             concurrency=t.positive_int("concurrency", DEFAULT_S3_CONCURRENCY),
             conditional_writes=t.boolean("conditional_writes", True),
         )
+        if options.endpoint:
+            _refuse_userinfo(self, f"{where}.endpoint", options.endpoint)
         if (options.access_key_id is None) != (options.secret_access_key is None):
             raise self.error(where, "access_key_id and secret_access_key must be set together")
         display = urlsplit(url)._replace(query="").geturl()
@@ -415,6 +418,14 @@ class _Table:
         return self.string(name) or None
 
     def secret(self, name: str) -> Secret | None:
+        """A credential; a value of the wrong type is described by its type, never shown."""
+        value = self.raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str)):
+            raise self.reader.error(
+                self.key(name),
+                f"expected a string, got {_kind_of(value)} (not shown: it is a secret)",
+                hint='quote it ("...") or read it from the environment: "${VARIABLE}"',
+            )
         value = self.string(name)
         return Secret(value) if value else None
 
@@ -495,6 +506,40 @@ class _Table:
         return value
 
 
+def redact_url(url: str) -> str:
+    """`url` with any password in its user information replaced by `***`, for messages."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    return parts._replace(netloc=f"{user}{':***' if colon else ''}@{host}").geturl()
+
+
+def _refuse_userinfo(reader: _Reader, key: str, url: str) -> None:
+    """A user name or password in a URL would be printed by `config check`, logs and errors,
+    and S3 clients ignore it anyway: credentials belong in their own (masked) keys."""
+    if "@" in urlsplit(url).netloc:
+        raise reader.error(
+            key,
+            f"must not contain a user name or password: {redact_url(url)!r}",
+            hint="set access_key_id and secret_access_key (from ${VARIABLES}) instead",
+        )
+
+
+def _kind_of(value: object) -> str:
+    """A TOML value's type in words, for messages that must not show the value."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
 def _url_value(value: str) -> Any:
     lowered = value.lower()
     if lowered in ("true", "false"):
@@ -552,5 +597,6 @@ __all__ = [
     "Secret",
     "config_from_args",
     "load_config",
+    "redact_url",
     "replica_from_url",
 ]

@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -50,6 +50,7 @@ class Daemon:
         on_ready: Callable[[], None] | None = None,
         metrics: MetricsServer | None = None,
         child: Sequence[str] | None = None,
+        child_env: Mapping[str, str] | None = None,
     ) -> None:
         self.replicators = replicators
         self.clients = clients
@@ -59,6 +60,8 @@ class Daemon:
         self.metrics = metrics
         #: `replicad exec`: the application command run as a child once replication is ready.
         self.child = list(child) if child else None
+        #: The child's environment (None: ours); `replicad exec` scrubs its credentials out.
+        self.child_env = dict(child_env) if child_env is not None else None
         self.child_status: int | None = None
         self._child_proc: asyncio.subprocess.Process | None = None
         self._ready = asyncio.Event()
@@ -197,7 +200,7 @@ class Daemon:
         """Start the application once replication is ready; stop replicating when it exits."""
         await self._ready.wait()
         try:
-            self._child_proc = await asyncio.create_subprocess_exec(*command)
+            self._child_proc = await asyncio.create_subprocess_exec(*command, env=self.child_env)
         except OSError as exc:
             self.child_status = 127
             log.error("cannot start the application", command=command[0], error=str(exc))
