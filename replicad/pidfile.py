@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from replicad.errors import ReplicadError
+from replicad.private import FILE_MODE, make_state_dir
 
 PID_NAME = "replicad.pid"
 
@@ -25,7 +26,7 @@ class StateLock:
     """Holds the lock for one state directory until `release()` (or process exit)."""
 
     def __init__(self, state_dir: Path, what: str) -> None:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_state_dir(state_dir)
         self.path = state_dir / PID_NAME
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -37,6 +38,7 @@ class StateLock:
                 f"another replicad (pid {pid}) is already replicating {what}",
                 hint="stop it first; two daemons must never write the same replica",
             ) from None
+        os.fchmod(fd, FILE_MODE)  # a file left by an older version may be wider
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd: int | None = fd

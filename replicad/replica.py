@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import tempfile
 import time
 from collections import OrderedDict, deque
@@ -33,6 +32,7 @@ from replicad.format import (
 )
 from replicad.lease import Lease, is_lease_key
 from replicad.position import ObjectKind, ObjectName, WalPosition, parse_key, segment_name
+from replicad.private import create_private, make_private_dir, unpredictable_name
 from replicad.retention import DEFAULT_RETENTION, DEFAULT_RETENTION_GRACE, plan_retention
 
 #: Raw page bytes per segment object; a backlog is split into objects of about this size.
@@ -323,7 +323,7 @@ class Replica:
         """Encode a batch holding spooled transactions into a local file and upload that, so a
         huge transaction costs bounded memory (multipart parts), not its size."""
         name, header = _segment_header(batch, self.page_size, offset)
-        path = self.spool_dir / f"segment-{name.last_txid:016x}-{os.getpid()}.tmp"
+        path = self.spool_dir / unpredictable_name(f"segment-{name.last_txid:016x}")
         try:
             size = await asyncio.to_thread(_encode_segment_file, path, header, batch, offset)
             await self._ensure_lease()
@@ -449,8 +449,8 @@ def _encode_segment_file(
     path: Path, header: ObjectHeader, batch: list[CapturedTxn], offset: int
 ) -> int:
     """A level-0 segment written to `path` (created); its size."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with path.open("wb") as sink:
+    make_private_dir(path.parent)
+    with create_private(path) as sink:
         return _write_segment(sink, header, batch, offset)
 
 
@@ -494,5 +494,5 @@ def _segment_header(
 
 def spool_path(state_dir: Path, name: ObjectName) -> Path:
     """Where a snapshot is encoded before upload: the database's own state directory."""
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return state_dir / f"snapshot-{name.last_txid:016x}-{os.getpid()}.tmp"
+    make_private_dir(state_dir)
+    return state_dir / unpredictable_name(f"snapshot-{name.last_txid:016x}")

@@ -26,6 +26,7 @@ from replicad.errors import ReplicadError, ReplicaError
 from replicad.format import ObjectHeader, ObjectWriter
 from replicad.lease import LeaseLostError
 from replicad.position import ObjectKind, ObjectName, snapshot_name
+from replicad.private import create_private
 from replicad.replica import Replica, ReplicaTip, SnapshotFile, spool_path
 from replicad.retention import RETENTION_CHECK_INTERVAL
 
@@ -352,7 +353,7 @@ class DatabaseReplicator:
             position=source.position if source.position.salt1 >= 0 else None,
         )
         try:
-            with path.open("wb") as sink:
+            with create_private(path) as sink:
                 writer = ObjectWriter(sink, header)
                 writer.begin_transaction(
                     name.last_txid, source.time_ns, source.db_pages, source.db_pages
