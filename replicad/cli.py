@@ -46,6 +46,7 @@ from replicad.restore import (
 
 if TYPE_CHECKING:
     from replicad.inspect import LogEntry
+    from replicad.rekey import RekeyResult
     from replicad.replicator import DatabaseReplicator
 
 # The daemon's modules (replicator, database, WAL reader with numpy, file watching, inspection)
@@ -77,8 +78,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_snapshot(sub)
     _add_ls(sub)
     _add_log(sub)
+    _add_rekey(sub)
     _add_config(sub)
     return parser
+
+
+def _add_identity(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--age-identity-file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="age identity file (AGE-SECRET-KEY-1... lines) or unencrypted OpenSSH private key "
+        "that opens an encrypted replica; repeat for several (adds to age_identity_file)",
+    )
+
+
+def _add_rekey(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "rekey",
+        help="re-encrypt a replica's history for new age recipients (key rotation)",
+        description="Rewrite every object of the replica, in place and one at a time, "
+        "encrypted for the --to recipients: decrypted with --age-identity-file (the old key; "
+        "not needed for a plaintext replica, which this encrypts), checked, re-encrypted, "
+        "replaced atomically, read back and compared. Safe to interrupt and run again: "
+        "objects already encrypted for the new set are skipped. The daemon may keep running; "
+        "give it the new age_recipients first. Prints one JSON line per object, then a summary.",
+    )
+    _add_source(p)
+    _add_identity(p)
+    p.add_argument(
+        "--to",
+        nargs="+",
+        required=True,
+        metavar="RECIPIENT",
+        help="the new recipients: age1... keys or SSH public key lines (quote them)",
+    )
+    p.add_argument(
+        "--spool-dir",
+        type=Path,
+        help="where objects pass through (0600 files; default: the system's temp directory)",
+    )
+    _add_logging(p)
 
 
 def _add_exec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -146,6 +188,7 @@ def _add_ls(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "bytes per level, from one listing of the replica.",
         )
         _add_source(p)
+        _add_identity(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         _add_logging(p)
 
@@ -158,6 +201,7 @@ def _add_log(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "committed between --since and --until (RFC 3339), from the replica.",
     )
     _add_source(p)
+    _add_identity(p)
     p.add_argument("--since", metavar="RFC3339", help="earliest commit time")
     p.add_argument("--until", metavar="RFC3339", help="latest commit time")
     p.add_argument("--json", action="store_true", help="print JSON lines")
@@ -240,6 +284,7 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         action="store_true",
         help="exit 0 without restoring when OUT already exists (init containers)",
     )
+    _add_identity(p)
     p.add_argument(
         "--integrity-check",
         choices=INTEGRITY_MODES,
@@ -410,9 +455,19 @@ async def _replicator(
     db_log = structlog.get_logger().bind(db=db_config.name)
     replicas = []
     for replica_config in db_config.replicas:
-        client = await make_client(replica_config, max_attempts=DAEMON_MAX_ATTEMPTS)
+        client = await make_client(
+            replica_config, max_attempts=DAEMON_MAX_ATTEMPTS, spool_dir=db_config.state_dir
+        )
         clients.append(client)
         replica_log = db_log.bind(replica=replica_config.name)
+        compaction_levels = replica_config.compaction_levels
+        if replica_config.age_recipients and not replica_config.age_identity_file:
+            # Compaction reads objects back; this host holds no key that can (by design).
+            compaction_levels = ()
+            replica_log.info(
+                "age encryption on and no identity on this host: compaction is off, and a "
+                "restart takes a snapshot (see docs/security.md)"
+            )
         lease = None
         if client.supports_create_only:
             # The daemon holds this host's state lock for the database before it starts.
@@ -435,7 +490,7 @@ async def _replicator(
                 client,
                 max_pending_bytes=replica_config.max_pending_bytes,
                 retention=replica_config.retention,
-                compaction_levels=replica_config.compaction_levels,
+                compaction_levels=compaction_levels,
                 spool_dir=db_config.state_dir,
                 lease=lease,
                 takeover=takeover,
@@ -455,9 +510,35 @@ async def _replicator(
     )
 
 
-async def make_client(config: ReplicaConfig, *, max_attempts: int | None = None) -> ReplicaClient:
+async def make_client(
+    config: ReplicaConfig,
+    *,
+    max_attempts: int | None = None,
+    identity_files: Sequence[Path] = (),
+    spool_dir: Path | None = None,
+) -> ReplicaClient:
     """The storage client a replica's configuration describes (`max_attempts` per request:
-    the S3 client's default when None)."""
+    the S3 client's default when None), behind age encryption (`CryptClient`): it encrypts for
+    the replica's `age_recipients` and decrypts with its `age_identity_file` and
+    `identity_files`; with neither it refuses encrypted objects with a clear error."""
+    from replicad.clients.crypt import (  # noqa: PLC0415 - pyrage only when a client is made
+        CryptClient,
+        load_identities,
+        parse_recipient,
+    )
+
+    files = [config.age_identity_file] if config.age_identity_file else []
+    identities = [i for path in [*files, *identity_files] for i in load_identities(path)]
+    inner = await _storage_client(config, max_attempts=max_attempts)
+    return CryptClient(
+        inner,
+        recipients=[parse_recipient(r) for r in config.age_recipients],
+        identities=identities,
+        spool_dir=spool_dir,
+    )
+
+
+async def _storage_client(config: ReplicaConfig, *, max_attempts: int | None) -> ReplicaClient:
     if config.path is not None:
         return FileReplicaClient(config.path)
     assert config.s3 is not None
@@ -535,7 +616,7 @@ def _source_replica(args: argparse.Namespace) -> ReplicaConfig:
 
 async def _run_restore(config: ReplicaConfig, args: argparse.Namespace) -> RestoreResult | None:
     at_ns = parse_timestamp(args.timestamp) if args.timestamp else None
-    client = await make_client(config)
+    client = await make_client(config, identity_files=args.age_identity_file)
     try:
         if args.if_replica_exists and not await client.list_objects():
             print(json.dumps({"skipped": f"{client.url} holds nothing (--if-replica-exists)"}))
@@ -601,7 +682,7 @@ def _snapshot(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     from replicad.inspect import summarize  # noqa: PLC0415 - see the imports
 
-    summary = asyncio.run(_with_client(_source_replica(args), summarize))
+    summary = asyncio.run(_with_client(_source_replica(args), summarize, args.age_identity_file))
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
         return 0
@@ -630,7 +711,7 @@ def _log(args: argparse.Namespace) -> int:
     async def run(client: ReplicaClient) -> list[LogEntry]:
         return await transaction_log(client, since_ns=since, until_ns=until)
 
-    entries = asyncio.run(_with_client(_source_replica(args), run))
+    entries = asyncio.run(_with_client(_source_replica(args), run, args.age_identity_file))
     for e in entries:
         if args.json:
             print(json.dumps(dataclasses.asdict(e)))
@@ -639,12 +720,59 @@ def _log(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _with_client(config: ReplicaConfig, action: Callable[[ReplicaClient], Awaitable[T]]) -> T:
-    client = await make_client(config)
+async def _with_client(
+    config: ReplicaConfig,
+    action: Callable[[ReplicaClient], Awaitable[T]],
+    identity_files: Sequence[Path] = (),
+) -> T:
+    client = await make_client(config, identity_files=identity_files)
     try:
         return await action(client)
     finally:
         await client.close()
+
+
+def _rekey(args: argparse.Namespace) -> int:
+    from replicad.clients.crypt import load_identities, parse_recipient  # noqa: PLC0415
+    from replicad.rekey import Rekeyer  # noqa: PLC0415
+
+    config = _source_replica(args)
+    files = [config.age_identity_file] if config.age_identity_file else []
+    identities = [i for path in [*files, *args.age_identity_file] for i in load_identities(path)]
+    recipients = []
+    for i, text in enumerate(args.to):
+        try:
+            recipients.append(parse_recipient(text))
+        except ValueError as exc:
+            raise ConfigError(f"--to recipient {i + 1}: {exc}") from None
+
+    def progress(key: str, outcome: str) -> None:
+        print(json.dumps({"key": key, "outcome": outcome}), flush=True)
+
+    async def run() -> RekeyResult:
+        client = await _storage_client(config, max_attempts=None)
+        try:
+            rekeyer = Rekeyer(
+                client,
+                identities=identities,
+                recipients=recipients,
+                spool_dir=args.spool_dir,
+                on_object=progress,
+            )
+            return await rekeyer.run()
+        finally:
+            await client.close()
+
+    result = asyncio.run(run())
+    print(json.dumps(dataclasses.asdict(result)))
+    if result.stragglers:
+        raise ReplicadError(
+            f"{len(result.stragglers)} objects are still not encrypted for the new recipients "
+            f"(first: {result.stragglers[0]})",
+            hint="a daemon is still writing for the old recipients: give it the new "
+            "age_recipients, restart it, and run rekey again",
+        )
+    return 0
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -675,4 +803,5 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ls": _ls,
     "status": _ls,
     "log": _log,
+    "rekey": _rekey,
 }

@@ -121,6 +121,11 @@ class ReplicaConfig:
     compaction_levels: tuple[float, ...] = DEFAULT_LEVELS
     #: Seconds a fencing lease lasts without renewal (see lease.py).
     lease_duration: float = DEFAULT_LEASE_DURATION
+    #: age public keys (`age1...`, `ssh-ed25519 ...`) new objects are encrypted for; empty:
+    #: plaintext (see clients/crypt.py and docs/security.md).
+    age_recipients: tuple[str, ...] = ()
+    #: Private key file for reading this replica's encrypted objects (restore, log, ...).
+    age_identity_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +302,7 @@ class _Reader:
             retention=t.positive_float("retention", DEFAULT_RETENTION),
             compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
             lease_duration=t.positive_float("lease_duration", DEFAULT_LEASE_DURATION),
+            **t.age_settings(),
         )
 
     def _s3_replica(self, raw: dict[str, Any], where: str, index: int, url: str) -> ReplicaConfig:
@@ -349,6 +355,7 @@ class _Reader:
             retention=t.positive_float("retention", DEFAULT_RETENTION),
             compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
             lease_duration=t.positive_float("lease_duration", DEFAULT_LEASE_DURATION),
+            **t.age_settings(),
         )
 
     def expand(self, value: str, key: str) -> str:
@@ -466,6 +473,27 @@ class _Table:
             raise self.reader.error(self.key(name), f"must be at least {minimum}, got {value}")
         return int(value)
 
+    def age_settings(self) -> dict[str, Any]:
+        """`age_recipients` (each one checked) and `age_identity_file`."""
+        from replicad.clients.crypt import parse_recipient  # noqa: PLC0415 - pyrage on demand
+
+        value = self.raw.get("age_recipients", [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.reader.error(
+                self.key("age_recipients"), 'expected a list of public keys, e.g. ["age1..."]'
+            )
+        recipients = tuple(self.reader.expand(v, self.key("age_recipients")) for v in value)
+        for i, recipient in enumerate(recipients):
+            try:
+                parse_recipient(recipient)
+            except ValueError as exc:
+                raise self.reader.error(f"{self.key('age_recipients')}[{i}]", str(exc)) from None
+        identity = self.optional("age_identity_file")
+        return {
+            "age_recipients": recipients,
+            "age_identity_file": Path(identity) if identity else None,
+        }
+
     def levels(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
         """Increasing bucket widths, each a whole multiple of the one before."""
         value = self.raw.get(name)
@@ -573,7 +601,16 @@ _DB_KEYS = frozenset(
     }
 )
 _COMMON_REPLICA_KEYS = frozenset(
-    {"url", "name", "max_pending_bytes", "retention", "compaction_levels", "lease_duration"}
+    {
+        "url",
+        "name",
+        "max_pending_bytes",
+        "retention",
+        "compaction_levels",
+        "lease_duration",
+        "age_recipients",
+        "age_identity_file",
+    }
 )
 _S3_URL_KEYS = frozenset({"endpoint", "region", "path_style", "verify_tls", "storage_class"})
 _S3_KEYS = _S3_URL_KEYS | frozenset(

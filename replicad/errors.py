@@ -5,6 +5,7 @@
     ├── DatabaseError             the SQLite database cannot be replicated as it is
     ├── WalError                  the -wal header is unusable (a torn tail is *not* an error)
     ├── FormatError               an object in a replica is corrupt, truncated, foreign or too new
+    │   └── ObjectLockedError     an encrypted object that no identity given can open
     ├── ReplicaError              an operation on a replica failed
     │   ├── ObjectNotFoundError   the key does not exist
     │   ├── ObjectExistsError     a create-only write found the key already there (another writer)
@@ -55,6 +56,10 @@ class WalError(ReplicadError):
 
 class FormatError(ReplicadError):
     """An object read from a replica is corrupt, truncated, foreign or of an unknown version."""
+
+
+class ObjectLockedError(FormatError):
+    """An age-encrypted object, and no identity given (or none of those given) can open it."""
 
 
 class ReplicaError(ReplicadError):

@@ -1,0 +1,407 @@
+"""Client-side encryption with age: replicate and restore every TXID encrypted, refuse missing
+and wrong identities clearly, never mix plaintext and encrypted objects, and rotate keys in
+place with the daemon running and after a crash in the middle of a rekey."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pyrage import x25519
+
+from replicad.clients.base import ReplicaClient
+from replicad.clients.crypt import (
+    MAGIC,
+    CryptClient,
+    load_identities,
+    parse_recipient,
+    recipients_of_head,
+)
+from replicad.clients.file import FileReplicaClient
+from replicad.errors import FormatError, ObjectLockedError, ReplicaUnavailableError
+from replicad.position import parse_key
+from replicad.restore import make_plan, restore
+from tests import workload
+from tests.procs import ROOT, clean_env, replicad, start_daemon, start_writer, stop, wait_for
+
+SEED = 77
+
+
+def _x25519_key(path: Path) -> str:
+    """Write a new age identity file; its public recipient."""
+    identity = x25519.Identity.generate()
+    path.write_text(f"# test key\n{identity}\n")
+    path.chmod(0o600)
+    return str(identity.to_public())
+
+
+def _ssh_key(path: Path) -> str:
+    """A new unencrypted OpenSSH ed25519 key at `path`; its public key line."""
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("ssh-keygen is not installed")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+def _config(tmp: Path, db: Path, rep: Path, recipients: list[str]) -> Path:
+    config = tmp / f"replicad-{len(list(tmp.glob('replicad-*.toml')))}.toml"
+    config.write_text(
+        f"[[databases]]\npath = '{db}'\nsync_interval = 0.05\n"
+        f"[[databases.replicas]]\nurl = '{rep.as_uri()}'\n"
+        f"age_recipients = {json.dumps(recipients)}\n"
+    )
+    return config
+
+
+def _objects(rep: Path) -> list[Path]:
+    return sorted(p for p in rep.rglob("*") if p.is_file() and parse_key(_key(rep, p)))
+
+
+def _key(rep: Path, path: Path) -> str:
+    return path.relative_to(rep).as_posix()
+
+
+def _made_for(path: Path) -> list[str] | None:
+    labels = recipients_of_head(path.read_bytes()[:65536], path.name)
+    return None if labels is None else sorted(labels)
+
+
+class Keys:
+    """Two age keys and an SSH key, in files."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.a_file, self.b_file, self.ssh_file = tmp / "a.key", tmp / "b.key", tmp / "id_ed25519"
+        self.a = _x25519_key(self.a_file)
+        self.b = _x25519_key(self.b_file)
+        self.ssh = _ssh_key(self.ssh_file)
+        self.ssh_label = parse_recipient(self.ssh).label
+
+
+@pytest.fixture(scope="module")
+def encrypted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Keys, Path]:
+    """A replica encrypted for key A and an SSH key by a daemon; the database; the keys; the
+    writer's log."""
+    tmp = tmp_path_factory.mktemp("encrypted")
+    keys = Keys(tmp)
+    db, rep = tmp / "app.db", tmp / "replica"
+    conn = sqlite3.connect(db)
+    workload.setup(conn)
+    conn.close()
+    config = _config(tmp, db, rep, [keys.a, keys.ssh])
+    daemon = start_daemon(["-c", str(config)], tmp / "d.log")
+    try:
+        wait_for(lambda: any(rep.glob("snapshots/*.snap")), 20, "first snapshot")
+        writer = start_writer(db, tmp / "w.log", seed=SEED, count=120, rate=100)
+        assert writer.wait(timeout=60) == 0
+    finally:
+        assert stop(daemon) == 0, (tmp / "d.log").read_text()[-3000:]
+    return rep, db, keys, tmp / "w.log"
+
+
+def test_objects_are_encrypted_and_name_their_recipients(
+    encrypted: tuple[Path, Path, Keys, Path],
+) -> None:
+    rep, _, keys, _ = encrypted
+    objects = _objects(rep)
+    assert len(objects) > 5
+    for path in objects:
+        data = path.read_bytes()
+        assert data.startswith(MAGIC), path
+        assert _made_for(path) == sorted([keys.a, keys.ssh_label])
+        assert b"SQLite format 3" not in data
+    leases = list(rep.glob("lease/*"))
+    assert all(not p.read_bytes().startswith(MAGIC) for p in leases), "leases stay readable"
+
+
+async def test_restore_every_txid_encrypted(
+    encrypted: tuple[Path, Path, Keys, Path], tmp_path: Path
+) -> None:
+    rep, db, keys, _ = encrypted
+    client = CryptClient(FileReplicaClient(rep), identities=load_identities(keys.a_file))
+    try:
+        plan = await make_plan(client)
+        first = min(n.first_txid for n in plan.objects)
+        states: dict[int, str] = {}
+        for txid in range(first, plan.target_txid + 1):
+            out = tmp_path / f"t{txid}.db"
+            result = await restore(client, out, target_txid=txid, integrity="quick")
+            assert result.txid == txid
+            states[txid] = workload.digest(out)
+            k = workload.seq_of(out)
+            states[txid] = f"{k}:{states[txid]}"
+            out.unlink()
+    finally:
+        await client.close()
+    ks = {int(v.split(":")[0]) for v in states.values()}
+    expected = workload.replays(SEED, ks, tmp_path / "replay.db", view=workload.digest)
+    for txid, value in states.items():
+        k, digest = value.split(":")
+        assert expected[int(k)] == digest, f"TXID {txid}"
+    assert max(ks) == 120
+    assert workload.dump(db)  # the source is still readable
+
+
+def test_restore_with_one_of_several_recipients(
+    encrypted: tuple[Path, Path, Keys, Path], tmp_path: Path
+) -> None:
+    rep, db, keys, _ = encrypted
+    out = tmp_path / "ssh.db"
+    cmd = ["restore", "-o", str(out), "--age-identity-file", str(keys.ssh_file), rep.as_uri()]
+    result = replicad(*cmd)
+    assert result.returncode == 0, result.stderr
+    assert workload.dump(out) == workload.dump(db)
+
+
+def test_restore_without_an_identity_names_object_and_recipients(
+    encrypted: tuple[Path, Path, Keys, Path], tmp_path: Path
+) -> None:
+    rep, _, keys, _ = encrypted
+    result = replicad("restore", "-o", str(tmp_path / "x.db"), rep.as_uri())
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "is encrypted for" in result.stderr
+    assert keys.a in result.stderr
+    assert keys.ssh_label in result.stderr
+    assert "no identity was given" in result.stderr
+    assert "--age-identity-file" in result.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_restore_with_a_wrong_identity_is_refused(
+    encrypted: tuple[Path, Path, Keys, Path], tmp_path: Path
+) -> None:
+    rep, _, keys, _ = encrypted
+    out = tmp_path / "x.db"
+    result = replicad(
+        "restore", "-o", str(out), "--age-identity-file", str(keys.b_file), rep.as_uri()
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"the identities given ({keys.b})" in result.stderr
+    assert keys.a in result.stderr
+    assert not out.exists()
+
+
+def test_log_reads_an_encrypted_replica(encrypted: tuple[Path, Path, Keys, Path]) -> None:
+    rep, _, keys, _ = encrypted
+    result = replicad("log", "--json", "--age-identity-file", str(keys.a_file), rep.as_uri())
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) >= 120
+    locked = replicad("log", rep.as_uri())
+    assert locked.returncode == 1
+    assert "is encrypted for" in locked.stderr
+
+
+async def test_mixing_plain_and_encrypted_objects_is_refused(tmp_path: Path) -> None:
+    recipient = parse_recipient(_x25519_key(tmp_path / "k"))
+    identities = load_identities(tmp_path / "k")
+    async with FileReplicaClient(tmp_path / "rep") as raw:
+        plain_client = CryptClient(raw)
+        await plain_client.put_object("segments/00/plain", b"plaintext object")
+        sealed_client = CryptClient(raw, recipients=[recipient], identities=identities)
+        await sealed_client.put_object("segments/00/sealed", b"secret object")
+        with pytest.raises(FormatError, match="refusing to mix"):
+            await sealed_client.get_object("segments/00/plain")
+        with pytest.raises(FormatError, match="refusing to mix"):
+            async for _ in sealed_client.iter_object("segments/00/plain"):
+                pass
+        with pytest.raises(ObjectLockedError, match=recipient.label):
+            await plain_client.get_object("segments/00/sealed")
+        assert await sealed_client.get_object("segments/00/sealed") == b"secret object"
+        chunks = [c async for c in sealed_client.iter_object("segments/00/sealed", chunk_size=4)]
+        assert b"".join(chunks) == b"secret object"
+        assert max(map(len, chunks)) <= 4
+
+
+class _LandsThenFails:
+    """A client whose puts store the object, then report a timeout (the reply was lost)."""
+
+    def __init__(self, inner: ReplicaClient) -> None:
+        self.inner = inner
+        self.fail = True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def put_object(self, key: str, data: bytes, *, create_only: bool = False) -> None:
+        await self.inner.put_object(key, data, create_only=create_only)
+        if self.fail:
+            self.fail = False
+            raise ReplicaUnavailableError("timed out")
+
+
+async def test_a_retried_put_sends_the_same_ciphertext(tmp_path: Path) -> None:
+    """Encryption is randomized: without remembering the failed put's bytes, the create-only
+    retry of a put that did land would look like another writer."""
+    recipient = parse_recipient(_x25519_key(tmp_path / "k"))
+    async with FileReplicaClient(tmp_path / "rep") as raw:
+        client = CryptClient(_LandsThenFails(raw), recipients=[recipient])  # type: ignore[arg-type]
+        with pytest.raises(ReplicaUnavailableError):
+            await client.put_object("segments/00/a", b"data", create_only=True)
+        await client.put_object("segments/00/a", b"data", create_only=True)
+
+
+def test_bad_recipients_and_identity_files_are_clear(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        "[[databases]]\npath = '/tmp/a.db'\n[[databases.replicas]]\nurl = 'file:///tmp/r'\n"
+        "age_recipients = ['age1notakey']\n"
+    )
+    result = replicad("config", "check", "-c", str(config))
+    assert result.returncode == 2
+    assert "databases[0].replicas[0].age_recipients[0]: not a valid age recipient" in result.stderr
+    bad = tmp_path / "bad.key"
+    bad.write_text("AGE-SECRET-KEY-1NOTAKEY\n")
+    result = replicad(
+        "restore", "-o", str(tmp_path / "o.db"), "--age-identity-file", str(bad), "file:///tmp/r"
+    )
+    assert result.returncode == 2
+    assert f"{bad}: line 1 is not an age identity" in result.stderr
+    assert "NOTAKEY" not in result.stderr
+
+
+# -- key rotation ----------------------------------------------------------------------------------
+
+
+def _copy_replica(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def _rekey(rep: Path, old: Path, *new: str) -> subprocess.CompletedProcess[str]:
+    return replicad("rekey", rep.as_uri(), "--age-identity-file", str(old), "--to", *new)
+
+
+def test_rekey_rotates_and_the_old_key_no_longer_opens(
+    encrypted: tuple[Path, Path, Keys, Path], tmp_path: Path
+) -> None:
+    source, db, keys, _ = encrypted
+    rep = _copy_replica(source, tmp_path / "rep")
+    result = _rekey(rep, keys.a_file, keys.b)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["rewritten"] == summary["objects"] == len(_objects(rep))
+    assert all(_made_for(p) == [keys.b] for p in _objects(rep))
+    out = tmp_path / "b.db"
+    ok = replicad("restore", "-o", str(out), "--age-identity-file", str(keys.b_file), rep.as_uri())
+    assert ok.returncode == 0, ok.stderr
+    assert workload.dump(out) == workload.dump(db)
+    old = replicad(
+        "restore",
+        "-o",
+        str(tmp_path / "a.db"),
+        "--age-identity-file",
+        str(keys.a_file),
+        rep.as_uri(),
+    )
+    assert old.returncode == 1
+    assert f"is encrypted for {keys.b}" in old.stderr
+    again = _rekey(rep, keys.a_file, keys.b)
+    assert again.returncode == 0
+    assert json.loads(again.stdout.splitlines()[-1])["rewritten"] == 0
+
+
+def test_rekey_resumes_after_a_crash(
+    encrypted: tuple[Path, Path, Keys, Path], tmp_path: Path
+) -> None:
+    source, db, keys, _ = encrypted
+    rep = _copy_replica(source, tmp_path / "rep")
+    total = len(_objects(rep))
+    cmd = [sys.executable, "-m", "replicad", "rekey", rep.as_uri()]
+    cmd += ["--age-identity-file", str(keys.a_file), "--to", keys.b, keys.ssh]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT)
+    assert proc.stdout is not None
+    rewritten = 0
+    while rewritten < 3:
+        line = proc.stdout.readline()
+        assert line, "rekey ended before the crash"
+        rewritten += json.loads(line).get("outcome") == "rewritten"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    new_set = sorted([keys.b, keys.ssh_label])
+    done = [p for p in _objects(rep) if _made_for(p) == new_set]
+    assert 3 <= len(done) < total, "the crash came in the middle"
+    assert not list(tmp_path.glob("**/.tmp-*")), "no torn temporary object is visible"
+    resumed = replicad(
+        "rekey", rep.as_uri(), "--age-identity-file", str(keys.a_file), "--to", keys.ssh, keys.b
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout.splitlines()[-1])
+    assert summary["already_current"] >= len(done)
+    assert summary["rewritten"] + summary["already_current"] == total
+    assert all(_made_for(p) == new_set for p in _objects(rep))
+    out = tmp_path / "r.db"
+    ok = replicad(
+        "restore", "-o", str(out), "--age-identity-file", str(keys.ssh_file), rep.as_uri()
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert workload.dump(out) == workload.dump(db)
+
+
+def test_rekey_with_the_daemon_running(tmp_path: Path) -> None:
+    """Rotation as the runbook says: the daemon gets the new recipient (and, holding no key,
+    snapshots on restart), then rekey rewrites the history while the writer and daemon go on."""
+    keys = Keys(tmp_path)
+    db, rep = tmp_path / "app.db", tmp_path / "rep"
+    conn = sqlite3.connect(db)
+    workload.setup(conn)
+    conn.close()
+    old_config = _config(tmp_path, db, rep, [keys.a])
+    daemon = start_daemon(["-c", str(old_config)], tmp_path / "d1.log")
+    try:
+        wait_for(lambda: any(rep.glob("snapshots/*.snap")), 20, "first snapshot")
+        writer = start_writer(db, tmp_path / "w1.log", seed=SEED, count=60, rate=100)
+        assert writer.wait(timeout=60) == 0
+    finally:
+        assert stop(daemon) == 0
+    new_config = _config(tmp_path, db, rep, [keys.b])
+    daemon = start_daemon(["-c", str(new_config)], tmp_path / "d2.log")
+    try:
+        wait_for(lambda: len(list(rep.glob("snapshots/*.snap"))) == 2, 30, "restart snapshot")
+        writer = subprocess.Popen(
+            [sys.executable, "-c", _MORE_WRITES, str(db)], env=clean_env(), cwd=ROOT
+        )
+        try:
+            result = _rekey(rep, keys.a_file, keys.b)
+        finally:
+            assert writer.wait(timeout=60) == 0
+        assert result.returncode == 0, result.stderr
+    finally:
+        assert stop(daemon) == 0, (tmp_path / "d2.log").read_text()[-3000:]
+    assert all(_made_for(p) == [keys.b] for p in _objects(rep))
+    log = (tmp_path / "d2.log").read_text()
+    assert "compaction is off" in log
+    out = tmp_path / "out.db"
+    ok = replicad("restore", "-o", str(out), "--age-identity-file", str(keys.b_file), rep.as_uri())
+    assert ok.returncode == 0, ok.stderr
+    assert workload.dump(out) == workload.dump(db)
+    # The oldest TXID (history from before the rotation) restores with the new key too.
+    first = replicad(
+        "restore",
+        "--txid",
+        "1",
+        "-o",
+        str(tmp_path / "first.db"),
+        "--age-identity-file",
+        str(keys.b_file),
+        rep.as_uri(),
+    )
+    assert first.returncode == 0, first.stderr
+
+
+_MORE_WRITES = """
+import sqlite3, sys
+sys.path.insert(0, '.')
+from tests import workload
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+for k in range(1000, 1200):
+    workload.apply_txn(conn, 9, k)
+conn.close()
+"""
