@@ -4,12 +4,14 @@ place with the daemon running and after a crash in the middle of a rekey."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from pyrage import x25519
 
 from replicad.clients.base import ReplicaClient
 from replicad.clients.crypt import (
+    DECRYPT_THREAD,
     MAGIC,
     CryptClient,
     load_identities,
@@ -144,6 +147,7 @@ async def test_restore_every_txid_encrypted(
         k, digest = value.split(":")
         assert expected[int(k)] == digest, f"TXID {txid}"
     assert max(ks) == 120
+    assert len(ks) == 121, "every transaction of the writer is a restorable TXID"
     assert workload.dump(db)  # the source is still readable
 
 
@@ -217,6 +221,35 @@ async def test_mixing_plain_and_encrypted_objects_is_refused(tmp_path: Path) -> 
         chunks = [c async for c in sealed_client.iter_object("segments/00/sealed", chunk_size=4)]
         assert b"".join(chunks) == b"secret object"
         assert max(map(len, chunks)) <= 4
+
+
+async def test_streamed_decryption_checks_every_chunk(tmp_path: Path) -> None:
+    """A 3 MB object streams through in pieces; one altered byte deep inside is reported as
+    damage (not as a wrong key), and a reader that stops early leaves nothing running."""
+    recipient = parse_recipient(_x25519_key(tmp_path / "k"))
+    client = CryptClient(
+        FileReplicaClient(tmp_path / "rep"),
+        recipients=[recipient],
+        identities=load_identities(tmp_path / "k"),
+    )
+    payload = bytes(range(256)) * 12_000
+    await client.put_object("snapshots/big", payload)
+    chunks = [c async for c in client.iter_object("snapshots/big", chunk_size=100_000)]
+    assert b"".join(chunks) == payload
+    assert max(map(len, chunks)) == 100_000
+    async with contextlib.aclosing(client.iter_object("snapshots/big", chunk_size=1000)) as it:
+        async for _ in it:
+            break  # abandoned after the first piece
+    assert not [t for t in threading.enumerate() if t.name == DECRYPT_THREAD]
+    stored = tmp_path / "rep" / "snapshots" / "big"
+    damaged = bytearray(stored.read_bytes())
+    damaged[2_000_000] ^= 1
+    stored.write_bytes(bytes(damaged))
+    with pytest.raises(FormatError, match="is damaged") as caught:
+        async for _ in client.iter_object("snapshots/big"):
+            pass
+    assert not isinstance(caught.value, ObjectLockedError)
+    await client.close()
 
 
 class _LandsThenFails:

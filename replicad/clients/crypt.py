@@ -20,9 +20,10 @@ The `R` lines name the recipients it was made for (public keys, or SSH fingerpri
 must be answered with "made for these keys".  They are public and not authenticated; a reader
 trusts only age's decryption, never these lines.
 
-Whole-object encryption means a read of an encrypted object fetches and decrypts all of it
-before the first byte is returned (a header read at daemon start-up downloads the whole tip
-object); in memory up to `SPOOL_MEMORY` bytes, in an unlinked 0600 file in `spool_dir` beyond.
+Objects are encrypted whole, so there is no ranged read of an encrypted object: a read always
+starts at the object's first byte and decrypts as it streams (`_DecryptPipe`), and a reader
+that wants a piece in the middle fetches everything before it.  Encrypting a file on upload
+goes through a 0600 temporary file in `spool_dir`.
 
 Mixing is refused: a client with recipients or identities refuses a plaintext object, and one
 without refuses an encrypted object (`ObjectLockedError`), so one lineage is all one or the
@@ -34,13 +35,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import pyrage
 from pyrage import ssh, x25519
@@ -52,8 +55,10 @@ from replicad.private import create_private, unpredictable_name
 MAGIC = b"replicad-age/1\n"
 #: Largest plaintext prefix accepted (it lists recipients; hundreds fit).
 MAX_PREFIX = 64 << 10
-#: Bytes of an object buffered in memory while encrypting or decrypting; beyond, a temp file.
-SPOOL_MEMORY = 16 << 20
+#: Name of the worker threads that decrypt streamed objects.
+DECRYPT_THREAD = "replicad-decrypt"
+#: Plaintext pieces a decrypting worker may have handed on and not yet had taken.
+_PIPE_DEPTH = 4
 #: Failed encrypted puts remembered, so a retry of the same key sends the same bytes.
 _RETRY_MEMORY = 8
 _LEASE_PREFIX = "lease/"
@@ -301,7 +306,7 @@ class CryptClient:
                 pyrage.decrypt, data[start:], [i.key for i in self.identities]
             )
         except pyrage.DecryptError as exc:
-            raise self._locked(key, labels, str(exc)) from exc
+            raise self._decrypt_error(key, labels, exc) from exc
 
     async def iter_object(self, key: str, *, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object's plaintext in chunks of at most `chunk_size`; an encrypted object is
@@ -314,8 +319,12 @@ class CryptClient:
                 if len(head) >= len(MAGIC):
                     break
             if head.startswith(MAGIC):
-                async for chunk in self._decrypted(key, head, chunks, chunk_size):
-                    yield chunk
+                # Closed with us, so a reader that stops early stops the worker thread too.
+                async with contextlib.aclosing(
+                    self._decrypted(key, head, chunks, chunk_size)
+                ) as plain:
+                    async for chunk in plain:
+                        yield chunk
                 return
             if head:
                 self._check_plaintext_allowed(key)
@@ -327,32 +336,33 @@ class CryptClient:
     async def _decrypted(
         self, key: str, head: bytes, chunks: AsyncIterator[bytes], chunk_size: int
     ) -> AsyncIterator[bytes]:
-        with self._spool() as sealed, self._spool() as plain:
-            sealed.write(head)
-            async for chunk in chunks:
-                sealed.write(chunk)
-            sealed.seek(0)
-            parsed = parse_prefix(sealed.read(MAX_PREFIX), key)
-            assert parsed is not None  # the head starts with MAGIC
-            labels, start = parsed
-            self._check_identities(key, labels)
-            sealed.seek(start)
-            try:
-                await asyncio.to_thread(
-                    pyrage.decrypt_io,
-                    cast(Any, sealed),
-                    cast(Any, plain),
-                    [i.key for i in self.identities],
-                )
-            except pyrage.DecryptError as exc:
-                raise self._locked(key, labels, str(exc)) from exc
-            plain.seek(0)
-            while chunk := await asyncio.to_thread(plain.read, chunk_size):
-                yield chunk
-
-    def _spool(self) -> IO[bytes]:
-        directory = str(self.spool_dir) if self.spool_dir else None
-        return tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, dir=directory)
+        while b"\n\n" not in head[len(MAGIC) - 1 :] and len(head) < MAX_PREFIX:
+            chunk = await anext(chunks, b"")
+            if not chunk:
+                break
+            head += chunk
+        parsed = parse_prefix(head, key)
+        assert parsed is not None  # the head starts with MAGIC
+        labels, start = parsed
+        self._check_identities(key, labels)
+        pipe = _DecryptPipe(asyncio.get_running_loop(), head[start:], chunks, chunk_size)
+        worker = threading.Thread(
+            target=pipe.run,
+            args=([i.key for i in self.identities],),
+            name=DECRYPT_THREAD,
+            daemon=True,
+        )
+        worker.start()
+        try:
+            while (item := await pipe.take()) is not None:
+                yield item
+        except (pyrage.DecryptError, OSError) as exc:  # pyrage's stream reports damage as I/O
+            raise self._decrypt_error(key, labels, exc) from exc
+        finally:
+            pipe.stop()
+            await pipe.stopped()
+            # Its last act was to tell us so: the join is over in microseconds.
+            worker.join()
 
     def _check_plaintext_allowed(self, key: str) -> None:
         if self.encrypted:
@@ -368,6 +378,16 @@ class CryptClient:
         if not self.identities:
             raise self._locked(key, labels, "no identity was given")
 
+    def _decrypt_error(self, key: str, labels: list[str], exc: Exception) -> FormatError:
+        """A wrong key (`ObjectLockedError`), or damage found by age's authentication."""
+        if "no matching keys" in str(exc).lower():
+            return self._locked(key, labels, "none of them is a recipient")
+        return FormatError(
+            f"encrypted object {key} in {self.url} is damaged: {exc}",
+            hint="the object was truncated or altered after it was written; restore an "
+            "earlier TXID or from another replica",
+        )
+
     def _locked(self, key: str, labels: list[str], why: str) -> ObjectLockedError:
         made_for = ", ".join(labels) or "unknown recipients"
         tried = ", ".join(i.label for i in self.identities) or "none"
@@ -377,6 +397,116 @@ class CryptClient:
             hint="pass --age-identity-file with the private key of one of those recipients "
             "(or set age_identity_file for this replica)",
         )
+
+
+class _Stopped(Exception):
+    """Raised inside the worker thread to abandon a decryption nobody reads any more."""
+
+
+class _DecryptPipe:
+    """Streaming decryption: `pyrage.decrypt_io` runs in a worker thread, reading ciphertext
+    that it pulls from the object's async iterator (through the event loop) and writing
+    plaintext that reaches the event loop in pieces of `chunk_size`, at most `_PIPE_DEPTH`
+    of them in flight.  age authenticates every 64 KiB chunk, so nothing unauthenticated is
+    handed on; a truncated or altered object fails at the chunk where it stops being valid.
+
+    Its own thread rather than the default executor: restore reads several objects at once,
+    and a pool thread parked on a pipe would starve the file backend's reads.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        first: bytes,
+        chunks: AsyncIterator[bytes],
+        chunk_size: int,
+    ) -> None:
+        self._loop = loop
+        self._chunks = chunks
+        self._view = memoryview(first)
+        self._chunk_size = chunk_size
+        self._buffer = bytearray()
+        self._out: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+        self._room = threading.Semaphore(_PIPE_DEPTH)
+        self._stop = threading.Event()
+        self._done = asyncio.Event()
+        #: What reading the object raised: pyrage would blur it into an I/O error.
+        self._failure: BaseException | None = None
+
+    # -- the worker thread's side ----------------------------------------------------------
+
+    def run(self, identities: list[Any]) -> None:
+        """Decrypt everything (worker thread); ends with None or the exception in the queue."""
+        result: BaseException | None = None
+        try:
+            pyrage.decrypt_io(cast(Any, self), cast(Any, self), identities)
+            if self._buffer:
+                self._put(bytes(self._buffer))
+        except BaseException as exc:  # handed to the reader, who raises it
+            result = self._failure or exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self._loop.call_soon_threadsafe(self._finish, result)
+
+    def read(self, size: int = -1) -> bytes:
+        """Ciphertext for pyrage; b"" at the end of the object."""
+        while not self._view:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                chunk = asyncio.run_coroutine_threadsafe(_next(self._chunks), self._loop).result()
+            except BaseException as exc:
+                self._failure = exc
+                raise
+            if chunk is None:
+                return b""
+            self._view = memoryview(chunk)
+        size = len(self._view) if size < 0 else size
+        piece, self._view = self._view[:size], self._view[size:]
+        return bytes(piece)
+
+    def write(self, data: bytes) -> int:
+        """Plaintext from pyrage, passed on in `chunk_size` pieces."""
+        self._buffer += data
+        while len(self._buffer) >= self._chunk_size:
+            self._put(bytes(self._buffer[: self._chunk_size]))
+            del self._buffer[: self._chunk_size]
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing buffered beyond `_buffer` (pyrage may call it)."""
+
+    def _put(self, item: bytes) -> None:
+        while not self._room.acquire(timeout=0.1):
+            if self._stop.is_set():
+                raise _Stopped
+        self._loop.call_soon_threadsafe(self._out.put_nowait, item)
+
+    # -- the event loop's side -------------------------------------------------------------
+
+    def _finish(self, result: BaseException | None) -> None:
+        self._out.put_nowait(result)
+        self._done.set()
+
+    async def take(self) -> bytes | None:
+        """The next plaintext piece; None at the end; raises what decryption raised."""
+        item = await self._out.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is not None:
+            self._room.release()
+        return item
+
+    def stop(self) -> None:
+        """Ask the worker to give up (the reader went away)."""
+        self._stop.set()
+
+    async def stopped(self) -> None:
+        """Wait until the worker has returned."""
+        await self._done.wait()
+
+
+async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
+    return await anext(chunks, None)
 
 
 def recipients_of_head(head: bytes, key: str) -> list[str] | None:

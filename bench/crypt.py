@@ -1,0 +1,223 @@
+"""What age encryption costs: ``python -m bench.crypt [--seconds 60] [--size-mb 200] [--runs 2]``.
+
+1. Steady replication: a daemon replicating to a local directory while the writer commits one
+   1024-byte random row per transaction at 500 txn/s for `--seconds`; plaintext and encrypted
+   (one X25519 recipient) runs alternate, `--runs` of each.  Compaction is off in both (an
+   encrypting daemon without a key cannot compact, so that is the fair comparison).  Reported:
+   the daemon's CPU seconds (from /proc, just before SIGTERM), objects and bytes uploaded, and
+   the catch-up time: from the writer's last COMMIT returning to the replica's newest segment
+   name reaching it (an RPO measure; names are plaintext in both modes).
+2. Restore: one daemon with two replicas of one database, plaintext and encrypted, filled to
+   about `--size-mb` MB with 100 kB random rows; each replica restored `--runs` + 1 times,
+   alternating, timed as a child process (`bench.common.run_measured`).
+3. Rekey: the encrypted replica copied, then `replicad rekey` to a new recipient, timed.
+
+MB are 10**6 bytes.  Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pyrage import x25519
+
+from bench.common import (
+    ROOT,
+    clean_env,
+    init_db,
+    machine,
+    print_table,
+    proc_usage,
+    read_commits,
+    run_measured,
+    start_writer,
+    tree_size,
+)
+from replicad.position import parse_key
+
+RATE = 500
+ROW_BYTES = 1024
+
+
+def _config(path: Path, db: Path, replicas: list[tuple[Path, list[str]]]) -> Path:
+    text = f"[[databases]]\npath = '{db}'\n"
+    for rep, recipients in replicas:
+        text += (
+            f"[[databases.replicas]]\nurl = '{rep.as_uri()}'\ncompaction_levels = []\n"
+            f"age_recipients = {json.dumps(recipients)}\n"
+        )
+    path.write_text(text)
+    return path
+
+
+def _daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "replicad", "replicate", "-c", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=clean_env(),
+            cwd=ROOT,
+        )
+
+
+def _wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _newest_txid(rep: Path) -> int:
+    best = 0
+    for path in rep.glob("segments/00/*"):
+        name = parse_key(path.relative_to(rep).as_posix())
+        if name is not None:
+            best = max(best, name.last_txid)
+    return best
+
+
+def _snapshot_exists(rep: Path) -> bool:
+    return any(rep.glob("snapshots/*.snap"))
+
+
+def steady(work: Path, mode: str, seconds: float, recipient: str) -> list[object]:
+    """One steady-replication run; its table row."""
+    db, rep = work / "app.db", work / "rep"
+    init_db(db)
+    config = _config(work / "c.toml", db, [(rep, [recipient] if mode == "age" else [])])
+    daemon = _daemon(config, work / "d.log")
+    try:
+        _wait(lambda: _snapshot_exists(rep), 30, "the first snapshot")
+        base = _newest_txid(rep) or max(
+            parse_key(p.relative_to(rep).as_posix()).last_txid  # type: ignore[union-attr]
+            for p in rep.glob("snapshots/*.snap")
+        )
+        count = int(RATE * seconds)
+        writer = start_writer(db, work / "w.log", rate=RATE, count=count, row_bytes=ROW_BYTES)
+        if writer.wait(timeout=seconds * 4 + 60) != 0:
+            raise RuntimeError("writer failed")
+        last = read_commits(work / "w.log")[-1]
+        _wait(lambda: _newest_txid(rep) >= base + count, 60, "catch-up")
+        catch_up = time.time_ns() - last.time_ns
+        usage = proc_usage(daemon.pid)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        status = daemon.wait(timeout=120)
+    if status != 0:
+        raise RuntimeError(f"daemon exited {status}: {(work / 'd.log').read_text()[-2000:]}")
+    objects, size = tree_size(rep / "segments")
+    return [
+        mode,
+        round(usage.cpu_seconds, 2),
+        objects,
+        round(size / 1e6, 1),
+        round(catch_up / 1e9, 2),
+    ]
+
+
+def build_history(work: Path, size_mb: int, recipient: str) -> tuple[Path, Path, Path]:
+    """A database of about `size_mb` MB replicated plaintext and encrypted by one daemon."""
+    db, plain, sealed = work / "app.db", work / "plain", work / "sealed"
+    init_db(db)
+    config = _config(work / "c.toml", db, [(plain, []), (sealed, [recipient])])
+    daemon = _daemon(config, work / "d.log")
+    try:
+        _wait(lambda: _snapshot_exists(plain) and _snapshot_exists(sealed), 30, "snapshots")
+        writer = start_writer(db, work / "w.log", rate=2000, count=size_mb * 10, row_bytes=100_000)
+        if writer.wait(timeout=3600) != 0:
+            raise RuntimeError("writer failed")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        if daemon.wait(timeout=300) != 0:
+            raise RuntimeError((work / "d.log").read_text()[-2000:])
+    return db, plain, sealed
+
+
+def restore_row(rep: Path, out: Path, identity: Path | None, db_bytes: int) -> list[object]:
+    cmd = [sys.executable, "-m", "replicad", "restore", "-o", str(out), rep.as_uri()]
+    if identity is not None:
+        cmd += ["--age-identity-file", str(identity)]
+    run = run_measured(cmd)
+    if run.returncode != 0:
+        raise RuntimeError(run.stderr)
+    out.unlink()
+    return [
+        "age" if identity else "plain",
+        round(run.wall_seconds, 2),
+        round(db_bytes / 1e6 / run.wall_seconds, 1),
+        round(run.cpu_seconds, 2),
+        round(run.peak_rss_bytes / 1e6),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=60, help="steady run length")
+    parser.add_argument("--size-mb", type=int, default=200, help="restore/rekey database size")
+    parser.add_argument("--runs", type=int, default=2, help="runs per mode")
+    parser.add_argument("--skip-steady", action="store_true")
+    args = parser.parse_args()
+    print(machine())
+    with tempfile.TemporaryDirectory(prefix="bench-crypt-") as tmp:
+        root = Path(tmp)
+        identity = x25519.Identity.generate()
+        key_file = root / "a.key"
+        key_file.write_text(f"{identity}\n")
+        recipient = str(identity.to_public())
+        if not args.skip_steady:
+            rows = []
+            for run in range(args.runs):
+                for mode in ("plain", "age"):
+                    work = root / f"steady-{mode}-{run}"
+                    work.mkdir()
+                    rows.append(steady(work, mode, args.seconds, recipient))
+                    shutil.rmtree(work)
+            print(f"\nSteady replication, {RATE} txn/s x {ROW_BYTES} B for {args.seconds:g} s")
+            print_table(["mode", "daemon CPU s", "segments", "segment MB", "catch-up s"], rows)
+
+        work = root / "history"
+        work.mkdir()
+        db, plain, sealed = build_history(work, args.size_mb, recipient)
+        db_bytes = db.stat().st_size
+        rows = []
+        for _ in range(args.runs + 1):
+            rows.append(restore_row(plain, work / "out.db", None, db_bytes))
+            rows.append(restore_row(sealed, work / "out.db", key_file, db_bytes))
+        print(f"\nRestore of {db_bytes / 1e6:.0f} MB (latest)")
+        print_table(["mode", "wall s", "MB/s", "CPU s", "peak RSS MB"], rows)
+
+        copy = shutil.copytree(sealed, work / "rekeyed")
+        objects, size = tree_size(copy)
+        new = str(x25519.Identity.generate().to_public())
+        cmd = [sys.executable, "-m", "replicad", "rekey", copy.as_uri()]
+        cmd += ["--age-identity-file", str(key_file), "--to", new, "--spool-dir", str(work)]
+        run = run_measured(cmd)
+        if run.returncode != 0:
+            raise RuntimeError(run.stderr)
+        print(f"\nRekey of {objects} objects, {size / 1e6:.0f} MB")
+        print_table(
+            ["wall s", "MB/s", "objects/s", "CPU s", "peak RSS MB"],
+            [
+                [
+                    round(run.wall_seconds, 2),
+                    round(size / 1e6 / run.wall_seconds, 1),
+                    round(objects / run.wall_seconds, 1),
+                    round(run.cpu_seconds, 2),
+                    round(run.peak_rss_bytes / 1e6),
+                ]
+            ],
+        )
+
+
+if __name__ == "__main__":
+    main()
