@@ -40,7 +40,7 @@ import hashlib
 import io
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -335,7 +335,7 @@ class CryptClient:
 
     async def _decrypted(
         self, key: str, head: bytes, chunks: AsyncIterator[bytes], chunk_size: int
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         while b"\n\n" not in head[len(MAGIC) - 1 :] and len(head) < MAX_PREFIX:
             chunk = await anext(chunks, b"")
             if not chunk:
