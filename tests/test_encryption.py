@@ -155,11 +155,7 @@ def test_restore_with_one_of_several_recipients(
     encrypted: tuple[Path, Path, Keys, Path], tmp_path: Path
 ) -> None:
     rep, db, keys, _ = encrypted
-    out = tmp_path / "ssh.db"
-    cmd = ["restore", "-o", str(out), "--age-identity-file", str(keys.ssh_file), rep.as_uri()]
-    result = replicad(*cmd)
-    assert result.returncode == 0, result.stderr
-    assert workload.dump(out) == workload.dump(db)
+    _restores_equal(keys.ssh_file, rep, tmp_path / "ssh.db", db)
 
 
 def test_restore_without_an_identity_names_object_and_recipients(
@@ -182,9 +178,7 @@ def test_restore_with_a_wrong_identity_is_refused(
 ) -> None:
     rep, _, keys, _ = encrypted
     out = tmp_path / "x.db"
-    result = replicad(
-        "restore", "-o", str(out), "--age-identity-file", str(keys.b_file), rep.as_uri()
-    )
+    result = _restore_with(keys.b_file, rep, out)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"the identities given ({keys.b})" in result.stderr
@@ -307,6 +301,20 @@ def _copy_replica(source: Path, target: Path) -> Path:
     return target
 
 
+def _restore_with(
+    identity: Path, rep: Path, out: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return replicad(
+        "restore", "-o", str(out), "--age-identity-file", str(identity), *extra, rep.as_uri()
+    )
+
+
+def _restores_equal(identity: Path, rep: Path, out: Path, db: Path) -> None:
+    result = _restore_with(identity, rep, out)
+    assert result.returncode == 0, result.stderr
+    assert workload.dump(out) == workload.dump(db)
+
+
 def _rekey(rep: Path, old: Path, *new: str) -> subprocess.CompletedProcess[str]:
     return replicad("rekey", rep.as_uri(), "--age-identity-file", str(old), "--to", *new)
 
@@ -321,18 +329,8 @@ def test_rekey_rotates_and_the_old_key_no_longer_opens(
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["rewritten"] == summary["objects"] == len(_objects(rep))
     assert all(_made_for(p) == [keys.b] for p in _objects(rep))
-    out = tmp_path / "b.db"
-    ok = replicad("restore", "-o", str(out), "--age-identity-file", str(keys.b_file), rep.as_uri())
-    assert ok.returncode == 0, ok.stderr
-    assert workload.dump(out) == workload.dump(db)
-    old = replicad(
-        "restore",
-        "-o",
-        str(tmp_path / "a.db"),
-        "--age-identity-file",
-        str(keys.a_file),
-        rep.as_uri(),
-    )
+    _restores_equal(keys.b_file, rep, tmp_path / "b.db", db)
+    old = _restore_with(keys.a_file, rep, tmp_path / "a.db")
     assert old.returncode == 1
     assert f"is encrypted for {keys.b}" in old.stderr
     again = _rekey(rep, keys.a_file, keys.b)
@@ -370,12 +368,7 @@ def test_rekey_resumes_after_a_crash(
     assert summary["already_current"] >= len(done)
     assert summary["rewritten"] + summary["already_current"] == total
     assert all(_made_for(p) == new_set for p in _objects(rep))
-    out = tmp_path / "r.db"
-    ok = replicad(
-        "restore", "-o", str(out), "--age-identity-file", str(keys.ssh_file), rep.as_uri()
-    )
-    assert ok.returncode == 0, ok.stderr
-    assert workload.dump(out) == workload.dump(db)
+    _restores_equal(keys.ssh_file, rep, tmp_path / "r.db", db)
 
 
 def test_rekey_with_the_daemon_running(tmp_path: Path) -> None:
@@ -411,21 +404,9 @@ def test_rekey_with_the_daemon_running(tmp_path: Path) -> None:
     assert all(_made_for(p) == [keys.b] for p in _objects(rep))
     log = (tmp_path / "d2.log").read_text()
     assert "compaction is off" in log
-    out = tmp_path / "out.db"
-    ok = replicad("restore", "-o", str(out), "--age-identity-file", str(keys.b_file), rep.as_uri())
-    assert ok.returncode == 0, ok.stderr
-    assert workload.dump(out) == workload.dump(db)
+    _restores_equal(keys.b_file, rep, tmp_path / "out.db", db)
     # The oldest TXID (history from before the rotation) restores with the new key too.
-    first = replicad(
-        "restore",
-        "--txid",
-        "1",
-        "-o",
-        str(tmp_path / "first.db"),
-        "--age-identity-file",
-        str(keys.b_file),
-        rep.as_uri(),
-    )
+    first = _restore_with(keys.b_file, rep, tmp_path / "first.db", "--txid", "1")
     assert first.returncode == 0, first.stderr
 
 

@@ -17,7 +17,7 @@ import pytest
 from replicad.config import load_config
 from replicad.errors import ConfigError
 from tests import workload
-from tests.procs import replicad, start_daemon, stop, wait_for
+from tests.procs import mounted_tmpfs, replicad, start_daemon, stop, wait_for
 
 # -- float settings ---------------------------------------------------------------------------
 
@@ -197,29 +197,13 @@ def test_missing_database_directory_is_not_created(tmp_path: Path) -> None:
 # -- a read-only replica is a failed write ---------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _read_only_mount(path: Path) -> Iterator[Path]:
-    path.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(path)], check=False
-    )
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs in this sandbox")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
-
-
 def test_read_only_replica_is_reported_as_a_failed_write(tmp_path: Path) -> None:
     db = tmp_path / "app.db"
     conn = sqlite3.connect(db, isolation_level=None)
     workload.setup(conn)
     conn.close()
     log = tmp_path / "d.log"
-    with _read_only_mount(tmp_path / "rep") as rep:
+    with mounted_tmpfs(tmp_path / "rep", "size=1m,ro") as rep:
         daemon = start_daemon([str(db), rep.as_uri()], log)
         try:
             wait_for(lambda: "cannot write replica" in log.read_text(), 30, "the failed write")
