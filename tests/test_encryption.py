@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -244,6 +245,32 @@ async def test_streamed_decryption_checks_every_chunk(tmp_path: Path) -> None:
             pass
     assert not isinstance(caught.value, ObjectLockedError)
     await client.close()
+
+
+async def test_encrypted_objects_through_every_backend(
+    replica_client: ReplicaClient, tmp_path: Path
+) -> None:
+    """Whole objects and streamed files (multipart on S3), read back whole and in chunks."""
+    recipient = parse_recipient(_x25519_key(tmp_path / "k"))
+    client = CryptClient(
+        replica_client,
+        recipients=[recipient],
+        identities=load_identities(tmp_path / "k"),
+        spool_dir=tmp_path,
+    )
+    small = b"segment bytes" * 100
+    await client.put_object("segments/00/small", small, create_only=True)
+    big = tmp_path / "big"
+    big.write_bytes(bytes(range(256)) * 50_000)  # 12.8 MB: several parts
+    await client.put_file("snapshots/big", big, create_only=True)
+    assert await client.get_object("segments/00/small") == small
+    chunks = [c async for c in client.iter_object("snapshots/big", chunk_size=1 << 20)]
+    assert b"".join(chunks) == big.read_bytes()
+    raw = await replica_client.get_object("snapshots/big")
+    assert raw.startswith(MAGIC)
+    assert bytes(range(256)) * 4 not in raw
+    leftovers = [name for name in os.listdir(tmp_path) if name.startswith("sealed-")]
+    assert not leftovers, "encryption temporaries are removed"
 
 
 class _LandsThenFails:

@@ -50,6 +50,7 @@ from pyrage import ssh, x25519
 
 from replicad.clients.base import ClientStats, ObjectInfo, ReplicaClient
 from replicad.errors import ConfigError, FormatError, ObjectLockedError
+from replicad.lease import is_lease_key
 from replicad.private import create_private, unpredictable_name
 
 MAGIC = b"replicad-age/1\n"
@@ -61,7 +62,6 @@ DECRYPT_THREAD = "replicad-decrypt"
 _PIPE_DEPTH = 4
 #: Failed encrypted puts remembered, so a retry of the same key sends the same bytes.
 _RETRY_MEMORY = 8
-_LEASE_PREFIX = "lease/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +223,7 @@ class CryptClient:
 
     async def put_object(self, key: str, data: bytes, *, create_only: bool = False) -> None:
         """Encrypt `data` for the recipients (if any) and store it."""
-        if not self.recipients or key.startswith(_LEASE_PREFIX):
+        if not self.recipients or is_lease_key(key):
             await self.inner.put_object(key, data, create_only=create_only)
             return
         fingerprint = hashlib.sha256(data).digest()
@@ -293,7 +293,7 @@ class CryptClient:
     async def get_object(self, key: str) -> bytes:
         """The object's plaintext."""
         data = await self.inner.get_object(key)
-        if key.startswith(_LEASE_PREFIX):
+        if is_lease_key(key):
             return data
         parsed = parse_prefix(data[:MAX_PREFIX], key)
         if parsed is None:
@@ -313,7 +313,7 @@ class CryptClient:
         fetched and decrypted whole before the first chunk."""
         chunks = self.inner.iter_object(key, chunk_size=chunk_size)
         head = b""
-        if not key.startswith(_LEASE_PREFIX):
+        if not is_lease_key(key):
             async for chunk in chunks:
                 head += chunk
                 if len(head) >= len(MAGIC):
