@@ -9,8 +9,9 @@
    name reaching it (an RPO measure; names are plaintext in both modes).
 2. Restore: one daemon with two replicas of one database, plaintext and encrypted, filled to
    about `--size-mb` MB with 100 kB random rows; each replica restored `--runs` + 1 times,
-   alternating, timed as a child process (`bench.common.run_measured`).
-3. Rekey: the encrypted replica copied, then `replicad rekey` to a new recipient, timed.
+   alternating, timed as a child process (`bench.common.run_measured`).  Local directories,
+   or with `--s3` two prefixes of one `rclone serve s3` on 127.0.0.1.
+3. Rekey: `replicad rekey` of the encrypted replica to a new recipient, timed.
 
 MB are 10**6 bytes.  Results: docs/benchmarks.md.
 """
@@ -18,6 +19,7 @@ MB are 10**6 bytes.  Results: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shutil
 import signal
@@ -31,6 +33,7 @@ from pyrage import x25519
 
 from bench.common import (
     ROOT,
+    MeasuredRun,
     clean_env,
     init_db,
     machine,
@@ -38,35 +41,52 @@ from bench.common import (
     proc_usage,
     read_commits,
     run_measured,
+    s3_env,
+    s3_url,
     start_writer,
     tree_size,
 )
 from replicad.position import parse_key
+from tests.s3servers import create_bucket, start_rclone, unique_bucket
 
 RATE = 500
 ROW_BYTES = 1024
 
 
-def _config(path: Path, db: Path, replicas: list[tuple[Path, list[str]]]) -> Path:
+def _config(path: Path, db: Path, replicas: list[tuple[str, list[str]]]) -> Path:
     text = f"[[databases]]\npath = '{db}'\n"
-    for rep, recipients in replicas:
+    for url, recipients in replicas:
         text += (
-            f"[[databases.replicas]]\nurl = '{rep.as_uri()}'\ncompaction_levels = []\n"
+            f"[[databases.replicas]]\nurl = '{url}'\ncompaction_levels = []\n"
             f"age_recipients = {json.dumps(recipients)}\n"
         )
     path.write_text(text)
     return path
 
 
-def _daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+def _daemon(config: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "replicad", "replicate", "-c", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=clean_env(),
+            env=clean_env(env),
             cwd=ROOT,
         )
+
+
+def _replicad(args: list[str], env: dict[str, str]) -> MeasuredRun:
+    run = run_measured([sys.executable, "-m", "replicad", *args], env=env)
+    if run.returncode != 0:
+        raise RuntimeError(run.stderr)
+    return run
+
+
+def _listing(url: str, env: dict[str, str], key: Path) -> tuple[int, int]:
+    """(objects, bytes) of a replica, from `replicad ls --json`."""
+    run = _replicad(["ls", "--json", url, "--age-identity-file", str(key)], env)
+    summary = json.loads(run.stdout)
+    return int(summary["objects"]), int(summary["bytes"])
 
 
 def _wait(predicate: object, timeout: float, what: str) -> None:
@@ -94,7 +114,7 @@ def steady(work: Path, mode: str, seconds: float, recipient: str) -> list[object
     """One steady-replication run; its table row."""
     db, rep = work / "app.db", work / "rep"
     init_db(db)
-    config = _config(work / "c.toml", db, [(rep, [recipient] if mode == "age" else [])])
+    config = _config(work / "c.toml", db, [(rep.as_uri(), [recipient] if mode == "age" else [])])
     daemon = _daemon(config, work / "d.log")
     try:
         _wait(lambda: _snapshot_exists(rep), 30, "the first snapshot")
@@ -125,14 +145,17 @@ def steady(work: Path, mode: str, seconds: float, recipient: str) -> list[object
     ]
 
 
-def build_history(work: Path, size_mb: int, recipient: str) -> tuple[Path, Path, Path]:
-    """A database of about `size_mb` MB replicated plaintext and encrypted by one daemon."""
-    db, plain, sealed = work / "app.db", work / "plain", work / "sealed"
+def build_history(
+    work: Path, size_mb: int, recipient: str, urls: tuple[str, str], env: dict[str, str]
+) -> Path:
+    """A database of about `size_mb` MB replicated to `urls` (plaintext, encrypted) by one
+    daemon; the database."""
+    db = work / "app.db"
     init_db(db)
-    config = _config(work / "c.toml", db, [(plain, []), (sealed, [recipient])])
-    daemon = _daemon(config, work / "d.log")
+    config = _config(work / "c.toml", db, [(urls[0], []), (urls[1], [recipient])])
+    daemon = _daemon(config, work / "d.log", env)
     try:
-        _wait(lambda: _snapshot_exists(plain) and _snapshot_exists(sealed), 30, "snapshots")
+        _wait(lambda: "snapshot taken" in (work / "d.log").read_text(), 60, "the snapshot")
         writer = start_writer(db, work / "w.log", rate=2000, count=size_mb * 10, row_bytes=100_000)
         if writer.wait(timeout=3600) != 0:
             raise RuntimeError("writer failed")
@@ -140,16 +163,16 @@ def build_history(work: Path, size_mb: int, recipient: str) -> tuple[Path, Path,
         daemon.send_signal(signal.SIGTERM)
         if daemon.wait(timeout=300) != 0:
             raise RuntimeError((work / "d.log").read_text()[-2000:])
-    return db, plain, sealed
+    return db
 
 
-def restore_row(rep: Path, out: Path, identity: Path | None, db_bytes: int) -> list[object]:
-    cmd = [sys.executable, "-m", "replicad", "restore", "-o", str(out), rep.as_uri()]
+def restore_row(
+    url: str, out: Path, identity: Path | None, db_bytes: int, env: dict[str, str]
+) -> list[object]:
+    args = ["restore", "-o", str(out), url]
     if identity is not None:
-        cmd += ["--age-identity-file", str(identity)]
-    run = run_measured(cmd)
-    if run.returncode != 0:
-        raise RuntimeError(run.stderr)
+        args += ["--age-identity-file", str(identity)]
+    run = _replicad(args, env)
     out.unlink()
     return [
         "age" if identity else "plain",
@@ -160,12 +183,60 @@ def restore_row(rep: Path, out: Path, identity: Path | None, db_bytes: int) -> l
     ]
 
 
+def restore_and_rekey(root: Path, args: argparse.Namespace, key_file: Path, recipient: str) -> None:
+    """Parts 2 and 3, against local directories or (`--s3`) a local `rclone serve s3`."""
+    work = root / "history"
+    work.mkdir()
+    server = None
+    env: dict[str, str] = {}
+    if args.s3:
+        server = start_rclone(root / "s3")
+        bucket = unique_bucket()
+        asyncio.run(create_bucket(server, bucket))
+        urls = (s3_url(server, bucket, "plain"), s3_url(server, bucket, "sealed"))
+        env = s3_env(server, root)
+    else:
+        urls = ((work / "plain").as_uri(), (work / "sealed").as_uri())
+    try:
+        db = build_history(work, args.size_mb, recipient, urls, env)
+        db_bytes = db.stat().st_size
+        rows = []
+        for _ in range(args.runs + 1):
+            rows.append(restore_row(urls[0], work / "out.db", None, db_bytes, env))
+            rows.append(restore_row(urls[1], work / "out.db", key_file, db_bytes, env))
+        where = "rclone serve s3 on 127.0.0.1" if args.s3 else "local directories"
+        print(f"\nRestore of {db_bytes / 1e6:.0f} MB (latest) from {where}")
+        print_table(["mode", "wall s", "MB/s", "CPU s", "peak RSS MB"], rows)
+
+        objects, size = _listing(urls[1], env, key_file)
+        new = str(x25519.Identity.generate().to_public())
+        rekey = ["rekey", urls[1], "--age-identity-file", str(key_file), "--to", new]
+        run = _replicad([*rekey, "--spool-dir", str(work)], env)
+        print(f"\nRekey of {objects} objects, {size / 1e6:.0f} MB, {where}")
+        print_table(
+            ["wall s", "MB/s", "objects/s", "CPU s", "peak RSS MB"],
+            [
+                [
+                    round(run.wall_seconds, 2),
+                    round(size / 1e6 / run.wall_seconds, 1),
+                    round(objects / run.wall_seconds, 1),
+                    round(run.cpu_seconds, 2),
+                    round(run.peak_rss_bytes / 1e6),
+                ]
+            ],
+        )
+    finally:
+        if server is not None:
+            server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60, help="steady run length")
     parser.add_argument("--size-mb", type=int, default=200, help="restore/rekey database size")
     parser.add_argument("--runs", type=int, default=2, help="runs per mode")
-    parser.add_argument("--skip-steady", action="store_true")
+    parser.add_argument("--skip-steady", action="store_true", help="parts 2 and 3 only")
+    parser.add_argument("--s3", action="store_true", help="restore and rekey through rclone S3")
     args = parser.parse_args()
     print(machine())
     with tempfile.TemporaryDirectory(prefix="bench-crypt-") as tmp:
@@ -185,38 +256,7 @@ def main() -> None:
             print(f"\nSteady replication, {RATE} txn/s x {ROW_BYTES} B for {args.seconds:g} s")
             print_table(["mode", "daemon CPU s", "segments", "segment MB", "catch-up s"], rows)
 
-        work = root / "history"
-        work.mkdir()
-        db, plain, sealed = build_history(work, args.size_mb, recipient)
-        db_bytes = db.stat().st_size
-        rows = []
-        for _ in range(args.runs + 1):
-            rows.append(restore_row(plain, work / "out.db", None, db_bytes))
-            rows.append(restore_row(sealed, work / "out.db", key_file, db_bytes))
-        print(f"\nRestore of {db_bytes / 1e6:.0f} MB (latest)")
-        print_table(["mode", "wall s", "MB/s", "CPU s", "peak RSS MB"], rows)
-
-        copy = shutil.copytree(sealed, work / "rekeyed")
-        objects, size = tree_size(copy)
-        new = str(x25519.Identity.generate().to_public())
-        cmd = [sys.executable, "-m", "replicad", "rekey", copy.as_uri()]
-        cmd += ["--age-identity-file", str(key_file), "--to", new, "--spool-dir", str(work)]
-        run = run_measured(cmd)
-        if run.returncode != 0:
-            raise RuntimeError(run.stderr)
-        print(f"\nRekey of {objects} objects, {size / 1e6:.0f} MB")
-        print_table(
-            ["wall s", "MB/s", "objects/s", "CPU s", "peak RSS MB"],
-            [
-                [
-                    round(run.wall_seconds, 2),
-                    round(size / 1e6 / run.wall_seconds, 1),
-                    round(objects / run.wall_seconds, 1),
-                    round(run.cpu_seconds, 2),
-                    round(run.peak_rss_bytes / 1e6),
-                ]
-            ],
-        )
+        restore_and_rekey(root, args, key_file, recipient)
 
 
 if __name__ == "__main__":

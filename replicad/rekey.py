@@ -179,10 +179,10 @@ class Rekeyer:
                     cast(Any, sealed), cast(Any, plain), [i.key for i in self.identities]
                 )
             except pyrage.DecryptError as exc:
+                tried = ", ".join(i.label for i in self.identities) or "none"
                 raise ObjectLockedError(
                     f"object {key} in {self.client.url} is encrypted for {', '.join(labels)}; "
-                    f"the old identities given ({', '.join(i.label for i in self.identities)}) "
-                    f"cannot open it: {exc}",
+                    f"the old identities given ({tried}) cannot open it: {exc}",
                     hint="pass --age-identity-file once per old key the history was made for",
                 ) from exc
         plain.flush()
