@@ -60,8 +60,10 @@ MAX_PREFIX = 64 << 10
 DECRYPT_THREAD = "replicad-decrypt"
 #: Plaintext pieces a decrypting worker may have handed on and not yet had taken.
 _PIPE_DEPTH = 4
-#: Failed encrypted puts remembered, so a retry of the same key sends the same bytes.
+#: Failed encrypted puts remembered, so a retry of the same key sends the same bytes (files
+#: stay on disk; in-memory ciphertexts are also bounded in bytes).
 _RETRY_MEMORY = 8
+_RETRY_MEMORY_BYTES = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +179,7 @@ class CryptClient:
 
     @property
     def encrypted(self) -> bool:
-        """Whether this replica's lineage is encrypted (objects plaintext are refused)."""
+        """Whether this replica's lineage is encrypted (plaintext objects are refused)."""
         return bool(self.recipients or self.identities)
 
     # -- the protocol: pass-through --------------------------------------------------------
@@ -280,10 +282,13 @@ class CryptClient:
 
     def _remember(self, key: str, fingerprint: bytes, sealed: bytes | Path) -> None:
         self._unsent[key] = (fingerprint, sealed)
-        while len(self._unsent) > _RETRY_MEMORY:
+        while len(self._unsent) > _RETRY_MEMORY or self._unsent_bytes() > _RETRY_MEMORY_BYTES:
             _, oldest = self._unsent.pop(next(iter(self._unsent)))
             if isinstance(oldest, Path):
                 oldest.unlink(missing_ok=True)
+
+    def _unsent_bytes(self) -> int:
+        return sum(len(sealed) for _, sealed in self._unsent.values() if isinstance(sealed, bytes))
 
     def _keys(self) -> list[Any]:
         return [r.key for r in self.recipients]
@@ -310,7 +315,7 @@ class CryptClient:
 
     async def iter_object(self, key: str, *, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object's plaintext in chunks of at most `chunk_size`; an encrypted object is
-        fetched and decrypted whole before the first chunk."""
+        decrypted as it streams (`_DecryptPipe`), each piece only once age has verified it."""
         chunks = self.inner.iter_object(key, chunk_size=chunk_size)
         head = b""
         if not is_lease_key(key):
