@@ -120,6 +120,13 @@ def _add_rekey(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=Path,
         help="where objects pass through (0600 files; default: the system's temp directory)",
     )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        metavar="N",
+        help="objects rewritten at once (default 4)",
+    )
     _add_logging(p)
 
 
@@ -757,6 +764,7 @@ def _rekey(args: argparse.Namespace) -> int:
                 identities=identities,
                 recipients=recipients,
                 spool_dir=args.spool_dir,
+                concurrency=max(1, args.concurrency),
                 on_object=progress,
             )
             return await rekeyer.run()

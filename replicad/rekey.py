@@ -1,7 +1,7 @@
 """Key rotation: re-encrypt a replica's history in place for a new set of age recipients.
 
-`rekey()` walks the replica's objects one at a time, in bounded memory (each object passes
-through 0600 temporary files, never whole in memory):
+`Rekeyer.run()` walks the replica's objects, a few at a time (`concurrency`), in bounded
+memory (each object passes through 0600 temporary files, never whole in memory):
 
 1. read the object's plaintext prefix; an object already encrypted for exactly the new set is
    skipped, so a run that crashed or was interrupted is resumed by running it again (no
@@ -50,6 +50,8 @@ from replicad.lease import is_lease_key
 from replicad.position import parse_key
 from replicad.private import create_private, unpredictable_name
 
+#: Objects rewritten at once: most are small, so latency, not bandwidth, bounds a rekey.
+DEFAULT_CONCURRENCY = 4
 #: Passes over the replica before giving up on objects written meanwhile for old recipients.
 MAX_PASSES = 3
 _COPY = 1 << 20
@@ -79,6 +81,7 @@ class Rekeyer:
         identities: Sequence[AgeIdentity],
         recipients: Sequence[AgeRecipient],
         spool_dir: Path | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
         on_object: Callable[[str, str], None] | None = None,
     ) -> None:
         if not recipients:
@@ -88,6 +91,7 @@ class Rekeyer:
         self.recipients = list(recipients)
         self.spool_dir = spool_dir or Path(tempfile.gettempdir())
         self.on_object = on_object
+        self.concurrency = concurrency
         self._wanted = sorted(r.label for r in self.recipients)
         self._prefix = encryption_prefix(self.recipients)
         self._verifiers = [i for i in self.identities if i.label in self._wanted]
@@ -96,26 +100,43 @@ class Rekeyer:
         """Rewrite every object not yet encrypted for the new recipients."""
         started = time.monotonic()
         result = RekeyResult()
+        done: set[str] = set()
         todo = await self._objects()
         result.objects = len(todo)
         for _ in range(MAX_PASSES):
-            for info in todo:
-                outcome = await self.rekey_object(info.key)
-                if outcome == "rewritten":
-                    result.rewritten += 1
-                    result.bytes_rewritten += info.size
-                elif outcome == "current":
-                    result.already_current += 1
-                else:
-                    result.vanished += 1
-                if self.on_object is not None:
-                    self.on_object(info.key, outcome)
-            todo = [info for info in await self._objects() if not await self._current(info.key)]
+            limit = asyncio.Semaphore(self.concurrency)
+            async with asyncio.TaskGroup() as tg:
+                for info in todo:
+                    tg.create_task(self._rekey_counted(info, result, done, limit))
+            # Objects that appeared meanwhile: a running daemon's, normally already for the
+            # new recipients (one prefix read each); anything else takes another pass.
+            todo = [
+                info
+                for info in await self._objects()
+                if info.key not in done and not await self._current(info.key)
+            ]
             if not todo:
                 break
         result.stragglers = [info.key for info in todo]
         result.seconds = time.monotonic() - started
         return result
+
+    async def _rekey_counted(
+        self, info: ObjectInfo, result: RekeyResult, done: set[str], limit: asyncio.Semaphore
+    ) -> None:
+        async with limit:
+            outcome = await self.rekey_object(info.key)
+        if outcome == "rewritten":
+            result.rewritten += 1
+            result.bytes_rewritten += info.size
+        elif outcome == "current":
+            result.already_current += 1
+        else:
+            result.vanished += 1
+        if outcome != "vanished":
+            done.add(info.key)
+        if self.on_object is not None:
+            self.on_object(info.key, outcome)
 
     async def rekey_object(self, key: str) -> str:
         """Rewrite one object: `rewritten`, `current` (nothing to do) or `vanished`."""

@@ -5,6 +5,7 @@ place with the daemon running and after a crash in the middle of a rekey."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -365,28 +366,58 @@ def test_rekey_rotates_and_the_old_key_no_longer_opens(
     assert json.loads(again.stdout.splitlines()[-1])["rewritten"] == 0
 
 
-def test_rekey_resumes_after_a_crash(
-    encrypted: tuple[Path, Path, Keys, Path], tmp_path: Path
-) -> None:
-    source, db, keys, _ = encrypted
+@pytest.fixture(scope="module")
+def many_objects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Keys]:
+    """A replica of about 150 small objects encrypted for key A: a 20 ms sync interval makes
+    nearly every transaction its own segment."""
+    tmp = tmp_path_factory.mktemp("many")
+    keys = Keys(tmp)
+    db, rep = tmp / "app.db", tmp / "replica"
+    conn = sqlite3.connect(db)
+    workload.setup(conn)
+    conn.close()
+    config = _config(tmp, db, rep, [keys.a])
+    config.write_text(config.read_text().replace("sync_interval = 0.05", "sync_interval = 0.02"))
+    daemon = start_daemon(["-c", str(config)], tmp / "d.log")
+    try:
+        wait_for(lambda: any(rep.glob("snapshots/*.snap")), 20, "first snapshot")
+        writer = start_writer(db, tmp / "w.log", seed=SEED, count=150, rate=30)
+        assert writer.wait(timeout=60) == 0
+    finally:
+        assert stop(daemon) == 0
+    return rep, db, keys
+
+
+def _wchan(pid: int) -> str:
+    """Where the process sleeps in the kernel: `pipe_write` (older kernels: `pipe_wait`)."""
+    return Path(f"/proc/{pid}/wchan").read_text()
+
+
+def test_rekey_resumes_after_a_crash(many_objects: tuple[Path, Path, Keys], tmp_path: Path) -> None:
+    """SIGKILL while rekey is stuck half-way (its progress output fills a pipe nobody reads:
+    a deterministic place to crash), then the same command again."""
+    source, db, keys = many_objects
     rep = _copy_replica(source, tmp_path / "rep")
     total = len(_objects(rep))
-    cmd = [sys.executable, "-m", "replicad", "rekey", rep.as_uri()]
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # room for about 40 progress lines
+    cmd = [sys.executable, "-m", "replicad", "rekey", rep.as_uri(), "--concurrency", "1"]
     cmd += ["--age-identity-file", str(keys.a_file), "--to", keys.b, keys.ssh]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT)
-    assert proc.stdout is not None
-    rewritten = 0
-    while rewritten < 3:
-        line = proc.stdout.readline()
-        assert line, "rekey ended before the crash"
-        rewritten += json.loads(line).get("outcome") == "rewritten"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
+    try:
+        proc = subprocess.Popen(cmd, stdout=write_end, env=clean_env(), cwd=ROOT)
+        os.close(write_end)
+        wait_for(lambda: _wchan(proc.pid).startswith("pipe_w"), 60, "rekey blocked on its output")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        os.close(read_end)
     new_set = sorted([keys.b, keys.ssh_label])
     done = [p for p in _objects(rep) if _made_for(p) == new_set]
-    assert 3 <= len(done) < total, "the crash came in the middle"
-    assert not list(tmp_path.glob("**/.tmp-*")), "no torn temporary object is visible"
+    assert 30 <= len(done) < total, f"{len(done)} of {total}: the crash came in the middle"
+    assert not list(rep.glob("**/.tmp-*")), "no torn temporary object is visible"
+    both = ["--age-identity-file", str(keys.b_file)]
+    halfway = _restore_with(keys.a_file, rep, tmp_path / "half.db", *both)
+    assert halfway.returncode == 0, "mid-rotation, old and new identities together restore"
     resumed = replicad(
         "rekey", rep.as_uri(), "--age-identity-file", str(keys.a_file), "--to", keys.ssh, keys.b
     )
