@@ -99,7 +99,7 @@ def _add_rekey(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "rekey",
         help="re-encrypt a replica's history for new age recipients (key rotation)",
-        description="Rewrite every object of the replica, in place and one at a time, "
+        description="Rewrite every object of the replica in place, a few at a time, "
         "encrypted for the --to recipients: decrypted with --age-identity-file (the old key; "
         "not needed for a plaintext replica, which this encrypts), checked, re-encrypted, "
         "replaced atomically, read back and compared. Safe to interrupt and run again: "
