@@ -54,10 +54,12 @@ def _ssh_key(path: Path) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
-def _config(tmp: Path, db: Path, rep: Path, recipients: list[str]) -> Path:
+def _config(
+    tmp: Path, db: Path, rep: Path, recipients: list[str], sync_interval: float = 0.05
+) -> Path:
     config = tmp / f"replicad-{len(list(tmp.glob('replicad-*.toml')))}.toml"
     config.write_text(
-        f"[[databases]]\npath = '{db}'\nsync_interval = 0.05\n"
+        f"[[databases]]\npath = '{db}'\nsync_interval = {sync_interval}\n"
         f"[[databases.replicas]]\nurl = '{rep.as_uri()}'\n"
         f"age_recipients = {json.dumps(recipients)}\n"
     )
@@ -95,18 +97,24 @@ def encrypted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Key
     tmp = tmp_path_factory.mktemp("encrypted")
     keys = Keys(tmp)
     db, rep = tmp / "app.db", tmp / "replica"
+    _replicate_history(_config(tmp, db, rep, [keys.a, keys.ssh]), db, rep, count=120, rate=100)
+    return rep, db, keys, tmp / "w.log"
+
+
+def _replicate_history(config: Path, db: Path, rep: Path, *, count: int, rate: float) -> None:
+    """A new database, replicated by a daemon with `config` while the writer commits `count`
+    transactions; the daemon stopped cleanly."""
     conn = sqlite3.connect(db)
     workload.setup(conn)
     conn.close()
-    config = _config(tmp, db, rep, [keys.a, keys.ssh])
-    daemon = start_daemon(["-c", str(config)], tmp / "d.log")
+    log = config.with_suffix(".log")
+    daemon = start_daemon(["-c", str(config)], log)
     try:
         wait_for(lambda: any(rep.glob("snapshots/*.snap")), 20, "first snapshot")
-        writer = start_writer(db, tmp / "w.log", seed=SEED, count=120, rate=100)
+        writer = start_writer(db, db.with_name("w.log"), seed=SEED, count=count, rate=rate)
         assert writer.wait(timeout=60) == 0
     finally:
-        assert stop(daemon) == 0, (tmp / "d.log").read_text()[-3000:]
-    return rep, db, keys, tmp / "w.log"
+        assert stop(daemon) == 0, log.read_text()[-3000:]
 
 
 def test_objects_are_encrypted_and_name_their_recipients(
@@ -373,18 +381,8 @@ def many_objects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     tmp = tmp_path_factory.mktemp("many")
     keys = Keys(tmp)
     db, rep = tmp / "app.db", tmp / "replica"
-    conn = sqlite3.connect(db)
-    workload.setup(conn)
-    conn.close()
-    config = _config(tmp, db, rep, [keys.a])
-    config.write_text(config.read_text().replace("sync_interval = 0.05", "sync_interval = 0.02"))
-    daemon = start_daemon(["-c", str(config)], tmp / "d.log")
-    try:
-        wait_for(lambda: any(rep.glob("snapshots/*.snap")), 20, "first snapshot")
-        writer = start_writer(db, tmp / "w.log", seed=SEED, count=150, rate=30)
-        assert writer.wait(timeout=60) == 0
-    finally:
-        assert stop(daemon) == 0
+    config = _config(tmp, db, rep, [keys.a], sync_interval=0.02)
+    _replicate_history(config, db, rep, count=150, rate=30)
     return rep, db, keys
 
 
@@ -435,17 +433,7 @@ def test_rekey_with_the_daemon_running(tmp_path: Path) -> None:
     snapshots on restart), then rekey rewrites the history while the writer and daemon go on."""
     keys = Keys(tmp_path)
     db, rep = tmp_path / "app.db", tmp_path / "rep"
-    conn = sqlite3.connect(db)
-    workload.setup(conn)
-    conn.close()
-    old_config = _config(tmp_path, db, rep, [keys.a])
-    daemon = start_daemon(["-c", str(old_config)], tmp_path / "d1.log")
-    try:
-        wait_for(lambda: any(rep.glob("snapshots/*.snap")), 20, "first snapshot")
-        writer = start_writer(db, tmp_path / "w1.log", seed=SEED, count=60, rate=100)
-        assert writer.wait(timeout=60) == 0
-    finally:
-        assert stop(daemon) == 0
+    _replicate_history(_config(tmp_path, db, rep, [keys.a]), db, rep, count=60, rate=100)
     new_config = _config(tmp_path, db, rep, [keys.b])
     daemon = start_daemon(["-c", str(new_config)], tmp_path / "d2.log")
     try:
