@@ -38,6 +38,7 @@ import numpy.typing as npt
 import xxhash
 
 from replicad.errors import StateError
+from replicad.private import create_private, unpredictable_name
 
 #: Bytes of hashes held in memory; a larger table lives in an unlinked file (memory-mapped).
 MEMORY_LIMIT: Final = 32 << 20
@@ -175,10 +176,9 @@ class PageHashes:
     def save(self, path: Path) -> None:
         """Write the table to `path` atomically (owner-only), for the next start."""
         head = _FILE_HEAD.pack(_FILE_MAGIC, self.page_size, 0, self.db_pages, self.checksum)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(unpredictable_name(f".{path.name}"))
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
+            with create_private(tmp) as f:
                 f.write(head)
                 f.write(self.hashes().astype("<u8").tobytes())
                 f.flush()

@@ -49,6 +49,7 @@ from replicad.restore import (
 if TYPE_CHECKING:
     from replicad.find import FindStats, Query
     from replicad.inspect import LogEntry, LogStats
+    from replicad.rekey import RekeyResult
     from replicad.replay import TxidRange
     from replicad.replicator import DatabaseReplicator
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log(sub)
     _add_verify(sub)
     _add_find(sub)
+    _add_rekey(sub)
     _add_config(sub)
     return parser
 
@@ -100,6 +102,54 @@ def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--txid", type=int, help="verify the history up to this TXID")
     p.add_argument("--db", type=Path, help="the live database, to compare with the replica")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_identity(p)
+    _add_logging(p)
+
+
+def _add_identity(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--age-identity-file",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="age identity file (AGE-SECRET-KEY-1... lines) or unencrypted OpenSSH private key "
+        "that opens an encrypted replica; repeat for several (adds to age_identity_file)",
+    )
+
+
+def _add_rekey(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "rekey",
+        help="re-encrypt a replica's history for new age recipients (key rotation)",
+        description="Rewrite every object of the replica in place, a few at a time, "
+        "encrypted for the --to recipients: decrypted with --age-identity-file (the old key; "
+        "not needed for a plaintext replica, which this encrypts), checked, re-encrypted, "
+        "replaced atomically, read back and compared. Safe to interrupt and run again: "
+        "objects already encrypted for the new set are skipped. The daemon may keep running; "
+        "give it the new age_recipients first. Prints one JSON line per object, then a summary.",
+    )
+    _add_source(p)
+    _add_identity(p)
+    p.add_argument(
+        "--to",
+        nargs="+",
+        required=True,
+        metavar="RECIPIENT",
+        help="the new recipients: age1... keys or SSH public key lines (quote them)",
+    )
+    p.add_argument(
+        "--spool-dir",
+        type=Path,
+        help="where objects pass through (0600 files; default: the system's temp directory)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        metavar="N",
+        help="objects rewritten at once (default 4)",
+    )
     _add_logging(p)
 
 
@@ -115,6 +165,12 @@ def _add_exec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-c", "--config", type=Path, help=f"TOML file (default {DEFAULT_CONFIG_PATH})")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="as for replicate")
     p.add_argument("--takeover", action="store_true", help="as for replicate")
+    p.add_argument(
+        "--pass-credentials",
+        action="store_true",
+        help="leave replicad's own storage credentials in CMD's environment (by default the "
+        "AWS_* credential variables and every variable holding a configured secret are removed)",
+    )
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="[DB_PATH REPLICA_URL] -- CMD")
     _add_logging(p)
 
@@ -162,6 +218,7 @@ def _add_ls(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "bytes per level, from one listing of the replica.",
         )
         _add_source(p)
+        _add_identity(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         _add_logging(p)
 
@@ -184,6 +241,7 @@ def _add_log(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="TXID, time, pages and size only, from the segments' trailers (ranged reads)",
     )
+    _add_identity(p)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     _add_logging(p)
 
@@ -207,6 +265,7 @@ def _add_find(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _add_replay_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per change")
+    _add_identity(p)
     _add_logging(p)
 
 
@@ -304,6 +363,7 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         action="store_true",
         help="exit 0 without restoring when OUT already exists (init containers)",
     )
+    _add_identity(p)
     p.add_argument(
         "--integrity-check",
         choices=INTEGRITY_MODES,
@@ -364,11 +424,60 @@ def _exec(args: argparse.Namespace) -> int:
     configure_logging(
         level=args.log_level or config.log_level, fmt=args.log_format or config.log_format
     )
+    env = dict(os.environ)
+    if not args.pass_credentials:
+        env, removed = scrub_credentials(env, _configured_secrets(config))
+        if removed:
+            log.info(
+                "removed replicad's credentials from the application's environment", names=removed
+            )
     return asyncio.run(
         _serve(
-            config, args.metrics_addr or config.metrics_addr, child=command, takeover=args.takeover
+            config,
+            args.metrics_addr or config.metrics_addr,
+            child=command,
+            child_env=env,
+            takeover=args.takeover,
         )
     )
+
+
+#: Variables botocore reads credentials from; the application gets its own if it needs any.
+AWS_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+)
+
+
+def scrub_credentials(
+    environ: dict[str, str], secrets: set[str]
+) -> tuple[dict[str, str], list[str]]:
+    """`environ` without the AWS credential variables and without any variable whose value is
+    one of `secrets` (how `${VAR}` handed a secret to the configuration); also the names
+    removed, sorted (names only: they are not secret)."""
+    kept = {
+        name: value
+        for name, value in environ.items()
+        if name not in AWS_CREDENTIAL_VARIABLES and value not in secrets
+    }
+    return kept, sorted(set(environ) - set(kept))
+
+
+def _configured_secrets(config: Config) -> set[str]:
+    found = set()
+    for db in config.databases:
+        for replica in db.replicas:
+            if replica.s3 is not None:
+                for secret in (
+                    replica.s3.access_key_id,
+                    replica.s3.secret_access_key,
+                    replica.s3.session_token,
+                ):
+                    if secret is not None:
+                        found.add(secret.reveal())
+    return found
 
 
 def _replicate_config(args: argparse.Namespace) -> Config:
@@ -389,6 +498,7 @@ async def _serve(
     metrics_addr: str | None,
     *,
     child: list[str] | None = None,
+    child_env: dict[str, str] | None = None,
     takeover: bool = False,
 ) -> int:
     from replicad.daemon import Daemon, catch_early_signals  # noqa: PLC0415 - see the imports
@@ -414,6 +524,7 @@ async def _serve(
         shutdown_timeout=config.shutdown_timeout,
         metrics=metrics,
         child=child,
+        child_env=child_env,
     )
     status = await daemon.serve(early_signals)
     return daemon.child_status if daemon.child_status is not None else status
@@ -430,9 +541,19 @@ async def _replicator(
     db_log = structlog.get_logger().bind(db=db_config.name)
     replicas = []
     for replica_config in db_config.replicas:
-        client = await make_client(replica_config, max_attempts=DAEMON_MAX_ATTEMPTS)
+        client = await make_client(
+            replica_config, max_attempts=DAEMON_MAX_ATTEMPTS, spool_dir=db_config.state_dir
+        )
         clients.append(client)
         replica_log = db_log.bind(replica=replica_config.name)
+        compaction_levels = replica_config.compaction_levels
+        if replica_config.age_recipients and not replica_config.age_identity_file:
+            # Compaction reads objects back; this host holds no key that can (by design).
+            compaction_levels = ()
+            replica_log.info(
+                "age encryption on and no identity on this host: compaction is off, and a "
+                "restart takes a snapshot (see docs/security.md)"
+            )
         lease = None
         if client.supports_create_only:
             # The daemon holds this host's state lock for the database before it starts.
@@ -455,7 +576,7 @@ async def _replicator(
                 client,
                 max_pending_bytes=replica_config.max_pending_bytes,
                 retention=replica_config.retention,
-                compaction_levels=replica_config.compaction_levels,
+                compaction_levels=compaction_levels,
                 spool_dir=db_config.state_dir,
                 lease=lease,
                 takeover=takeover,
@@ -475,9 +596,35 @@ async def _replicator(
     )
 
 
-async def make_client(config: ReplicaConfig, *, max_attempts: int | None = None) -> ReplicaClient:
+async def make_client(
+    config: ReplicaConfig,
+    *,
+    max_attempts: int | None = None,
+    identity_files: Sequence[Path] = (),
+    spool_dir: Path | None = None,
+) -> ReplicaClient:
     """The storage client a replica's configuration describes (`max_attempts` per request:
-    the S3 client's default when None)."""
+    the S3 client's default when None), behind age encryption (`CryptClient`): it encrypts for
+    the replica's `age_recipients` and decrypts with its `age_identity_file` and
+    `identity_files`; with neither it refuses encrypted objects with a clear error."""
+    from replicad.clients.crypt import (  # noqa: PLC0415 - pyrage only when a client is made
+        CryptClient,
+        load_identities,
+        parse_recipient,
+    )
+
+    files = [config.age_identity_file] if config.age_identity_file else []
+    identities = [i for path in [*files, *identity_files] for i in load_identities(path)]
+    inner = await _storage_client(config, max_attempts=max_attempts)
+    return CryptClient(
+        inner,
+        recipients=[parse_recipient(r) for r in config.age_recipients],
+        identities=identities,
+        spool_dir=spool_dir,
+    )
+
+
+async def _storage_client(config: ReplicaConfig, *, max_attempts: int | None) -> ReplicaClient:
     if config.path is not None:
         return FileReplicaClient(config.path)
     assert config.s3 is not None
@@ -565,7 +712,7 @@ def _source_replica(args: argparse.Namespace) -> ReplicaConfig:
 
 async def _run_restore(config: ReplicaConfig, args: argparse.Namespace) -> RestoreResult | None:
     at_ns = parse_timestamp(args.timestamp) if args.timestamp else None
-    client = await make_client(config)
+    client = await make_client(config, identity_files=args.age_identity_file)
     try:
         if args.if_replica_exists and not await client.list_objects():
             print(json.dumps({"skipped": f"{client.url} holds nothing (--if-replica-exists)"}))
@@ -609,7 +756,7 @@ def _plan_json(plan: RestorePlan) -> dict[str, object]:
 
 
 def _snapshot(args: argparse.Namespace) -> int:
-    from replicad.pidfile import running_daemon  # noqa: PLC0415 - see the imports
+    from replicad.pidfile import signalable_daemon  # noqa: PLC0415 - see the imports
 
     if args.config:
         config = load_config(args.config)
@@ -619,7 +766,7 @@ def _snapshot(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("name a database (DB_PATH) or a configuration (-c CONFIG)")
     for db in dbs:
-        pid = running_daemon(db.state_dir)
+        pid = signalable_daemon(db.state_dir)
         if pid is None:
             raise ReplicadError(
                 f"no replicad daemon is running for {db.path}",
@@ -634,7 +781,7 @@ def _snapshot(args: argparse.Namespace) -> int:
 def _ls(args: argparse.Namespace) -> int:
     from replicad.inspect import summarize  # noqa: PLC0415 - see the imports
 
-    summary = asyncio.run(_with_client(_source_replica(args), summarize))
+    summary = asyncio.run(_with_client(_source_replica(args), summarize, args.age_identity_file))
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
         return 0
@@ -669,7 +816,7 @@ def _log(args: argparse.Namespace) -> int:
                 else:
                     print(_log_line(entry), flush=True)
 
-    asyncio.run(_with_client(_source_replica(args), run))
+    asyncio.run(_with_client(_source_replica(args), run, args.age_identity_file))
     per_txn = stats.bytes // stats.transactions if stats.transactions else 0
     base = f"{stats.base_bytes} bytes for the state before them and " if not args.brief else ""
     print(
@@ -689,7 +836,7 @@ def _verify(args: argparse.Namespace) -> int:
             report = await compare_live(report, args.db)
         return report
 
-    report = asyncio.run(_with_client(_source_replica(args), run))
+    report = asyncio.run(_with_client(_source_replica(args), run, args.age_identity_file))
     if args.json:
         fields = dataclasses.asdict(report)
         fields["checksum"] = f"{report.checksum:016x}"
@@ -753,7 +900,7 @@ def _find(args: argparse.Namespace) -> int:
     async def run(client: ReplicaClient) -> int:
         return await _print_changes(client, query, args, stats)
 
-    changes = asyncio.run(_with_client(replica, run))
+    changes = asyncio.run(_with_client(replica, run, args.age_identity_file))
     rate = stats.examined / stats.seconds if stats.seconds else 0.0
     print(
         f"replicad: examined {stats.examined} transactions, {changes} changed the answer, in "
@@ -820,12 +967,60 @@ def _restore_command(args: argparse.Namespace, txid: int) -> str:
     return shlex.join(words)
 
 
-async def _with_client(config: ReplicaConfig, action: Callable[[ReplicaClient], Awaitable[T]]) -> T:
-    client = await make_client(config)
+async def _with_client(
+    config: ReplicaConfig,
+    action: Callable[[ReplicaClient], Awaitable[T]],
+    identity_files: Sequence[Path] = (),
+) -> T:
+    client = await make_client(config, identity_files=identity_files)
     try:
         return await action(client)
     finally:
         await client.close()
+
+
+def _rekey(args: argparse.Namespace) -> int:
+    from replicad.clients.crypt import load_identities, parse_recipient  # noqa: PLC0415
+    from replicad.rekey import Rekeyer  # noqa: PLC0415
+
+    config = _source_replica(args)
+    files = [config.age_identity_file] if config.age_identity_file else []
+    identities = [i for path in [*files, *args.age_identity_file] for i in load_identities(path)]
+    recipients = []
+    for i, text in enumerate(args.to):
+        try:
+            recipients.append(parse_recipient(text))
+        except ValueError as exc:
+            raise ConfigError(f"--to recipient {i + 1}: {exc}") from None
+
+    def progress(key: str, outcome: str) -> None:
+        print(json.dumps({"key": key, "outcome": outcome}), flush=True)
+
+    async def run() -> RekeyResult:
+        client = await _storage_client(config, max_attempts=None)
+        try:
+            rekeyer = Rekeyer(
+                client,
+                identities=identities,
+                recipients=recipients,
+                spool_dir=args.spool_dir,
+                concurrency=max(1, args.concurrency),
+                on_object=progress,
+            )
+            return await rekeyer.run()
+        finally:
+            await client.close()
+
+    result = asyncio.run(run())
+    print(json.dumps(dataclasses.asdict(result)))
+    if result.stragglers:
+        raise ReplicadError(
+            f"{len(result.stragglers)} objects are still not encrypted for the new recipients "
+            f"(first: {result.stragglers[0]})",
+            hint="a daemon is still writing for the old recipients: give it the new "
+            "age_recipients, restart it, and run rekey again",
+        )
+    return 0
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -878,4 +1073,5 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "log": _log,
     "verify": _verify,
     "find": _find,
+    "rekey": _rekey,
 }

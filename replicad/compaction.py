@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +69,7 @@ from replicad.format import (
     object_name,
 )
 from replicad.position import ObjectKind, ObjectName
+from replicad.private import create_private, make_private_dir, unpredictable_name
 from replicad.spool import PageSpool
 
 #: Seconds per bucket of level 1, 2, 3: each a multiple of the one before.
@@ -537,7 +537,7 @@ class _SourceReader:
 
 async def _write(client: ReplicaClient, merger: _Merger, spool_dir: Path) -> tuple[ObjectName, int]:
     name, _ = merger.name_and_header()
-    path = spool_dir / f"compact-{name.level:02d}-{name.last_txid:016x}-{os.getpid()}.tmp"
+    path = spool_dir / unpredictable_name(f"compact-{name.level:02d}-{name.last_txid:016x}")
     try:
         size = await asyncio.to_thread(_write_file, merger, path)
         await client.put_file(name.key, path)
@@ -547,6 +547,6 @@ async def _write(client: ReplicaClient, merger: _Merger, spool_dir: Path) -> tup
 
 
 def _write_file(merger: _Merger, path: Path) -> int:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with path.open("wb") as sink:
+    make_private_dir(path.parent)
+    with create_private(path) as sink:
         return merger.write(sink)

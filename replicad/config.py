@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import os
 import re
 import tomllib
@@ -41,6 +42,11 @@ DEFAULT_SYNC_INTERVAL = 1.0
 DEFAULT_MAX_PENDING_BYTES = 256 << 20
 DEFAULT_S3_PART_SIZE = 8 << 20
 DEFAULT_S3_CONCURRENCY = 4
+#: Largest duration any setting accepts (ten years): beyond it a value is a typo, and huge
+#: floats overflow timers and integer conversions further down (busy timeouts, nanoseconds).
+MAX_SECONDS = 10 * 365.25 * 86400
+#: `checkpoint_timeout` becomes SQLite's busy timeout in milliseconds, a C int.
+MAX_CHECKPOINT_TIMEOUT = 86400.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
 
@@ -115,6 +121,11 @@ class ReplicaConfig:
     compaction_levels: tuple[float, ...] = DEFAULT_LEVELS
     #: Seconds a fencing lease lasts without renewal (see lease.py).
     lease_duration: float = DEFAULT_LEASE_DURATION
+    #: age public keys (`age1...`, `ssh-ed25519 ...`) new objects are encrypted for; empty:
+    #: plaintext (see clients/crypt.py and docs/security.md).
+    age_recipients: tuple[str, ...] = ()
+    #: Private key file for reading this replica's encrypted objects (restore, log, ...).
+    age_identity_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +273,9 @@ class _Reader:
                 ),
                 truncate_pages=t.non_negative_int("truncate_pages", DEFAULT_TRUNCATE_PAGES),
                 checkpoint_timeout=t.positive_float(
-                    "checkpoint_timeout", DEFAULT_CHECKPOINT_TIMEOUT
+                    "checkpoint_timeout",
+                    DEFAULT_CHECKPOINT_TIMEOUT,
+                    maximum=MAX_CHECKPOINT_TIMEOUT,
                 ),
             ),
         )
@@ -278,7 +291,7 @@ class _Reader:
             return self._s3_replica(raw, where, index, url)
         raise self.error(
             f"{where}.url",
-            f"unsupported replica URL {url!r}",
+            f"unsupported replica URL {redact_url(url)!r}",
             hint="use file:///absolute/dir or s3://bucket/prefix",
         )
 
@@ -289,7 +302,7 @@ class _Reader:
         if host not in ("", "localhost") or not path.startswith("/"):
             raise self.error(
                 f"{where}.url",
-                f"file URL must name an absolute local path, got {url!r}",
+                f"file URL must name an absolute local path, got {redact_url(url)!r}",
                 hint="write file:///var/backups/app (three slashes)",
             )
         return ReplicaConfig(
@@ -300,12 +313,14 @@ class _Reader:
             retention=t.positive_float("retention", DEFAULT_RETENTION),
             compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
             lease_duration=t.positive_float("lease_duration", DEFAULT_LEASE_DURATION),
+            **t.age_settings(),
         )
 
     def _s3_replica(self, raw: dict[str, Any], where: str, index: int, url: str) -> ReplicaConfig:
         parts = urlsplit(url)
         if not parts.netloc:
-            raise self.error(f"{where}.url", f"S3 URL has no bucket: {url!r}")
+            raise self.error(f"{where}.url", f"S3 URL has no bucket: {redact_url(url)!r}")
+        _refuse_userinfo(self, f"{where}.url", url)
         merged = dict(raw)
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             if key not in _S3_URL_KEYS:
@@ -336,6 +351,8 @@ class _Reader:
             concurrency=t.positive_int("concurrency", DEFAULT_S3_CONCURRENCY),
             conditional_writes=t.boolean("conditional_writes", True),
         )
+        if options.endpoint:
+            _refuse_userinfo(self, f"{where}.endpoint", options.endpoint)
         if (options.access_key_id is None) != (options.secret_access_key is None):
             raise self.error(where, "access_key_id and secret_access_key must be set together")
         display = urlsplit(url)._replace(query="").geturl()
@@ -349,6 +366,7 @@ class _Reader:
             retention=t.positive_float("retention", DEFAULT_RETENTION),
             compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
             lease_duration=t.positive_float("lease_duration", DEFAULT_LEASE_DURATION),
+            **t.age_settings(),
         )
 
     def expand(self, value: str, key: str) -> str:
@@ -416,6 +434,14 @@ class _Table:
         return self.string(name) or None
 
     def secret(self, name: str) -> Secret | None:
+        """A credential; a value of the wrong type is described by its type, never shown."""
+        value = self.raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str)):
+            raise self.reader.error(
+                self.key(name),
+                f"expected a string, got {_kind_of(value)} (not shown: it is a secret)",
+                hint='quote it ("...") or read it from the environment: "${VARIABLE}"',
+            )
         value = self.string(name)
         return Secret(value) if value else None
 
@@ -423,18 +449,29 @@ class _Table:
         value = self._get(name, bool, "true or false")
         return default if value is None else bool(value)
 
-    def positive_float(self, name: str, default: float) -> float:
-        value = self.non_negative_float(name, default)
+    def positive_float(self, name: str, default: float, *, maximum: float = MAX_SECONDS) -> float:
+        value = self.non_negative_float(name, default, maximum=maximum)
         if value <= 0:
             raise self.reader.error(self.key(name), f"must be greater than 0, got {value}")
         return value
 
-    def non_negative_float(self, name: str, default: float) -> float:
+    def non_negative_float(
+        self, name: str, default: float, *, maximum: float = MAX_SECONDS
+    ) -> float:
+        """A duration in seconds: finite (TOML's `nan` and `inf` are refused), at most `maximum`."""
         value = self._get(name, (int, float), "a number of seconds")
         if value is None:
             return default
+        if not math.isfinite(value):
+            raise self.reader.error(
+                self.key(name), f"must be a finite number of seconds, got {value}"
+            )
         if value < 0:
             raise self.reader.error(self.key(name), f"must not be negative, got {value}")
+        if value > maximum:
+            raise self.reader.error(
+                self.key(name), f"must be at most {maximum:g} seconds, got {value:g}"
+            )
         return float(value)
 
     def positive_int(self, name: str, default: int, *, minimum: int = 1) -> int:
@@ -445,13 +482,35 @@ class _Table:
             raise self.reader.error(self.key(name), f"must be at least {minimum}, got {value}")
         return int(value)
 
+    def age_settings(self) -> dict[str, Any]:
+        """`age_recipients` (each one checked) and `age_identity_file`."""
+        from replicad.clients.crypt import parse_recipient  # noqa: PLC0415 - pyrage on demand
+
+        value = self.raw.get("age_recipients", [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.reader.error(
+                self.key("age_recipients"), 'expected a list of public keys, e.g. ["age1..."]'
+            )
+        recipients = tuple(self.reader.expand(v, self.key("age_recipients")) for v in value)
+        for i, recipient in enumerate(recipients):
+            try:
+                parse_recipient(recipient)
+            except ValueError as exc:
+                raise self.reader.error(f"{self.key('age_recipients')}[{i}]", str(exc)) from None
+        identity = self.optional("age_identity_file")
+        return {
+            "age_recipients": recipients,
+            "age_identity_file": Path(identity) if identity else None,
+        }
+
     def levels(self, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
         """Increasing bucket widths, each a whole multiple of the one before."""
         value = self.raw.get(name)
         if value is None:
             return default
         if not isinstance(value, list) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= MAX_SECONDS
+            for v in value
         ):
             raise self.reader.error(self.key(name), "expected a list of seconds, e.g. [30, 300]")
         widths = tuple(float(v) for v in value)
@@ -501,6 +560,40 @@ def _hint(key: str, allowed: frozenset[str]) -> str:
     return f"did you mean {close[0]!r}? {accepted}" if close else accepted
 
 
+def redact_url(url: str) -> str:
+    """`url` with any password in its user information replaced by `***`, for messages."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    return parts._replace(netloc=f"{user}{':***' if colon else ''}@{host}").geturl()
+
+
+def _refuse_userinfo(reader: _Reader, key: str, url: str) -> None:
+    """A user name or password in a URL would be printed by `config check`, logs and errors,
+    and S3 clients ignore it anyway: credentials belong in their own (masked) keys."""
+    if "@" in urlsplit(url).netloc:
+        raise reader.error(
+            key,
+            f"must not contain a user name or password: {redact_url(url)!r}",
+            hint="set access_key_id and secret_access_key (from ${VARIABLES}) instead",
+        )
+
+
+def _kind_of(value: object) -> str:
+    """A TOML value's type in words, for messages that must not show the value."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
 def _url_value(value: str) -> Any:
     lowered = value.lower()
     if lowered in ("true", "false"):
@@ -534,7 +627,16 @@ _DB_KEYS = frozenset(
     }
 )
 _COMMON_REPLICA_KEYS = frozenset(
-    {"url", "name", "max_pending_bytes", "retention", "compaction_levels", "lease_duration"}
+    {
+        "url",
+        "name",
+        "max_pending_bytes",
+        "retention",
+        "compaction_levels",
+        "lease_duration",
+        "age_recipients",
+        "age_identity_file",
+    }
 )
 _S3_URL_KEYS = frozenset({"endpoint", "region", "path_style", "verify_tls", "storage_class"})
 _S3_KEYS = _S3_URL_KEYS | frozenset(
@@ -558,5 +660,6 @@ __all__ = [
     "Secret",
     "config_from_args",
     "load_config",
+    "redact_url",
     "replica_from_url",
 ]

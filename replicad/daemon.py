@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -50,6 +50,7 @@ class Daemon:
         on_ready: Callable[[], None] | None = None,
         metrics: MetricsServer | None = None,
         child: Sequence[str] | None = None,
+        child_env: Mapping[str, str] | None = None,
     ) -> None:
         self.replicators = replicators
         self.clients = clients
@@ -59,6 +60,8 @@ class Daemon:
         self.metrics = metrics
         #: `replicad exec`: the application command run as a child once replication is ready.
         self.child = list(child) if child else None
+        #: The child's environment (None: ours); `replicad exec` scrubs its credentials out.
+        self.child_env = dict(child_env) if child_env is not None else None
         self.child_status: int | None = None
         self._child_proc: asyncio.subprocess.Process | None = None
         self._ready = asyncio.Event()
@@ -72,6 +75,8 @@ class Daemon:
         `early_signals`: SIGTERM/SIGINT that arrived while the process was still starting
         (`catch_early_signals`); they are acted on as soon as the daemon's handlers are in.
         """
+        for replicator in self.replicators:
+            _require_directory(replicator.db.path)
         locks = [StateLock(r.state_dir, str(r.db.path)) for r in self.replicators]
         try:
             return await self._serve(early_signals)
@@ -104,7 +109,7 @@ class Daemon:
             raise failure
         if problems:
             raise ShutdownError(
-                "shutdown deadline passed with data not shipped: " + "; ".join(problems),
+                "stopped with data not shipped: " + "; ".join(problems),
                 hint="the replica was unreachable; what was not shipped is still in the WAL and "
                 "is shipped when replicad starts again, unless the WAL is checkpointed first",
             )
@@ -195,7 +200,7 @@ class Daemon:
         """Start the application once replication is ready; stop replicating when it exits."""
         await self._ready.wait()
         try:
-            self._child_proc = await asyncio.create_subprocess_exec(*command)
+            self._child_proc = await asyncio.create_subprocess_exec(*command, env=self.child_env)
         except OSError as exc:
             self.child_status = 127
             log.error("cannot start the application", command=command[0], error=str(exc))
@@ -251,6 +256,20 @@ class Daemon:
         if not problems:
             log.info("stopped: everything committed was shipped")
         return problems
+
+
+def _require_directory(db_path: Path) -> None:
+    """Refuse a database whose directory does not exist, before anything is created there.
+
+    A missing database file is waited for, but a missing directory is a typo or an unmounted
+    volume: creating the state directory beside the database would make the path up.
+    """
+    if not db_path.parent.is_dir():
+        raise DatabaseError(
+            f"the directory of {db_path} does not exist",
+            hint="check the database path; replicad waits for a missing database file, but never "
+            "creates its directory (mount the volume or create it first)",
+        )
 
 
 def catch_early_signals() -> list[signal.Signals]:

@@ -5,6 +5,7 @@
     ├── DatabaseError             the SQLite database cannot be replicated as it is
     ├── WalError                  the -wal header is unusable (a torn tail is *not* an error)
     ├── FormatError               an object in a replica is corrupt, truncated, foreign or too new
+    │   └── ObjectLockedError     an encrypted object that no identity given can open
     ├── ReplicaError              an operation on a replica failed
     │   ├── ObjectNotFoundError   the key does not exist
     │   ├── ObjectExistsError     a create-only write found the key already there (another writer)
@@ -58,8 +59,25 @@ class FormatError(ReplicadError):
     """An object read from a replica is corrupt, truncated, foreign or of an unknown version."""
 
 
+class ObjectLockedError(FormatError):
+    """An age-encrypted object, and no identity given (or none of those given) can open it."""
+
+
 class ReplicaError(ReplicadError):
     """An operation on a replica failed."""
+
+    #: The storage verb that failed (`PUT`, `GET`, `LIST`, `DELETE`, `HEAD`, `multipart`), set
+    #: by the backend that raised it; None when unknown.
+    operation: str | None = None
+
+    @property
+    def failed_write(self) -> bool:
+        """Whether a write failed (so "cannot read replica" would mislead: a read-only mount or a
+        read-only key)."""
+        return self.operation in _WRITE_OPERATIONS
+
+
+_WRITE_OPERATIONS = frozenset({"PUT", "DELETE", "multipart"})
 
 
 class ObjectNotFoundError(ReplicaError):

@@ -2,17 +2,22 @@
 
 `flock` on a file of our own never touches SQLite's POSIX locks on the database.  The lock is
 released by the kernel when the process exits, however it exits, so a stale file is harmless.
-`replicad snapshot` reads the pid to signal the running daemon.
+`replicad snapshot` reads the pid to signal the running daemon, but a pid file is only a
+claim: `signalable_daemon` signals nothing unless the pid is, right now, a replicad process of
+this user that holds the lock (Linux `/proc`), so a stale or forged file cannot aim SIGUSR1
+(whose default action is to terminate) at an unrelated process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 from pathlib import Path
 
 from replicad.errors import ReplicadError
+from replicad.private import FILE_MODE, create_private, make_state_dir, unpredictable_name
 
 PID_NAME = "replicad.pid"
 #: The device and inode of the database file the last daemon replicated.
@@ -23,7 +28,7 @@ class StateLock:
     """Holds the lock for one state directory until `release()` (or process exit)."""
 
     def __init__(self, state_dir: Path, what: str) -> None:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_state_dir(state_dir)
         self.path = state_dir / PID_NAME
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -35,6 +40,7 @@ class StateLock:
                 f"another replicad (pid {pid}) is already replicating {what}",
                 hint="stop it first; two daemons must never write the same replica",
             ) from None
+        os.fchmod(fd, FILE_MODE)  # a file left by an older version may be wider
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd: int | None = fd
@@ -51,6 +57,69 @@ def read_pid(path: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         return int(path.read_text().strip())
     return None
+
+
+def signalable_daemon(state_dir: Path) -> int | None:
+    """The pid of the replicad daemon holding this state directory's lock, proven from `/proc`;
+    None if no daemon runs.  Raises `ReplicadError` when the pid file names a process that is
+    not that daemon (another user's, not replicad, or not the lock's holder)."""
+    pid = running_daemon(state_dir)
+    if pid is None:
+        return None
+    problem = _not_our_daemon(pid, state_dir / PID_NAME)
+    if problem is not None:
+        raise ReplicadError(
+            f"refusing to signal pid {pid} named by {state_dir / PID_NAME}: {problem}",
+            hint="the pid file is stale or was written by someone else; check which process "
+            "replicates this database (its state directory must belong to replicad's user)",
+        )
+    return pid
+
+
+def _not_our_daemon(pid: int, pid_path: Path) -> str | None:
+    """Why `pid` is not the replicad daemon holding `pid_path`'s lock, or None if it is."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        owner = proc.stat().st_uid
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+        inode = pid_path.stat().st_ino
+        locks = Path("/proc/locks").read_text()
+    except FileNotFoundError:
+        return "no such process"
+    except OSError as exc:
+        return f"cannot inspect it ({exc.strerror})"
+    if owner != os.getuid():
+        return f"it belongs to uid {owner}, not to this user ({os.getuid()})"
+    if not _is_replicad(argv):
+        return "it is not a replicad process"
+    if not _holds_flock(locks, pid, inode):
+        return "it does not hold the state directory's lock"
+    return None
+
+
+def _is_replicad(argv: list[bytes]) -> bool:
+    """`replicad ...` (the console script, run directly or by an interpreter) or
+    `python -m replicad ...`."""
+    words = [os.path.basename(word) for word in argv[:3]]
+    return b"replicad" in words or any(
+        flag == b"-m" and module == b"replicad" for flag, module in itertools.pairwise(argv[:4])
+    )
+
+
+def _holds_flock(locks: str, pid: int, inode: int) -> bool:
+    """Whether `/proc/locks` shows `pid` holding a FLOCK on the file with this inode.
+
+    Lines read `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF` (device and inode)."""
+    for line in locks.splitlines():
+        fields = line.split()
+        if (
+            len(fields) >= 6
+            and fields[1] == "FLOCK"
+            and fields[4] == str(pid)
+            and fields[5].rsplit(":", 1)[-1] == str(inode)
+        ):
+            return True
+    return False
 
 
 def running_daemon(state_dir: Path) -> int | None:
@@ -83,8 +152,9 @@ def database_replaced(state_dir: Path, db_path: Path) -> bool:
     except (FileNotFoundError, UnicodeDecodeError):
         previous = None
     if previous != current:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(current)
+        make_state_dir(state_dir)
+        tmp = state_dir / unpredictable_name(IDENTITY_NAME)
+        with create_private(tmp) as f:
+            f.write(current.encode())
         tmp.replace(record)
     return previous is not None and previous != current

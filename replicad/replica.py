@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import tempfile
 import time
 from collections import OrderedDict, deque
@@ -23,7 +22,7 @@ import structlog
 from replicad.clients.base import ReplicaClient
 from replicad.compaction import DEFAULT_LEVELS, DEFAULT_SETTLE_MS, compact, plan_compaction
 from replicad.db import CapturedTxn
-from replicad.errors import FormatError, ObjectNotFoundError, RestoreError
+from replicad.errors import FormatError, ObjectLockedError, ObjectNotFoundError, RestoreError
 from replicad.format import (
     HEADER_SIZE,
     ObjectHeader,
@@ -34,6 +33,7 @@ from replicad.format import (
 )
 from replicad.lease import Lease, is_lease_key
 from replicad.position import ObjectKind, ObjectName, WalPosition, parse_key
+from replicad.private import create_private, make_private_dir, unpredictable_name
 from replicad.restore import plan_restore
 from replicad.retention import DEFAULT_RETENTION, DEFAULT_RETENTION_GRACE, plan_retention
 
@@ -172,7 +172,14 @@ class Replica:
             self.loaded = True
             return None
         newest = max(names, key=lambda n: (n.last_txid, n.kind is ObjectKind.SEGMENT))
-        header = await self._read_header(newest)
+        try:
+            header = await self._read_header(newest)
+        except ObjectLockedError:
+            # Encrypted, and this host holds no private key (by design): the WAL position is
+            # unknown, so the replicator snapshots and TXIDs continue after the newest name.
+            self.shipped_txid = newest.last_txid
+            self.loaded = True
+            return ReplicaTip(newest.last_txid, None, 0, 0)
         self.shipped_txid = newest.last_txid
         self.page_size = header.page_size
         self.loaded = True
@@ -335,7 +342,7 @@ class Replica:
         """Encode a batch holding spooled transactions into a local file and upload that, so a
         huge transaction costs bounded memory (multipart parts), not its size."""
         name, header = _segment_header(batch, self.page_size, offset)
-        path = self.spool_dir / f"segment-{name.last_txid:016x}-{os.getpid()}.tmp"
+        path = self.spool_dir / unpredictable_name(f"segment-{name.last_txid:016x}")
         try:
             size = await asyncio.to_thread(_encode_segment_file, path, header, batch, offset)
             await self._ensure_lease()
@@ -474,8 +481,8 @@ def _encode_segment_file(
     path: Path, header: ObjectHeader, batch: list[CapturedTxn], offset: int
 ) -> int:
     """A level-0 segment written to `path` (created); its size."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with path.open("wb") as sink:
+    make_private_dir(path.parent)
+    with create_private(path) as sink:
         return _write_segment(sink, header, batch, offset)
 
 
@@ -519,11 +526,11 @@ def spool_path(state_dir: Path, txid: int) -> Path:
     """A new, empty file (owner-only) in the database's state directory, where a snapshot of
     `txid` is encoded before upload.
 
-    Created with O_EXCL under an unpredictable name: two snapshots at the same TXID (requested
+    Created exclusively under an unpredictable name: two snapshots at the same TXID (requested
     back to back with no write between) must never share a file, or releasing the first would
-    delete the second's.
+    delete the second's, and nobody can plant a file or link there in advance.
     """
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix=f"snapshot-{txid:016x}-", suffix=".tmp", dir=state_dir)
-    os.close(fd)
-    return Path(path)
+    make_private_dir(state_dir)
+    path = state_dir / unpredictable_name(f"snapshot-{txid:016x}")
+    create_private(path).close()
+    return path

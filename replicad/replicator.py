@@ -23,7 +23,7 @@ import structlog
 from replicad.checkpoint import Checkpointer, CheckpointPolicy, CheckpointResult
 from replicad.checksum import PageHashes, format_checksum
 from replicad.db import CapturedTxn, Database, SnapshotRetry, SnapshotSource, SyncResult
-from replicad.errors import ReplicadError
+from replicad.errors import ReplicadError, ReplicaError
 from replicad.format import ObjectHeader, ObjectWriter, object_name
 from replicad.lease import LeaseLostError
 from replicad.pidfile import database_replaced
@@ -143,6 +143,8 @@ class DatabaseReplicator:
         self._progress: tuple[tuple[int, int] | None, int] = (None, -1)
         self._checkpoint_not_before = 0.0
         self._stuck = Backoff(minimum=0.1, maximum=_STUCK_BACKOFF_MAX)
+        #: Replica name -> why it could not be loaded yet, for the shutdown report.
+        self._load_failures: dict[str, str] = {}
         self.snapshot_interval = snapshot_interval
         self.last_sync_monotonic = 0.0
         self._snapshot_requested = False
@@ -189,7 +191,7 @@ class DatabaseReplicator:
             if isinstance(result, LeaseLostError):
                 raise result  # another daemon writes this replica: refuse to start, loudly
             if isinstance(result, ReplicadError):
-                replica.log.error("cannot read replica; will retry", error=str(result))
+                self._load_failed(replica, result)
             elif isinstance(result, BaseException):
                 raise result
             else:
@@ -713,12 +715,20 @@ class DatabaseReplicator:
         try:
             await replica.load_tip()
         except ReplicadError as exc:
-            replica.log.error("cannot read replica; will retry", error=str(exc))
+            self._load_failed(replica, exc)
             await _sleep_unless(stop, backoff.next_delay())
             return
+        self._load_failures.pop(replica.name, None)
         backoff.reset()
         replica.require_snapshot("the replica was unreachable at start-up")
         self.wake.set()
+
+    def _load_failed(self, replica: Replica, exc: ReplicadError) -> None:
+        """Log why a replica could not be loaded (a failed write says so: a read-only mount is
+        not a read error) and keep it for the shutdown report."""
+        what = "write" if isinstance(exc, ReplicaError) and exc.failed_write else "read"
+        replica.log.error(f"cannot {what} replica; will retry", error=str(exc))
+        self._load_failures[replica.name] = f"cannot {what} it: {exc}"
 
     # -- shutdown ---------------------------------------------------------------------------
 
@@ -751,7 +761,13 @@ class DatabaseReplicator:
                 await asyncio.sleep(
                     min(backoff.next_delay(), max(0.0, deadline - time.monotonic()))
                 )
-        if replica.has_work or not replica.loaded:
+        if not replica.loaded:
+            why = self._load_failures.get(replica.name, "it was never reached")
+            return (
+                f"{self.name} -> {replica.name}: waited for the replica until shutdown ({why}); "
+                "nothing committed since the last run was uploaded to it"
+            )
+        if replica.has_work:
             what = f"{len(replica.pending)} transactions" + (
                 " and a snapshot" if replica.snapshot is not None else ""
             )

@@ -49,6 +49,7 @@ from replicad.position import (
     ObjectName,
     parse_key,
 )
+from replicad.private import adopt_owner_and_mode, create_private_fd
 
 #: Objects downloaded ahead of the one being applied.
 DEFAULT_PREFETCH = 8
@@ -819,7 +820,7 @@ def _prepare_target(output: Path, force: bool) -> tuple[Path, Path]:
 
 async def _apply(client: ReplicaClient, plan: RestorePlan, tmp: Path, prefetch: int) -> _Applied:
     try:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = create_private_fd(tmp)
     except OSError as exc:
         raise RestoreError(f"cannot create {tmp}: {exc.strerror}") from exc
     writer = _PageWriter(fd, plan.target_txid, newest_first=True)
@@ -1141,6 +1142,8 @@ def _move_into_place(tmp: Path, output: Path, force: bool) -> None:
     _remove_quietly(_sidecar(tmp, "-wal"), _sidecar(tmp, "-shm"))
     _remove_quietly(_sidecar(output, "-wal"), _sidecar(output, "-shm"))
     if force:
+        if output.exists():
+            adopt_owner_and_mode(tmp, output)
         os.replace(tmp, output)
     else:
         try:

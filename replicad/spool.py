@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from replicad.errors import StateError
+from replicad.private import make_private_dir
 
 #: Slots read with one pread when iterating in page order.
 _READ_RUN = 64
@@ -140,7 +141,7 @@ class PageSpool:
 def _unlinked_file(directory: Path) -> int:
     """A new read-write file in `directory` with no name: gone when its descriptor closes."""
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dir(directory)
         fd, name = tempfile.mkstemp(prefix="spool-", dir=directory)
         os.unlink(name)
     except OSError as exc:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import workload
-from tests.procs import replicad, start_daemon, stop, wait_for
+from tests.procs import mounted_tmpfs, replicad, start_daemon, stop, wait_for
 
 
 @pytest.fixture
@@ -119,24 +117,8 @@ def test_object_of_another_kind_under_a_valid_name(replica: Path, tmp_path: Path
     assert "Traceback" not in result.stderr
 
 
-@contextlib.contextmanager
-def _tiny_filesystem(path: Path) -> Iterator[Path]:
-    path.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], check=False
-    )
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs in this sandbox")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=False)
-
-
 def test_full_disk_for_the_restore_target(replica: Path, tmp_path: Path) -> None:
-    with _tiny_filesystem(tmp_path / "small") as small:
+    with mounted_tmpfs(tmp_path / "small", "size=64k") as small:
         out = small / "out.db"
         result = _restore(replica, out)
         assert result.returncode == 1

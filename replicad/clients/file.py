@@ -33,6 +33,7 @@ from replicad.errors import (
     ReplicaError,
     ReplicaUnavailableError,
 )
+from replicad.private import DIR_MODE, create_private
 
 #: Name prefix of in-flight temporary files; keys may not use it, listings skip it.
 TEMP_PREFIX = ".tmp-"
@@ -224,7 +225,7 @@ class FileReplicaClient:
         self._make_dirs(path.parent)
         temp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
         try:
-            with temp.open("xb") as out:
+            with create_private(temp) as out:
                 size = out.write(source) if isinstance(source, bytes) else _copy(source, out)
                 out.flush()
                 os.fsync(out.fileno())
@@ -252,7 +253,7 @@ class FileReplicaClient:
             directory = directory.parent
         for new_dir in reversed(missing):
             try:
-                new_dir.mkdir()
+                new_dir.mkdir(mode=DIR_MODE)
             except FileExistsError:
                 if not new_dir.is_dir():
                     raise
@@ -284,6 +285,7 @@ class FileReplicaClient:
             return await asyncio.to_thread(func, *args)
         except OSError as exc:
             error = self._translate(exc, what, missing)
+            error.operation = what.split(" ", 1)[0]
             self._stats.count_error(error)
             raise error from exc
         except ReplicaError as exc:

@@ -568,7 +568,12 @@ class S3ReplicaClient:
         return cast(dict[str, Any], response)
 
     def _translate(self, exc: BaseException, what: str) -> ReplicaError:
-        """The replicad error for a botocore/aiohttp failure."""
+        """The replicad error for a botocore/aiohttp failure, marked with its operation."""
+        error = self._translate_unmarked(exc, what)
+        error.operation = what.split(" ", 1)[0]
+        return error
+
+    def _translate_unmarked(self, exc: BaseException, what: str) -> ReplicaError:
         if isinstance(exc, ClientError):
             return self._classify(
                 what,
