@@ -20,9 +20,10 @@ import structlog
 import watchfiles
 
 from replicad.clients.base import ReplicaClient
-from replicad.errors import DatabaseError, ReplicadError, ShutdownError
+from replicad.errors import DatabaseError, LeaseError, LeaseLostError, ReplicadError, ShutdownError
+from replicad.lease import StandbyStopped
 from replicad.observe import MetricsServer, liveness
-from replicad.pidfile import StateLock
+from replicad.pidfile import DatabaseLock, StateLock
 from replicad.replicator import DatabaseReplicator
 from replicad.systemd import notify, watchdog_interval
 
@@ -33,6 +34,9 @@ from replicad.systemd import notify, watchdog_interval
 WATCH_DEBOUNCE_MS = 50
 WATCH_STEP_MS = 50
 EXIT_FORCED = 130
+#: How often a standby tries the database's host lock: a successor starts within this much of
+#: the holder's exit.
+_LOCK_POLL = 0.1
 
 log = structlog.get_logger()
 
@@ -50,6 +54,7 @@ class Daemon:
         on_ready: Callable[[], None] | None = None,
         metrics: MetricsServer | None = None,
         child: Sequence[str] | None = None,
+        standby: bool = True,
     ) -> None:
         self.replicators = replicators
         self.clients = clients
@@ -65,6 +70,9 @@ class Daemon:
         self.stop = asyncio.Event()
         self._signals = 0
         self._started: list[DatabaseReplicator] = []
+        #: Wait while another daemon replicates a database (False: exit with an error).
+        self.standby = standby
+        self._locks: list[DatabaseLock | StateLock] = []
 
     async def serve(self, early_signals: Sequence[signal.Signals] = ()) -> int:
         """Replicate until a stop is requested; returns the process exit status.
@@ -72,11 +80,10 @@ class Daemon:
         `early_signals`: SIGTERM/SIGINT that arrived while the process was still starting
         (`catch_early_signals`); they are acted on as soon as the daemon's handlers are in.
         """
-        locks = [StateLock(r.state_dir, str(r.db.path)) for r in self.replicators]
         try:
             return await self._serve(early_signals)
         finally:
-            for lock in locks:
+            for lock in self._locks:
                 lock.release()
 
     async def _serve(self, early_signals: Sequence[signal.Signals]) -> int:
@@ -102,6 +109,12 @@ class Daemon:
         problems = await self.shutdown()
         if failure is not None:
             raise failure
+        if fenced := [r.fenced for d in self.replicators for r in d.replicas if r.fenced]:
+            raise LeaseLostError(
+                "; ".join(fenced + problems),
+                hint="another daemon owns the replica now; what this one captured after the "
+                "takeover was not shipped by it (the new owner ships the database's own state)",
+            )
         if problems:
             raise ShutdownError(
                 "shutdown deadline passed with data not shipped: " + "; ".join(problems),
@@ -143,7 +156,14 @@ class Daemon:
         self.request_stop()
 
     async def _run_database(self, replicator: DatabaseReplicator) -> None:
-        if not await self._start(replicator):
+        if not await self._lock_database(replicator):
+            return
+        try:
+            started = await self._start(replicator)
+        except StandbyStopped:
+            replicator.log.info("stopped while waiting as a standby; this daemon wrote nothing")
+            return
+        if not started:
             return
         self._started.append(replicator)
         if len(self._started) == len(self.replicators):
@@ -157,19 +177,53 @@ class Daemon:
                 tg.create_task(replicator.upload_loop(replica, self.stop))
                 tg.create_task(replicator.maintenance_loop(replica, self.stop))
 
+    async def _lock_database(self, replicator: DatabaseReplicator) -> bool:
+        """Take the database's host lock (pidfile.py), waiting as a standby while another
+        process holds it; False if a stop was requested first."""
+        lock = DatabaseLock(replicator.db.path)
+        waiting = False
+        while not await asyncio.to_thread(self._try_lock, lock, replicator.db.path.parent):
+            if not waiting:
+                holder = f"another replicad (pid {lock.holder()})"
+                if not self.standby:
+                    raise LeaseError(
+                        f"{holder} is already replicating {replicator.db.path}",
+                        hint="stop it first, or start this one without --no-standby to wait "
+                        "for it; two daemons must never write the same replica",
+                    )
+                replicator.standby = f"standby: waiting for {holder}"
+                replicator.log.warning(f"waiting as a standby for {holder}", lock=str(lock.path))
+                waiting = True
+            if await _stopped_within(self.stop, _LOCK_POLL):
+                replicator.log.info("stopped while waiting as a standby; this daemon wrote nothing")
+                return False
+        replicator.standby = None
+        self._locks.append(lock)
+        self._locks.append(StateLock(replicator.state_dir, str(replicator.db.path)))
+        return True
+
+    @staticmethod
+    def _try_lock(lock: DatabaseLock, directory: Path) -> bool:
+        """One attempt; a directory that does not exist yet counts as not yet lockable."""
+        return directory.is_dir() and lock.try_acquire()
+
     async def _start(self, replicator: DatabaseReplicator) -> bool:
-        """Start one database; while its file does not exist yet, wait for it."""
+        """Start one database; while its file does not exist yet, wait for it.
+
+        A stop requested meanwhile still starts a database that exists: what was committed
+        while no daemon ran is shipped by the flush that follows.
+        """
         warned = False
-        while not self.stop.is_set():
+        while True:
             if replicator.db.path.exists():
                 await replicator.start()
                 return True
+            if self.stop.is_set():
+                return False
             if not warned:
                 replicator.log.warning("database does not exist yet; waiting for it")
                 warned = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), replicator.poll_interval)
-        return False
+            await _stopped_within(self.stop, replicator.poll_interval)
 
     async def _watch(self) -> None:
         """Wake a database's sync loop when its file or WAL changes (polling is the backstop)."""
@@ -207,7 +261,7 @@ class Daemon:
         self.request_stop()
 
     async def _release_leases(self) -> None:
-        for replicator in self._started:
+        for replicator in self.replicators:  # started or not: a standby may hold some leases
             for replica in replicator.replicas:
                 if replica.lease is not None and replica.fenced is None:
                     await replica.lease.release()
@@ -253,13 +307,23 @@ class Daemon:
         return problems
 
 
-def catch_early_signals() -> list[signal.Signals]:
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds`; True as soon as `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+def catch_early_signals(
+    received: list[signal.Signals] | None = None,
+) -> list[signal.Signals]:
     """Record SIGTERM/SIGINT from now until `Daemon.serve` installs its handlers.
 
     Start-up (connecting to storage, importing) takes a moment; a stop requested meanwhile
-    must still end in a clean exit, not in death by the signal's default action.
+    must still end in a clean exit, not in death by the signal's default action.  `received`:
+    what `replicad.launch` recorded before the event loop ran; appended to and returned.
     """
-    received: list[signal.Signals] = []
+    received = [] if received is None else received
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, received.append, sig)

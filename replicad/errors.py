@@ -9,7 +9,9 @@
     │   ├── ObjectNotFoundError   the key does not exist
     │   ├── ObjectExistsError     a create-only write found the key already there (another writer)
     │   ├── ReplicaAccessError    permanent: credentials, permissions, missing bucket or directory
-    │   └── ReplicaUnavailableError  transient: network, 5xx, throttling, timeouts; retry
+    │   ├── ReplicaUnavailableError  transient: network, 5xx, throttling, timeouts; retry
+    │   └── LeaseError            another daemon owns the replica prefix: refused at start
+    │       └── LeaseLostError    our lease was taken over while we ran: we stopped writing (exit 4)
     ├── RestoreError              a restore cannot produce a correct database
     ├── StateError                replicad's own local state directory is full or unwritable
     └── ShutdownError             the final flush did not finish before its deadline
@@ -75,6 +77,20 @@ class ReplicaAccessError(ReplicaError):
 
 class ReplicaUnavailableError(ReplicaError):
     """A transient failure: network error, server error, throttling, timeout. Retry later."""
+
+
+class LeaseError(ReplicaError):
+    """Another daemon owns this replica prefix (or this database on this host): not started."""
+
+
+class LeaseLostError(LeaseError):
+    """This daemon's lease was taken over while it ran: it stopped writing that replica.
+
+    Its own exit code, so a supervisor can tell "another daemon owns the replica now" (do not
+    restart this one blindly) from an unreachable replica (3).
+    """
+
+    exit_code = 4
 
 
 class RestoreError(ReplicadError):
