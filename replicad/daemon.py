@@ -197,6 +197,8 @@ class Daemon:
             if await _stopped_within(self.stop, _LOCK_POLL):
                 replicator.log.info("stopped while waiting as a standby; this daemon wrote nothing")
                 return False
+        if waiting:
+            replicator.log.info("the other daemon is gone; taking over this database")
         replicator.standby = None
         self._locks.append(lock)
         self._locks.append(StateLock(replicator.state_dir, str(replicator.db.path)))
