@@ -10,7 +10,8 @@
     │   ├── ObjectExistsError     a create-only write found the key already there (another writer)
     │   ├── ReplicaAccessError    permanent: credentials, permissions, missing bucket or directory
     │   ├── ReplicaUnavailableError  transient: network, 5xx, throttling, timeouts; retry
-    │   └── LeaseError            another daemon owns the replica prefix: refused at start
+    │   └── LeaseError            another daemon owns the replica prefix (or a corrupt lease
+    │       │                     object hides who does): refused at start
     │       └── LeaseLostError    our lease was taken over while we ran: we stopped writing (exit 4)
     ├── RestoreError              a restore cannot produce a correct database
     ├── StateError                replicad's own local state directory is full or unwritable
@@ -80,7 +81,8 @@ class ReplicaUnavailableError(ReplicaError):
 
 
 class LeaseError(ReplicaError):
-    """Another daemon owns this replica prefix (or this database on this host): not started."""
+    """Another daemon owns this replica prefix or this database on this host (or a corrupt
+    lease object hides who owns it): this daemon does not start."""
 
 
 class LeaseLostError(LeaseError):

@@ -32,7 +32,7 @@ its own, so a host whose clock is wrong cannot take over a live lease.
   next check fails lands below, as a dead branch of the old database's own consistent history.
 * Renewal happens only on the way to a write: an idle database still costs zero requests.
 * A corrupt or absurd record (not JSON, wrong types, an epoch that does not match its key, a
-  non-finite or absurd time) is a `FormatError` saying what to do; ``--takeover`` always works:
+  non-finite or absurd time) is a `LeaseError` saying what to do; ``--takeover`` always works:
   it claims the epoch above the highest key, whatever that key holds.
 
 On storage that does not enforce conditional writes (rclone serve s3), none of this can be
@@ -56,7 +56,6 @@ import structlog
 
 from replicad.clients.base import ReplicaClient
 from replicad.errors import (
-    FormatError,
     LeaseError,
     LeaseLostError,
     ObjectExistsError,
@@ -195,7 +194,7 @@ class Lease:
 
         If another owner holds a live lease: with `standby`, wait until it is released or has
         lapsed (`stop_waiting` ends the wait with `StandbyStopped`); otherwise raise
-        `LeaseError` naming the holder.  A corrupt newest record raises `FormatError` unless
+        `LeaseError` naming the holder.  A corrupt newest record raises `LeaseError` unless
         `takeover`.  `keys`: the lease keys from a listing the caller just made.
         """
         if keys is None:
@@ -255,7 +254,7 @@ class Lease:
         if top:
             try:
                 record = _parse(await self.client.get_object(lease_key(top)), top)
-            except (FormatError, ObjectNotFoundError) as exc:
+            except (LeaseError, ObjectNotFoundError) as exc:
                 previous = f"an unreadable lease ({exc.message})"
             else:
                 previous = record.describe()
@@ -394,14 +393,14 @@ class Lease:
         """Whether `epoch` holds our own earlier attempt (a request that landed but failed)."""
         try:
             record = await self._read_epoch(epoch)
-        except FormatError:
+        except LeaseError:
             return False
         return record is not None and record.owner == self.owner
 
     async def _lose(self, epoch: int, exc: ObjectExistsError) -> None:
         try:
             holder = await self._read_epoch(epoch)
-        except (FormatError, ReplicaError):
+        except ReplicaError:
             holder = None
         self._lost = (
             f"replica {self.client.url} was taken over by "
@@ -417,7 +416,7 @@ class Lease:
         return _parse(data, epoch, url=self.client.url)
 
     async def _newest(self, keys: list[str] | None = None) -> LeaseRecord | None:
-        """The newest lease record (FormatError if it is corrupt), or None if there is none."""
+        """The newest lease record (LeaseError if it is corrupt), or None if there is none."""
         if keys is None:
             keys = [info.key for info in await self.client.list_objects(LEASE_PREFIX)]
         epochs = sorted((e for k in keys if (e := key_epoch(k)) is not None), reverse=True)
@@ -435,8 +434,8 @@ def _lapse_after(duration: float) -> float:
     return duration * (1 + CLOCK_RATE_MARGIN) + LAPSE_MARGIN
 
 
-def _corrupt(url: str, epoch: int, why: str) -> FormatError:
-    return FormatError(
+def _corrupt(url: str, epoch: int, why: str) -> LeaseError:
+    return LeaseError(
         f"lease object {lease_key(epoch)} in {url} is corrupt: {why}",
         hint="if no other daemon writes this replica, start this one with --takeover (it claims "
         "the next epoch whatever this one holds), or delete that object",

@@ -9,14 +9,18 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests import workload
-from tests.procs import replicad, start_daemon, start_writer, stop, wait_for
+from tests.procs import ROOT, clean_env, replicad, start_daemon, start_writer, stop, wait_for
 from tests.s3servers import S3Server, create_bucket, free_port, unique_bucket
 
 
@@ -225,3 +229,126 @@ def test_standby_stopped_while_waiting_exits_zero_having_written_nothing(tmp_pat
         assert "wrote nothing" in (tmp_path / "b.log").read_text()
     finally:
         assert stop(first) == 0
+
+
+# -- leases between hosts (two database files standing for two hosts' copies) ------------------
+
+
+def _s3(server: S3Server, tmp: Path, bucket: str) -> tuple[str, dict[str, str]]:
+    url = f"s3://{bucket}/app?endpoint={server.endpoint_url}&path_style=true&region=us-east-1"
+    return url, _env(server, tmp)
+
+
+async def test_lapsed_lease_taken_over_fences_the_idle_daemon(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    """The rolling-deploy bug: A idle past its lease, B takes over and stops cleanly, then A
+    commits.  A must stop writing, name the holder and exit 4; the newest restore is B's state,
+    never A's commit spliced onto it."""
+    bucket = unique_bucket()
+    await create_bucket(moto_server, bucket)
+    url, env = _s3(moto_server, tmp_path, bucket)
+    a, b = _db(tmp_path / "a.db"), _db(tmp_path / "b.db")
+    lease = "lease_duration = 2\n"
+    a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
+    first = start_daemon(["-c", str(_config(tmp_path, "a", a, url, lease))], a_log, env=env)
+    try:
+        wait_for(lambda: "snapshot uploaded" in a_log.read_text(), 30, "first up")
+        second = start_daemon(["-c", str(_config(tmp_path, "b", b, url, lease))], b_log, env=env)
+        try:
+            wait_for(lambda: "waiting as a standby" in b_log.read_text(), 30, "b waits")
+            wait_for(lambda: "lease lapsed" in b_log.read_text(), 30, "b sees the lapse")
+            wait_for(lambda: "snapshot uploaded" in b_log.read_text(), 30, "b up")
+            _write(b, 1, 5)
+        finally:
+            assert stop(second) == 0
+        _write(a, 1, 3)
+        wait_for(lambda: "lease lost" in a_log.read_text(), 30, "a to notice")
+    finally:
+        status_a = stop(first)
+    text = a_log.read_text()
+    assert status_a == 4, text[-3000:]
+    assert str(b) in text, "the error names the new holder"
+    assert "Traceback" not in text
+    out = tmp_path / "out.db"
+    result = await asyncio.to_thread(replicad, "restore", "-o", str(out), url, env=env)
+    assert result.returncode == 0, result.stderr
+    assert workload.dump(out) == workload.dump(b), "the newest state is B's, nothing spliced"
+
+
+#: Runs replicad with the wall clock a minute ahead (argv as for `replicad`).
+_CLOCK_AHEAD = """
+import sys, time
+real = time.time
+time.time = lambda: real() + 60
+from replicad.launch import main
+raise SystemExit(main())
+"""
+
+
+async def test_a_clock_a_minute_ahead_does_not_take_over_a_live_lease(
+    moto_server: S3Server, tmp_path: Path
+) -> None:
+    bucket = unique_bucket()
+    await create_bucket(moto_server, bucket)
+    url, env = _s3(moto_server, tmp_path, bucket)
+    a, b = _db(tmp_path / "a.db"), _db(tmp_path / "b.db")
+    first = start_daemon(
+        ["-c", str(_config(tmp_path, "a", a, url, "lease_duration = 30\n"))],
+        tmp_path / "a.log",
+        env=env,
+    )
+    try:
+        wait_for(lambda: "snapshot uploaded" in (tmp_path / "a.log").read_text(), 30, "a up")
+        ahead = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", _CLOCK_AHEAD, "replicate", str(b), url, "--no-standby"],
+            capture_output=True,
+            text=True,
+            env=clean_env(env),
+            cwd=ROOT,
+            timeout=120,
+            check=False,
+        )
+        assert ahead.returncode == 1, ahead.stderr
+        assert "is being written by" in ahead.stderr
+        assert str(a) in ahead.stderr
+    finally:
+        assert stop(first) == 0
+
+
+_CORRUPT = {
+    "garbage": b"\x00\x01 not a lease",
+    "expires_at 1e300": json.dumps(
+        {"epoch": 1, "owner": "x", "host": "h", "pid": 1, "db": "/x.db", "expires_at": 1e300}
+    ).encode(),
+    "wrong types": json.dumps(
+        {"epoch": "1", "owner": 7, "host": None, "pid": "p", "db": [], "expires_at": "soon"}
+    ).encode(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_CORRUPT))
+def test_corrupt_lease_object_is_a_clear_error_and_takeover_works(
+    tmp_path: Path, kind: str
+) -> None:
+    db = _db(tmp_path / "app.db")
+    rep = tmp_path / "rep"
+    (rep / "lease").mkdir(parents=True)
+    (rep / "lease" / "0000000000000001").write_bytes(_CORRUPT[kind])
+    refused = replicad("replicate", str(db), rep.as_uri(), timeout=60)
+    assert refused.returncode == 1, refused.stderr
+    assert "lease object lease/0000000000000001" in refused.stderr
+    assert "is corrupt" in refused.stderr
+    assert "--takeover" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    log = tmp_path / "d.log"
+    daemon = start_daemon([str(db), rep.as_uri(), "--takeover"], log)
+    try:
+        wait_for(lambda: "snapshot uploaded" in log.read_text(), 30, "takeover over garbage")
+        _write(db, 1, 3)
+    finally:
+        assert stop(daemon) == 0
+    out = tmp_path / "out.db"
+    assert replicad("restore", "-o", str(out), rep.as_uri()).returncode == 0
+    assert workload.dump(out) == workload.dump(db)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from replicad.clients.file import FileReplicaClient
-from replicad.errors import FormatError, LeaseError, LeaseLostError, ObjectExistsError
+from replicad.errors import LeaseError, LeaseLostError, ObjectExistsError
 from replicad.fence import FencedWriter
 from replicad.lease import (
     TAKEOVER_TXID_GAP,
@@ -251,7 +251,7 @@ async def test_corrupt_lease_is_a_clear_error_and_takeover_always_works(
     client = FileReplicaClient(tmp_path / "rep")
     _put(tmp_path, 4, _valid(4))
     _put(tmp_path, 5, data)
-    with pytest.raises(FormatError, match=why) as info:
+    with pytest.raises(LeaseError, match=why) as info:
         await _lease(client, "/a.db", Clock()).acquire(standby=True)
     assert "lease/0000000000000005" in info.value.message
     assert "--takeover" in (info.value.hint or "")
@@ -265,7 +265,7 @@ async def test_absurd_epoch_key(tmp_path: Path) -> None:
     client = FileReplicaClient(tmp_path / "rep")
     _put(tmp_path, 3, _valid(3))
     _put(tmp_path, (1 << 64) - 1, _valid(7))
-    with pytest.raises(FormatError, match="absurd"):
+    with pytest.raises(LeaseError, match="absurd"):
         await _lease(client, "/a.db", Clock()).acquire()
     lease = _lease(client, "/a.db", Clock())
     await lease.acquire(takeover=True)
