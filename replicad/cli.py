@@ -175,7 +175,8 @@ def _add_replicate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "replicate",
         help="run the daemon: stream every configured database to its replicas",
         description="Replicate databases continuously until SIGTERM/SIGINT, then flush "
-        "everything committed and exit (status 0 only if all of it was shipped). Either "
+        "everything committed and exit (status 0 only if all of it was shipped, 3 if not, 4 if "
+        "another daemon took a replica over). Either "
         "-c CONFIG, or the quick form DB_PATH REPLICA_URL.",
     )
     p.add_argument("-c", "--config", type=Path, help=f"TOML file (default {DEFAULT_CONFIG_PATH})")
