@@ -205,12 +205,18 @@ def test_rolling_deploy_on_one_host_hands_over_within_a_second(tmp_path: Path) -
     assert workload.seq_of(out) == 600
 
 
-def test_two_daemons_on_one_database_exit_with_no_standby(tmp_path: Path) -> None:
+def _first_daemon(tmp_path: Path) -> tuple[Path, str, subprocess.Popen[bytes]]:
+    """A database, a replica URL, and a daemon replicating one to the other, started."""
     db = _db(tmp_path / "app.db")
     url = (tmp_path / "rep").as_uri()
     first = start_daemon([str(db), url], tmp_path / "a.log")
+    wait_for(lambda: "snapshot uploaded" in (tmp_path / "a.log").read_text(), 30, "first up")
+    return db, url, first
+
+
+def test_two_daemons_on_one_database_exit_with_no_standby(tmp_path: Path) -> None:
+    db, url, first = _first_daemon(tmp_path)
     try:
-        wait_for(lambda: "snapshot uploaded" in (tmp_path / "a.log").read_text(), 30, "first up")
         config = _config(tmp_path, "b", db, url, "")
         config.write_text("standby = false\n" + config.read_text())
         refused = replicad("replicate", "-c", str(config))
@@ -222,11 +228,8 @@ def test_two_daemons_on_one_database_exit_with_no_standby(tmp_path: Path) -> Non
 
 
 def test_standby_stopped_while_waiting_exits_zero_having_written_nothing(tmp_path: Path) -> None:
-    db = _db(tmp_path / "app.db")
-    url = (tmp_path / "rep").as_uri()
-    first = start_daemon([str(db), url], tmp_path / "a.log")
+    db, url, first = _first_daemon(tmp_path)
     try:
-        wait_for(lambda: "snapshot uploaded" in (tmp_path / "a.log").read_text(), 30, "first up")
         second = start_daemon(["-c", str(_config(tmp_path, "b", db, url))], tmp_path / "b.log")
         wait_for(lambda: "standby" in (tmp_path / "b.log").read_text(), 30, "second waits")
         assert stop(second) == 0

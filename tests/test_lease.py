@@ -54,6 +54,15 @@ def _requests(client: FileReplicaClient) -> int:
     return sum(client.stats.requests.values())
 
 
+async def _held(tmp_path: Path, db: str = "/a.db") -> tuple[FileReplicaClient, Clock, Lease]:
+    """A replica directory, a clock, and a lease on it already acquired."""
+    client = FileReplicaClient(tmp_path / "rep")
+    clock = Clock()
+    lease = _lease(client, db, clock)
+    await lease.acquire()
+    return client, clock, lease
+
+
 async def _until(predicate: object, what: str) -> None:
     deadline = time.monotonic() + 10
     while not predicate():  # type: ignore[operator]
@@ -64,10 +73,7 @@ async def _until(predicate: object, what: str) -> None:
 async def test_second_owner_is_refused_without_standby_and_takeover_fences_the_first(
     tmp_path: Path,
 ) -> None:
-    client = FileReplicaClient(tmp_path / "rep")
-    clock = Clock()
-    first = _lease(client, "/a.db", clock)
-    await first.acquire()
+    client, clock, first = await _held(tmp_path)
     second = _lease(client, "/b.db", Clock())
     with pytest.raises(LeaseError, match=r"is being written by .*/a\.db") as info:
         await second.acquire()
@@ -85,10 +91,7 @@ async def test_second_owner_is_refused_without_standby_and_takeover_fences_the_f
 
 
 async def test_renews_with_a_third_left_and_deletes_old_epochs(tmp_path: Path) -> None:
-    client = FileReplicaClient(tmp_path / "rep")
-    clock = Clock()
-    lease = _lease(client, "/a.db", clock)
-    await lease.acquire()
+    client, clock, lease = await _held(tmp_path)
     await lease.ensure()
     assert lease.epoch == 1, "no renewal while most of the lease is left"
     for expected in range(2, 8):
@@ -102,10 +105,7 @@ async def test_renews_with_a_third_left_and_deletes_old_epochs(tmp_path: Path) -
 async def test_lapsed_lease_is_continued_only_while_its_epoch_is_the_newest(
     tmp_path: Path,
 ) -> None:
-    client = FileReplicaClient(tmp_path / "rep")
-    clock = Clock()
-    lease = _lease(client, "/a.db", clock)
-    await lease.acquire()
+    client, clock, lease = await _held(tmp_path)
     clock.now += 3600  # idle for an hour; nobody came
     await lease.ensure()
     assert lease.epoch == 2
@@ -115,10 +115,8 @@ async def test_lapsed_lease_is_continued_only_while_its_epoch_is_the_newest(
 async def test_standby_takes_a_lapsed_lease_and_the_old_holder_stops(tmp_path: Path) -> None:
     """The rolling-deploy bug: A idle past its lease, B takes over, A's next write must fail
     (before the fix, A's `ensure` re-acquired over B's newer epoch)."""
-    client = FileReplicaClient(tmp_path / "rep")
-    clock_a, clock_b = Clock(), Clock()
-    a = _lease(client, "/a.db", clock_a)
-    await a.acquire()
+    client, clock_a, a = await _held(tmp_path)
+    clock_b = Clock()
     b = _lease(client, "/b.db", clock_b)
     waiting = asyncio.create_task(b.acquire(standby=True))
     await _until(lambda: b.waiting_for is not None, "b to wait")
@@ -136,10 +134,8 @@ async def test_standby_takes_a_lapsed_lease_and_the_old_holder_stops(tmp_path: P
 
 
 async def test_standby_sees_a_renewal_and_keeps_waiting(tmp_path: Path) -> None:
-    client = FileReplicaClient(tmp_path / "rep")
-    clock_a, clock_b = Clock(), Clock()
-    a = _lease(client, "/a.db", clock_a)
-    await a.acquire()
+    client, clock_a, a = await _held(tmp_path)
+    clock_b = Clock()
     b = _lease(client, "/b.db", clock_b)
     waiting = asyncio.create_task(b.acquire(standby=True))
     await _until(lambda: b.waiting_for is not None, "b to wait")
@@ -276,10 +272,7 @@ async def test_absurd_epoch_key(tmp_path: Path) -> None:
 async def test_fenced_writer_checks_the_lease_before_every_write_and_delete(
     tmp_path: Path,
 ) -> None:
-    client = FileReplicaClient(tmp_path / "rep")
-    clock = Clock()
-    lease = _lease(client, "/a.db", clock)
-    await lease.acquire()
+    client, clock, lease = await _held(tmp_path)
     writer = FencedWriter(client, lease)
     await writer.put_object("a", b"1")
     with pytest.raises(ObjectExistsError):  # create-only: nothing is ever replaced
