@@ -106,7 +106,9 @@ class Replica:
         #: Fencing (see lease.py); None when the storage cannot enforce create-only writes.
         self.lease = lease
         #: Every write and delete goes through this (fence.py).
-        self.writer = FencedWriter(client, lease, log=log)
+        self.writer = FencedWriter(
+            client, lease, log=log or structlog.get_logger().bind(replica=name)
+        )
         self.takeover = takeover
         #: Wait while another daemon holds the lease (False: refuse to start).
         self.standby = standby

@@ -258,7 +258,11 @@ async def test_lapsed_lease_taken_over_fences_the_idle_daemon(
     a, b = _db(tmp_path / "a.db"), _db(tmp_path / "b.db")
     lease = "lease_duration = 2\n"
     a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
-    first = start_daemon(["-c", str(_config(tmp_path, "a", a, url, lease))], a_log, env=env)
+    port = free_port()
+    metrics = ["--metrics-addr", f"127.0.0.1:{port}"]
+    first = start_daemon(
+        ["-c", str(_config(tmp_path, "a", a, url, lease)), *metrics], a_log, env=env
+    )
     try:
         wait_for(lambda: "snapshot uploaded" in a_log.read_text(), 30, "first up")
         second = start_daemon(["-c", str(_config(tmp_path, "b", b, url, lease))], b_log, env=env)
@@ -271,6 +275,11 @@ async def test_lapsed_lease_taken_over_fences_the_idle_daemon(
             assert stop(second) == 0
         _write(a, 1, 3)
         wait_for(lambda: "lease lost" in a_log.read_text(), 30, "a to notice")
+        status, body = _get(f"http://127.0.0.1:{port}/readyz")
+        assert status == 503
+        assert "lease lost" in body
+        _, text = _get(f"http://127.0.0.1:{port}/metrics")
+        assert 'replicad_lease_lost_total{db="a",replica="s30"} 1.0' in text, text
     finally:
         status_a = stop(first)
     text = a_log.read_text()
