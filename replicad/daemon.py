@@ -179,35 +179,41 @@ class Daemon:
 
     async def _lock_database(self, replicator: DatabaseReplicator) -> bool:
         """Take the database's host lock (pidfile.py), waiting as a standby while another
-        process holds it; False if a stop was requested first."""
+        process holds it (or for the database's directory to exist); False if a stop was
+        requested first."""
         lock = DatabaseLock(replicator.db.path)
-        waiting = False
-        while not await asyncio.to_thread(self._try_lock, lock, replicator.db.path.parent):
-            if not waiting:
-                holder = f"another replicad (pid {lock.holder()})"
-                if not self.standby:
-                    raise LeaseError(
-                        f"{holder} is already replicating {replicator.db.path}",
-                        hint="stop it first, or start this one without --no-standby to wait "
-                        "for it; two daemons must never write the same replica",
-                    )
-                replicator.standby = f"standby: waiting for {holder}"
-                replicator.log.warning(f"waiting as a standby for {holder}", lock=str(lock.path))
-                waiting = True
+        directory = replicator.db.path.parent
+        warned = False
+        while True:
+            if not directory.is_dir():
+                if not warned:
+                    replicator.log.warning("database directory does not exist yet; waiting for it")
+                    warned = True
+            elif await asyncio.to_thread(lock.try_acquire):
+                break
+            elif replicator.standby is None:
+                self._standby(replicator, f"another replicad (pid {lock.holder()})")
             if await _stopped_within(self.stop, _LOCK_POLL):
-                replicator.log.info("stopped while waiting as a standby; this daemon wrote nothing")
+                if replicator.standby is not None:
+                    replicator.log.info("stopped while waiting as a standby; wrote nothing")
                 return False
-        if waiting:
+        if replicator.standby is not None:
             replicator.log.info("the other daemon is gone; taking over this database")
-        replicator.standby = None
+            replicator.standby = None
         self._locks.append(lock)
         self._locks.append(StateLock(replicator.state_dir, str(replicator.db.path)))
         return True
 
-    @staticmethod
-    def _try_lock(lock: DatabaseLock, directory: Path) -> bool:
-        """One attempt; a directory that does not exist yet counts as not yet lockable."""
-        return directory.is_dir() and lock.try_acquire()
+    def _standby(self, replicator: DatabaseReplicator, holder: str) -> None:
+        """Another process replicates this database: wait for it, or refuse (--no-standby)."""
+        if not self.standby:
+            raise LeaseError(
+                f"{holder} is already replicating {replicator.db.path}",
+                hint="stop it first, or start this one without --no-standby to wait for it; "
+                "two daemons must never write the same replica",
+            )
+        replicator.standby = f"standby: waiting for {holder}"
+        replicator.log.warning(f"waiting as a standby for {holder}")
 
     async def _start(self, replicator: DatabaseReplicator) -> bool:
         """Start one database; while its file does not exist yet, wait for it.
