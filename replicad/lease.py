@@ -51,6 +51,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 
@@ -284,11 +285,19 @@ class Lease:
                         self.log.info("the holder released the lease", holder=newer.describe())
                         return newer
                     continue
-                if self.clock() - seen >= _lapse_after(holder.duration):
-                    self.log.warning(
-                        "the holder's lease lapsed; taking over", holder=holder.describe()
-                    )
+                if self.clock() - seen < _lapse_after(holder.duration):
+                    continue
+                # The next key may be missing only because the holder renewed past it and
+                # deleted it as old: one LIST says whether its epoch is still the newest.
+                newest = await self._newest()
+                if newest is not None and newest.epoch != holder.epoch:
+                    holder, seen = newest, self.clock()
+                    self.waiting_for = holder.describe()
+                    if not holder.released:
+                        continue
                     return holder
+                self.log.warning("the holder's lease lapsed; taking over", holder=holder.describe())
+                return holder
         finally:
             self.waiting_for = None
 
@@ -340,7 +349,15 @@ class Lease:
         """
         if self._lost is not None:
             raise LeaseLostError(self._lost, hint="check which host should own this replica")
-        if self._valid_until - self.clock() < self.duration / 3:
+        remaining = self._valid_until - self.clock()
+        if remaining <= 0:
+            # Lapsed: a successor may have claimed epochs above ours and, renewing, deleted the
+            # next one, so creating it would succeed; one LIST tells (only after a lapse).
+            keys = [info.key for info in await self.client.list_objects(LEASE_PREFIX)]
+            top = max((e for k in keys if (e := key_epoch(k)) is not None), default=0)
+            if top > self.epoch:
+                await self._lose(top, None)
+        if remaining < self.duration / 3:
             await self._claim(self.epoch + 1)
 
     def _record(self, epoch: int, *, released: bool = False) -> LeaseRecord:
@@ -397,7 +414,8 @@ class Lease:
             return False
         return record is not None and record.owner == self.owner
 
-    async def _lose(self, epoch: int, exc: ObjectExistsError) -> None:
+    async def _lose(self, epoch: int, exc: ObjectExistsError | None) -> NoReturn:
+        """Record that `epoch`'s holder took the replica over, and raise `LeaseLostError`."""
         try:
             holder = await self._read_epoch(epoch)
         except ReplicaError:

@@ -292,3 +292,43 @@ async def test_fenced_writer_checks_the_lease_before_every_write_and_delete(
     assert writer.lost_total == 1
     assert sorted(i.key for i in await client.list_objects() if "lease" not in i.key) == ["a"]
     assert await client.get_object("a") == b"1"
+
+
+async def test_a_holder_back_after_many_renewals_of_its_successor_has_lost(
+    tmp_path: Path,
+) -> None:
+    """The successor renewed past the old holder's next epoch and deleted it as old: creating
+    that key would succeed, so a lapsed holder looks for newer epochs first."""
+    client, clock_a, a = await _held(tmp_path)
+    clock_b = Clock()
+    b = _lease(client, "/b.db", clock_b)
+    await b.acquire(takeover=True)
+    for _ in range(5):
+        clock_b.now += 21
+        await b.ensure()
+    assert min(i.key for i in await client.list_objects("lease/")) > lease_key(2)
+    clock_a.now += 3600
+    with pytest.raises(LeaseLostError, match=r"taken over by .*/b\.db"):
+        await a.ensure()
+    assert a.epoch == 1
+
+
+async def test_a_standby_that_missed_renewals_does_not_claim_a_deleted_epoch(
+    tmp_path: Path,
+) -> None:
+    client, clock_a, a = await _held(tmp_path)
+    clock_b = Clock()
+    b = Lease(client, db="/b.db", duration=30, clock=clock_b, standby_poll=0.2)
+    waiting = asyncio.create_task(b.acquire(standby=True))
+    await _until(lambda: b.waiting_for is not None, "b to wait")
+    for _ in range(5):  # between two of b's polls: epochs 2-6, and 1-3 deleted
+        clock_a.now += 21
+        await a.ensure()
+    clock_b.now += 100
+    gets = client.stats.requests.get("GET", 0)
+    await _until(lambda: client.stats.requests.get("GET", 0) >= gets + 3, "b to poll twice")
+    assert not waiting.done(), "the holder's newest epoch is live: keep waiting"
+    assert "lease epoch 6" in (b.waiting_for or "")
+    b.stop_waiting()
+    with pytest.raises(StandbyStopped):
+        await waiting
