@@ -14,11 +14,14 @@ its own, so a host whose clock is wrong cannot take over a live lease.
   before every write (`FencedWriter`, fence.py) and renews it when a third of its life is left.
   Renewing is creating the next epoch: it succeeds only while the newest epoch is still ours, so
   a daemon whose lease lapsed (idle, paused, partitioned) either finds its own epoch still the
-  newest and continues, or finds a newer one and has lost: it stops writing, for good.
+  newest and continues, or finds a newer one and has lost: it stops writing, for good.  After a
+  lapse it LISTs the lease first: a successor's renewals delete old epochs, so the key above
+  ours may be free again although newer ones exist.
 * A newcomer that finds a live record of another owner waits as a standby (or, with
   ``--no-standby``, is refused, naming the holder).  It reads the next epoch's key about once a
   second (one GET, no LIST) and takes over when the holder writes a *released* epoch (a clean
-  stop), or when it has seen no newer epoch for the holder's `duration` on its own clock.  The
+  stop), or when it has seen no newer epoch for the holder's `duration` on its own clock (then
+  one LIST confirms the holder's epoch is still the newest, for the same reason).  The
   holder's epoch was written before the newcomer first saw it, so the holder's lease ends before
   the newcomer's wait does, provided the two clocks run at the same *rate*: the remaining
   assumption, covered by a margin of `CLOCK_RATE_MARGIN` plus `LAPSE_MARGIN` seconds.
