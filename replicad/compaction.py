@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -57,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from replicad.clients.base import ReplicaClient
-from replicad.errors import FormatError, ObjectExistsError
+from replicad.errors import FormatError
 from replicad.fence import PutFile
 from replicad.format import (
     EndEvent,
@@ -437,9 +436,9 @@ async def compact(
     written, in TXID order.  Never deletes anything.
 
     Raises FormatError for a corrupt source, before writing the object it belongs to (objects
-    for parts wholly before it may already be written: they are correct, and a retry finds
-    them there and keeps them); ObjectNotFoundError for a missing source; other ReplicaErrors;
-    StateError when the spool directory is full.
+    for parts wholly before it may already be written: they are correct, and rewritten
+    identically by a retry, which create-only accepts); ObjectNotFoundError for a missing
+    source; other ReplicaErrors; StateError when the spool directory is full.
     """
     if max_merge_bytes < 1:
         raise ValueError(f"max_merge_bytes {max_merge_bytes} must be positive")
@@ -534,10 +533,7 @@ async def _write(out: PutFile, merger: _Merger, spool_dir: Path) -> tuple[Object
     path = spool_dir / f"compact-{name.level:02d}-{name.last_txid:016x}-{os.getpid()}.tmp"
     try:
         size = await asyncio.to_thread(_write_file, merger, path)
-        # An output already there was written by an earlier try of this job (its name fixes
-        # its level and sources), before a later part of the job failed.
-        with contextlib.suppress(ObjectExistsError):
-            await out.put_file(name.key, path)
+        await out.put_file(name.key, path)
     finally:
         path.unlink(missing_ok=True)
     return name, size

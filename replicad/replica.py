@@ -105,10 +105,6 @@ class Replica:
         self.spool_dir = spool_dir or Path(tempfile.gettempdir())
         #: Fencing (see lease.py); None when the storage cannot enforce create-only writes.
         self.lease = lease
-        #: Every write and delete goes through this (fence.py).
-        self.writer = FencedWriter(
-            client, lease, log=log or structlog.get_logger().bind(replica=name)
-        )
         self.takeover = takeover
         #: Wait while another daemon holds the lease (False: refuse to start).
         self.standby = standby
@@ -118,6 +114,8 @@ class Replica:
         self._recent_bytes = 0
         self.last_retention_monotonic = time.monotonic()
         self.log = log or structlog.get_logger().bind(replica=name)
+        #: Every write and delete goes through this (fence.py).
+        self.writer = FencedWriter(client, lease, log=self.log)
         #: Last TXID this replica holds (0: nothing yet).
         self.shipped_txid = 0
         #: Replica TXID = daemon capture counter + offset; None until the chain is aligned

@@ -402,3 +402,21 @@ def test_standby_on_another_host_takes_the_lease_within_a_second_of_release(
     out = tmp_path / "out.db"
     assert replicad("restore", "-o", str(out), url).returncode == 0
     assert workload.dump(out) == workload.dump(b)
+
+
+def test_snapshot_of_an_unchanged_database_is_not_refused_by_create_only(tmp_path: Path) -> None:
+    """Snapshots are written create-only now: asking twice with no commit in between names the
+    same object with the same bytes, which must count as done rather than block the replica."""
+    db, url, daemon = _first_daemon(tmp_path)
+    log = tmp_path / "a.log"
+    try:
+        for n in (2, 3):
+            assert replicad("snapshot", str(db)).returncode == 0
+            wait_for(lambda n=n: log.read_text().count("snapshot taken") >= n, 30, "snapshot")
+        _write(db, 1, 2)
+    finally:
+        status = stop(daemon)
+    assert status == 0, log.read_text()[-2000:]
+    out = tmp_path / "out.db"
+    assert replicad("restore", "-o", str(out), url).returncode == 0
+    assert workload.dump(out) == workload.dump(db)
