@@ -216,6 +216,8 @@ class Replica:
         """Queue captured transactions; past the memory bound, fall back to a snapshot."""
         if not txns or (self.offset is None and self.snapshot is None):
             return  # unaligned: a coming snapshot covers these
+        if self.fenced is not None:
+            return  # another daemon owns this replica: nothing is written to it again
         for txn in txns:
             self.pending.append(txn)
             self.pending_bytes += txn.nbytes
@@ -254,7 +256,12 @@ class Replica:
     @property
     def wants_snapshot(self) -> bool:
         """True when this replica needs a snapshot and none has been offered yet."""
-        return self.loaded and self.needs_snapshot is not None and self.snapshot is None
+        return (
+            self.loaded
+            and self.needs_snapshot is not None
+            and self.snapshot is None
+            and self.fenced is None
+        )
 
     @property
     def has_work(self) -> bool:
