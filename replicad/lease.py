@@ -316,7 +316,8 @@ class Lease:
         self._stop_waiting.set()
 
     async def _try_claim(self, epoch: int, *, gap: bool) -> bool:
-        """Claim `epoch` after a lapse; False if someone else claimed it first."""
+        """Claim `epoch` (numbering above the old history if `gap`); False if someone else
+        claimed it first, and the caller looks again."""
         try:
             await self._claim(epoch)
         except LeaseLostError:
