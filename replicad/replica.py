@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import os
 import tempfile
 import time
@@ -506,7 +507,12 @@ def _segment_header(
     return name, header
 
 
+_SPOOL_NUMBERS = itertools.count()
+
+
 def spool_path(state_dir: Path, name: ObjectName) -> Path:
     """Where a snapshot is encoded before upload: the database's own state directory."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return state_dir / f"snapshot-{name.last_txid:016x}-{os.getpid()}.tmp"
+    # Numbered: a second snapshot at the same TXID (requested again before the first was
+    # uploaded) must not share its file, which releasing the first one deletes.
+    return state_dir / f"snapshot-{name.last_txid:016x}-{os.getpid()}-{next(_SPOOL_NUMBERS)}.tmp"

@@ -406,7 +406,9 @@ def test_standby_on_another_host_takes_the_lease_within_a_second_of_release(
 
 def test_snapshot_of_an_unchanged_database_is_not_refused_by_create_only(tmp_path: Path) -> None:
     """Snapshots are written create-only now: asking twice with no commit in between names the
-    same object with the same bytes, which must count as done rather than block the replica."""
+    same object with the same bytes, which must count as done rather than block the replica.
+    (Found here too: the second request, before the first snapshot was uploaded, used the same
+    spool file, which releasing the first deleted; the daemon died with a traceback.)"""
     db, url, daemon = _first_daemon(tmp_path)
     log = tmp_path / "a.log"
     try:
