@@ -1,6 +1,6 @@
-"""`python -m replicad` runs the command-line interface."""
+"""`python -m replicad` runs the command-line interface (stop signals recorded first)."""
 
-from replicad.cli import main
+from replicad.launch import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -171,6 +171,7 @@ def _add_exec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="leave replicad's own storage credentials in CMD's environment (by default the "
         "AWS_* credential variables and every variable holding a configured secret are removed)",
     )
+    p.add_argument("--no-standby", action="store_true", help="as for replicate")
     p.add_argument("words", nargs=argparse.REMAINDER, metavar="[DB_PATH REPLICA_URL] -- CMD")
     _add_logging(p)
 
@@ -300,7 +301,8 @@ def _add_replicate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "replicate",
         help="run the daemon: stream every configured database to its replicas",
         description="Replicate databases continuously until SIGTERM/SIGINT, then flush "
-        "everything committed and exit (status 0 only if all of it was shipped). Either "
+        "everything committed and exit (status 0 only if all of it was shipped, 3 if not, 4 if "
+        "another daemon took a replica over). Either "
         "-c CONFIG, or the quick form DB_PATH REPLICA_URL.",
     )
     p.add_argument("-c", "--config", type=Path, help=f"TOML file (default {DEFAULT_CONFIG_PATH})")
@@ -316,6 +318,12 @@ def _add_replicate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         action="store_true",
         help="write the replicas even if another daemon's lease on them has not expired "
         "(only when that daemon's host is gone)",
+    )
+    p.add_argument(
+        "--no-standby",
+        action="store_true",
+        help="exit with an error if another daemon replicates a database (on this host, or "
+        "holding a replica's lease) instead of waiting for it as a standby (config: standby)",
     )
     p.add_argument(
         "--metrics-addr",
@@ -375,10 +383,20 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _add_logging(p)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `replicad` command."""
+def main(
+    argv: Sequence[str] | None = None, *, early_signals: list[signal.Signals] | None = None
+) -> int:
+    """Run one command.
+
+    `early_signals`: when started by `replicad.launch`, its list of SIGTERM/SIGINT recorded
+    since the process began; the daemon acts on them, any other command gets the default
+    handling back (and dies of a signal already received, as it would have).
+    """
     args = build_parser().parse_args(argv)
+    if early_signals is not None and args.command not in _DAEMON_COMMANDS:
+        _default_signals(early_signals)
     configure_logging(level=args.log_level or "info", fmt=args.log_format or "auto")
+    args.early_signals = early_signals
     try:
         return _COMMANDS[args.command](args)
     except ReplicadError as exc:
@@ -395,6 +413,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _default_signals(received: list[signal.Signals]) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in received[:1]:
+        signal.raise_signal(sig)
+
+
 # -- replicate -------------------------------------------------------------------------------
 
 
@@ -404,7 +429,24 @@ def _replicate(args: argparse.Namespace) -> int:
         level=args.log_level or config.log_level, fmt=args.log_format or config.log_format
     )
     return asyncio.run(
-        _serve(config, args.metrics_addr or config.metrics_addr, takeover=args.takeover)
+        _serve(config, _daemon_options(args, config), early_signals=args.early_signals)
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _DaemonOptions:
+    """What the daemon's command line adds to its configuration."""
+
+    metrics_addr: str | None
+    takeover: bool
+    standby: bool
+
+
+def _daemon_options(args: argparse.Namespace, config: Config) -> _DaemonOptions:
+    return _DaemonOptions(
+        metrics_addr=args.metrics_addr or config.metrics_addr,
+        takeover=args.takeover,
+        standby=config.standby and not args.no_standby,
     )
 
 
@@ -434,10 +476,10 @@ def _exec(args: argparse.Namespace) -> int:
     return asyncio.run(
         _serve(
             config,
-            args.metrics_addr or config.metrics_addr,
+            _daemon_options(args, config),
             child=command,
             child_env=env,
-            takeover=args.takeover,
+            early_signals=args.early_signals,
         )
     )
 
@@ -495,28 +537,28 @@ def _replicate_config(args: argparse.Namespace) -> Config:
 
 async def _serve(
     config: Config,
-    metrics_addr: str | None,
+    options: _DaemonOptions,
     *,
     child: list[str] | None = None,
     child_env: dict[str, str] | None = None,
-    takeover: bool = False,
+    early_signals: list[signal.Signals] | None = None,
 ) -> int:
     from replicad.daemon import Daemon, catch_early_signals  # noqa: PLC0415 - see the imports
 
-    early_signals = catch_early_signals()
+    early_signals = catch_early_signals(early_signals)
     clients: list[ReplicaClient] = []
     replicators = []
     try:
         for db_config in config.databases:
-            replicators.append(await _replicator(db_config, clients, takeover=takeover))
+            replicators.append(await _replicator(db_config, clients, options))
     except BaseException:
         for client in clients:
             await client.close()
         raise
     log.info("starting", databases=[str(db.path) for db in config.databases])
     metrics = None
-    if metrics_addr:
-        host, port = parse_address(metrics_addr)
+    if options.metrics_addr:
+        host, port = parse_address(options.metrics_addr)
         metrics = MetricsServer(replicators, host=host, port=port, max_lag=config.ready_max_lag)
     daemon = Daemon(
         replicators,
@@ -525,13 +567,14 @@ async def _serve(
         metrics=metrics,
         child=child,
         child_env=child_env,
+        standby=options.standby,
     )
     status = await daemon.serve(early_signals)
     return daemon.child_status if daemon.child_status is not None else status
 
 
 async def _replicator(
-    db_config: DatabaseConfig, clients: list[ReplicaClient], *, takeover: bool
+    db_config: DatabaseConfig, clients: list[ReplicaClient], options: _DaemonOptions
 ) -> DatabaseReplicator:
     from replicad.db import Database  # noqa: PLC0415 - see the imports
     from replicad.lease import Lease  # noqa: PLC0415
@@ -556,7 +599,7 @@ async def _replicator(
             )
         lease = None
         if client.supports_create_only:
-            # The daemon holds this host's state lock for the database before it starts.
+            # The daemon holds this host's lock for the database before it starts.
             lease = Lease(
                 client,
                 db=str(db_config.path),
@@ -579,7 +622,8 @@ async def _replicator(
                 compaction_levels=compaction_levels,
                 spool_dir=db_config.state_dir,
                 lease=lease,
-                takeover=takeover,
+                takeover=options.takeover,
+                standby=options.standby,
                 log=replica_log,
             )
         )
@@ -1062,6 +1106,7 @@ def _plain(value: object) -> object:
     return value
 
 
+_DAEMON_COMMANDS = frozenset({"replicate", "exec"})
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "replicate": _replicate,
     "exec": _exec,

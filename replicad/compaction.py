@@ -56,6 +56,7 @@ from pathlib import Path
 
 from replicad.clients.base import ReplicaClient
 from replicad.errors import FormatError
+from replicad.fence import PutFile
 from replicad.format import (
     EndEvent,
     ObjectDecoder,
@@ -427,6 +428,7 @@ async def compact(
     cache: Mapping[ObjectName, bytes] | None = None,
     max_merge_bytes: int = DEFAULT_MAX_MERGE_BYTES,
     spool_dir: Path | None = None,
+    writer: PutFile | None = None,
 ) -> list[tuple[ObjectName, int]]:
     """Run `job`: fetch, verify and merge its sources, write the merged segments.
 
@@ -437,25 +439,27 @@ async def compact(
     the merge so far is written and a new object begins, so the outputs cover contiguous parts
     of the job.  A part may hold a single source, copied to the new level so that the job's
     range counts as compacted and is not planned again.  Outputs are encoded into a local file
-    and uploaded from it.  Memory holds page numbers, one block and the client's upload parts,
-    whatever the size of the sources.  Returns `(name, size)` of every object written, in TXID
-    order.  Never deletes anything.
+    and uploaded from it with `writer` (the daemon's `FencedWriter`: lease-checked and
+    create-only; `client` when None).  Memory holds page numbers, one block and the client's
+    upload parts, whatever the size of the sources.  Returns `(name, size)` of every object
+    written, in TXID order.  Never deletes anything.
 
     Raises FormatError for a corrupt source, before writing the object it belongs to (objects
     for parts wholly before it may already be written: they are correct, and rewritten
-    identically by a retry); ObjectNotFoundError for a missing source; other ReplicaErrors;
-    StateError when the spool directory is full.
+    identically by a retry, which create-only accepts); ObjectNotFoundError for a missing
+    source; other ReplicaErrors; StateError when the spool directory is full.
     """
     if max_merge_bytes < 1:
         raise ValueError(f"max_merge_bytes {max_merge_bytes} must be positive")
     directory = spool_dir or Path(tempfile.gettempdir())
+    out = writer or client
     written: list[tuple[ObjectName, int]] = []
     merger = _Merger(job.level)
     try:
         for name in job.sources:
             source = await _load(client, name, cache, directory)
             if not merger.fits(source, max_merge_bytes):
-                written.append(await _write(client, merger, directory))
+                written.append(await _write(out, merger, directory))
                 merger.close()
                 merger = _Merger(job.level)
             try:
@@ -463,7 +467,7 @@ async def compact(
             except BaseException:
                 source.pages.close()
                 raise
-        written.append(await _write(client, merger, directory))
+        written.append(await _write(out, merger, directory))
     finally:
         merger.close()
     return written
@@ -535,12 +539,12 @@ class _SourceReader:
         return self._pages
 
 
-async def _write(client: ReplicaClient, merger: _Merger, spool_dir: Path) -> tuple[ObjectName, int]:
+async def _write(out: PutFile, merger: _Merger, spool_dir: Path) -> tuple[ObjectName, int]:
     name, _ = merger.name_and_header()
     path = spool_dir / unpredictable_name(f"compact-{name.level:02d}-{name.last_txid:016x}")
     try:
         size = await asyncio.to_thread(_write_file, merger, path)
-        await client.put_file(name.key, path)
+        await out.put_file(name.key, path)
     finally:
         path.unlink(missing_ok=True)
     return name, size

@@ -155,6 +155,9 @@ class Config:
     metrics_addr: str | None = None
     #: /readyz fails when a commit has waited longer than this (seconds) to reach a replica.
     ready_max_lag: float = DEFAULT_READY_MAX_LAG
+    #: While another daemon replicates a database (its host lock, or a live lease on a
+    #: replica), wait for it as a standby; False: exit with an error instead (--no-standby).
+    standby: bool = True
 
     def database(self, path_or_name: str) -> DatabaseConfig:
         """The database configured under this path or name; ConfigError if none."""
@@ -228,6 +231,7 @@ class _Reader:
             except ConfigError as exc:
                 raise self.error("metrics_addr", exc.message, hint=exc.hint) from None
         ready_max_lag = t.positive_float("ready_max_lag", DEFAULT_READY_MAX_LAG)
+        standby = t.boolean("standby", True)
         dbs = t.list_of_tables("databases", required=True)
         if not dbs:
             raise self.error("databases", "at least one database is required")
@@ -241,6 +245,7 @@ class _Reader:
             shutdown_timeout=shutdown_timeout,
             metrics_addr=metrics_addr,
             ready_max_lag=ready_max_lag,
+            standby=standby,
         )
 
     def database(self, raw: dict[str, Any], where: str) -> DatabaseConfig:
@@ -609,6 +614,7 @@ _TOP_KEYS = frozenset(
         "shutdown_timeout",
         "metrics_addr",
         "ready_max_lag",
+        "standby",
     }
 )
 _DB_KEYS = frozenset(

@@ -20,9 +20,10 @@ import structlog
 import watchfiles
 
 from replicad.clients.base import ReplicaClient
-from replicad.errors import DatabaseError, ReplicadError, ShutdownError
+from replicad.errors import DatabaseError, LeaseError, LeaseLostError, ReplicadError, ShutdownError
+from replicad.lease import StandbyStopped
 from replicad.observe import MetricsServer, liveness
-from replicad.pidfile import StateLock
+from replicad.pidfile import DatabaseLock, StateLock
 from replicad.replicator import DatabaseReplicator
 from replicad.systemd import notify, watchdog_interval
 
@@ -33,6 +34,9 @@ from replicad.systemd import notify, watchdog_interval
 WATCH_DEBOUNCE_MS = 50
 WATCH_STEP_MS = 50
 EXIT_FORCED = 130
+#: How often a standby tries the database's host lock: a successor starts within this much of
+#: the holder's exit.
+_LOCK_POLL = 0.1
 
 log = structlog.get_logger()
 
@@ -51,6 +55,7 @@ class Daemon:
         metrics: MetricsServer | None = None,
         child: Sequence[str] | None = None,
         child_env: Mapping[str, str] | None = None,
+        standby: bool = True,
     ) -> None:
         self.replicators = replicators
         self.clients = clients
@@ -68,6 +73,9 @@ class Daemon:
         self.stop = asyncio.Event()
         self._signals = 0
         self._started: list[DatabaseReplicator] = []
+        #: Wait while another daemon replicates a database (False: exit with an error).
+        self.standby = standby
+        self._locks: list[DatabaseLock | StateLock] = []
 
     async def serve(self, early_signals: Sequence[signal.Signals] = ()) -> int:
         """Replicate until a stop is requested; returns the process exit status.
@@ -77,11 +85,10 @@ class Daemon:
         """
         for replicator in self.replicators:
             _require_directory(replicator.db.path)
-        locks = [StateLock(r.state_dir, str(r.db.path)) for r in self.replicators]
         try:
             return await self._serve(early_signals)
         finally:
-            for lock in locks:
+            for lock in self._locks:
                 lock.release()
 
     async def _serve(self, early_signals: Sequence[signal.Signals]) -> int:
@@ -107,6 +114,12 @@ class Daemon:
         problems = await self.shutdown()
         if failure is not None:
             raise failure
+        if fenced := [r.fenced for d in self.replicators for r in d.replicas if r.fenced]:
+            raise LeaseLostError(
+                "; ".join(fenced + problems),
+                hint="another daemon owns the replica now; what this one captured after the "
+                "takeover was not shipped by it (the new owner ships the database's own state)",
+            )
         if problems:
             raise ShutdownError(
                 "stopped with data not shipped: " + "; ".join(problems),
@@ -148,7 +161,14 @@ class Daemon:
         self.request_stop()
 
     async def _run_database(self, replicator: DatabaseReplicator) -> None:
-        if not await self._start(replicator):
+        if not await self._lock_database(replicator):
+            return
+        try:
+            started = await self._start(replicator)
+        except StandbyStopped:
+            replicator.log.info("stopped while waiting as a standby; this daemon wrote nothing")
+            return
+        if not started:
             return
         self._started.append(replicator)
         if len(self._started) == len(self.replicators):
@@ -162,19 +182,61 @@ class Daemon:
                 tg.create_task(replicator.upload_loop(replica, self.stop))
                 tg.create_task(replicator.maintenance_loop(replica, self.stop))
 
-    async def _start(self, replicator: DatabaseReplicator) -> bool:
-        """Start one database; while its file does not exist yet, wait for it."""
+    async def _lock_database(self, replicator: DatabaseReplicator) -> bool:
+        """Take the database's host lock (pidfile.py), waiting as a standby while another
+        process holds it (or for the database's directory to exist); False if a stop was
+        requested first."""
+        lock = DatabaseLock(replicator.db.path)
+        directory = replicator.db.path.parent
         warned = False
-        while not self.stop.is_set():
+        while True:
+            if not directory.is_dir():
+                if not warned:
+                    replicator.log.warning("database directory does not exist yet; waiting for it")
+                    warned = True
+            elif await asyncio.to_thread(lock.try_acquire):
+                break
+            elif replicator.standby is None:
+                self._standby(replicator, f"another replicad (pid {lock.holder()})")
+            if await _stopped_within(self.stop, _LOCK_POLL):
+                if replicator.standby is not None:
+                    replicator.log.info("stopped while waiting as a standby; wrote nothing")
+                return False
+        if replicator.standby is not None:
+            replicator.log.info("the other daemon is gone; taking over this database")
+            replicator.standby = None
+        self._locks.append(lock)
+        self._locks.append(StateLock(replicator.state_dir, str(replicator.db.path)))
+        return True
+
+    def _standby(self, replicator: DatabaseReplicator, holder: str) -> None:
+        """Another process replicates this database: wait for it, or refuse (--no-standby)."""
+        if not self.standby:
+            raise LeaseError(
+                f"{holder} is already replicating {replicator.db.path}",
+                hint="stop it first, or start this one without --no-standby to wait for it; "
+                "two daemons must never write the same replica",
+            )
+        replicator.standby = f"standby: waiting for {holder}"
+        replicator.log.warning(f"waiting as a standby for {holder}")
+
+    async def _start(self, replicator: DatabaseReplicator) -> bool:
+        """Start one database; while its file does not exist yet, wait for it.
+
+        A stop requested meanwhile still starts a database that exists: what was committed
+        while no daemon ran is shipped by the flush that follows.
+        """
+        warned = False
+        while True:
             if replicator.db.path.exists():
                 await replicator.start()
                 return True
+            if self.stop.is_set():
+                return False
             if not warned:
                 replicator.log.warning("database does not exist yet; waiting for it")
                 warned = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), replicator.poll_interval)
-        return False
+            await _stopped_within(self.stop, replicator.poll_interval)
 
     async def _watch(self) -> None:
         """Wake a database's sync loop when its file or WAL changes (polling is the backstop)."""
@@ -212,7 +274,7 @@ class Daemon:
         self.request_stop()
 
     async def _release_leases(self) -> None:
-        for replicator in self._started:
+        for replicator in self.replicators:  # started or not: a standby may hold some leases
             for replica in replicator.replicas:
                 if replica.lease is not None and replica.fenced is None:
                     await replica.lease.release()
@@ -272,13 +334,23 @@ def _require_directory(db_path: Path) -> None:
         )
 
 
-def catch_early_signals() -> list[signal.Signals]:
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds`; True as soon as `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+def catch_early_signals(
+    received: list[signal.Signals] | None = None,
+) -> list[signal.Signals]:
     """Record SIGTERM/SIGINT from now until `Daemon.serve` installs its handlers.
 
     Start-up (connecting to storage, importing) takes a moment; a stop requested meanwhile
-    must still end in a clean exit, not in death by the signal's default action.
+    must still end in a clean exit, not in death by the signal's default action.  `received`:
+    what `replicad.launch` recorded before the event loop ran; appended to and returned.
     """
-    received: list[signal.Signals] = []
+    received = [] if received is None else received
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, received.append, sig)

@@ -10,7 +10,10 @@
     │   ├── ObjectNotFoundError   the key does not exist
     │   ├── ObjectExistsError     a create-only write found the key already there (another writer)
     │   ├── ReplicaAccessError    permanent: credentials, permissions, missing bucket or directory
-    │   └── ReplicaUnavailableError  transient: network, 5xx, throttling, timeouts; retry
+    │   ├── ReplicaUnavailableError  transient: network, 5xx, throttling, timeouts; retry
+    │   └── LeaseError            another daemon owns the replica prefix (or a corrupt lease
+    │       │                     object hides who does): refused at start
+    │       └── LeaseLostError    our lease was taken over while we ran: we stopped writing (exit 4)
     ├── RestoreError              a restore cannot produce a correct database
     │   └── HistoryForkError      objects of another history (a stale branch) block the target
     ├── StateError                replicad's own local state directory is full or unwritable
@@ -94,6 +97,21 @@ class ReplicaAccessError(ReplicaError):
 
 class ReplicaUnavailableError(ReplicaError):
     """A transient failure: network error, server error, throttling, timeout. Retry later."""
+
+
+class LeaseError(ReplicaError):
+    """Another daemon owns this replica prefix or this database on this host (or a corrupt
+    lease object hides who owns it): this daemon does not start."""
+
+
+class LeaseLostError(LeaseError):
+    """This daemon's lease was taken over while it ran: it stopped writing that replica.
+
+    Its own exit code, so a supervisor can tell "another daemon owns the replica now" (do not
+    restart this one blindly) from an unreachable replica (3).
+    """
+
+    exit_code = 4
 
 
 class RestoreError(ReplicadError):

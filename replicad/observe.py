@@ -133,6 +133,11 @@ class ReplicadCollector(Collector):
         pending = GaugeMetricFamily(
             "replicad_replica_pending_bytes", "Captured bytes not yet uploaded", labels=labels
         )
+        lease_lost = CounterMetricFamily(
+            "replicad_lease_lost",
+            "Times this daemon found its lease taken over and stopped writing the replica",
+            labels=labels,
+        )
         for r in self.replicators:
             for replica in r.replicas:
                 key = [r.name, replica.name]
@@ -146,7 +151,8 @@ class ReplicadCollector(Collector):
                 lag.add_metric(key, replica.lag_seconds())
                 shipped.add_metric(key, replica.shipped_txid)
                 pending.add_metric(key, replica.pending_bytes)
-        yield from (requests, errors, uploaded, downloaded, lag, shipped, pending)
+                lease_lost.add_metric(key, replica.writer.lost_total)
+        yield from (requests, errors, uploaded, downloaded, lag, shipped, pending, lease_lost)
 
 
 def _from_zero(counts: dict[str, int], known: Sequence[str]) -> dict[str, int]:
@@ -188,9 +194,17 @@ def readiness(replicators: Sequence[DatabaseReplicator], max_lag: float) -> list
     """Problems that mean backups are behind (empty when ready)."""
     problems = []
     for r in replicators:
-        if not r.last_sync_monotonic:
+        if r.standby is not None:
+            problems.append(f"{r.name}: {r.standby}")
+        elif not r.last_sync_monotonic:
             problems.append(f"{r.name}: not started")
         for replica in r.replicas:
+            if replica.fenced is not None:
+                problems.append(f"{r.name} -> {replica.name}: lease lost: {replica.fenced}")
+            if replica.lease is not None and replica.lease.waiting_for is not None:
+                problems.append(
+                    f"{r.name} -> {replica.name}: standby: waiting for {replica.lease.waiting_for}"
+                )
             waiting = replica.unshipped_seconds()
             if waiting > max_lag:
                 problems.append(

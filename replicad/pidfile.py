@@ -1,6 +1,12 @@
-"""One daemon per database on a host: a locked pid file in the database's state directory.
+"""One daemon per database on a host: locked pid files beside the database and in its state dir.
 
-`flock` on a file of our own never touches SQLite's POSIX locks on the database.  The lock is
+`DatabaseLock` is an `flock` on ``.<name>.replicad-lock`` beside the database file itself, so it
+holds whatever `state_dir` each daemon was given (two configurations for one database, a quick
+form run next to the service): a second daemon waits for it as a standby, or is refused.
+`StateLock` keeps one daemon per state directory (its spool files), and `replicad snapshot`
+reads its pid to signal the running daemon.
+
+`flock` on a file of our own never touches SQLite's POSIX locks on the database.  The locks are
 released by the kernel when the process exits, however it exits, so a stale file is harmless.
 `replicad snapshot` reads the pid to signal the running daemon, but a pid file is only a
 claim: `signalable_daemon` signals nothing unless the pid is, right now, a replicad process of
@@ -16,7 +22,7 @@ import itertools
 import os
 from pathlib import Path
 
-from replicad.errors import ReplicadError
+from replicad.errors import ReplicadError, StateError
 from replicad.private import FILE_MODE, create_private, make_state_dir, unpredictable_name
 
 PID_NAME = "replicad.pid"
@@ -50,6 +56,52 @@ class StateLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class DatabaseLock:
+    """The host-wide lock for one database file, taken before the daemon opens the database."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = db_lock_path(db_path)
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it; False if another process does.
+
+        Raises `StateError` if the lock file cannot be created beside the database.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create the lock file {self.path}: {exc.strerror}",
+                hint="replicad needs to write in the database's directory (as SQLite does for "
+                "its -wal and -shm files)",
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> int | None:
+        """The pid recorded by the process holding (or last holding) the lock."""
+        return read_pid(self.path)
+
+    def release(self) -> None:
+        """Unlock and close."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def db_lock_path(db_path: Path) -> Path:
+    """The lock file of a database: hidden, beside it, named for it."""
+    return db_path.with_name(f".{db_path.name}.replicad-lock")
 
 
 def read_pid(path: Path) -> int | None:

@@ -23,6 +23,7 @@ from replicad.clients.base import ReplicaClient
 from replicad.compaction import DEFAULT_LEVELS, DEFAULT_SETTLE_MS, compact, plan_compaction
 from replicad.db import CapturedTxn
 from replicad.errors import FormatError, ObjectLockedError, ObjectNotFoundError, RestoreError
+from replicad.fence import FencedWriter
 from replicad.format import (
     HEADER_SIZE,
     ObjectHeader,
@@ -93,6 +94,7 @@ class Replica:
         spool_dir: Path | None = None,
         lease: Lease | None = None,
         takeover: bool = False,
+        standby: bool = False,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.name = name
@@ -108,14 +110,16 @@ class Replica:
         #: Fencing (see lease.py); None when the storage cannot enforce create-only writes.
         self.lease = lease
         self.takeover = takeover
-        #: Set when another daemon took this replica over: it is not written again.
-        self.fenced: str | None = None
+        #: Wait while another daemon holds the lease (False: refuse to start).
+        self.standby = standby
         self.last_compaction_monotonic = time.monotonic()
         #: Segments uploaded lately, so building level 1 needs no download.
         self._recent: OrderedDict[ObjectName, bytes] = OrderedDict()
         self._recent_bytes = 0
         self.last_retention_monotonic = time.monotonic()
         self.log = log or structlog.get_logger().bind(replica=name)
+        #: Every write and delete goes through this (fence.py).
+        self.writer = FencedWriter(client, lease, log=self.log)
         #: Last TXID this replica holds (0: nothing yet).
         self.shipped_txid = 0
         #: Replica TXID = daemon capture counter + offset; None until the chain is aligned
@@ -142,6 +146,11 @@ class Replica:
         self._created = time.monotonic()
         self._snapshot_offered = 0.0
 
+    @property
+    def fenced(self) -> str | None:
+        """Why this replica is not written again (another daemon took it over), or None."""
+        return self.writer.lost
+
     # -- start-up ---------------------------------------------------------------------------
 
     async def load_tip(self) -> ReplicaTip | None:
@@ -150,6 +159,10 @@ class Replica:
         Returns None for an empty replica.  Objects that are not ours are ignored with a warning.
         """
         objects = await self.client.list_objects()
+        if self.lease is not None:
+            leases = [info.key for info in objects if is_lease_key(info.key)]
+            if await self.lease.acquire(takeover=self.takeover, standby=self.standby, keys=leases):
+                objects = await self.client.list_objects()  # the holder wrote on meanwhile
         names = []
         foreign = 0
         self.objects.clear()
@@ -164,9 +177,6 @@ class Replica:
             self.log.warning(
                 "ignoring objects that are not replicad's", count=foreign, url=self.client.url
             )
-        if self.lease is not None:
-            leases = [info.key for info in objects if is_lease_key(info.key)]
-            await self.lease.acquire(takeover=self.takeover, keys=leases)
         if not names:
             self.shipped_txid = 0
             self.loaded = True
@@ -225,6 +235,8 @@ class Replica:
         """Queue captured transactions; past the memory bound, fall back to a snapshot."""
         if not txns or (self.offset is None and self.snapshot is None):
             return  # unaligned: a coming snapshot covers these
+        if self.fenced is not None:
+            return  # another daemon owns this replica: nothing is written to it again
         for txn in txns:
             self.pending.append(txn)
             self.pending_bytes += txn.nbytes
@@ -263,7 +275,12 @@ class Replica:
     @property
     def wants_snapshot(self) -> bool:
         """True when this replica needs a snapshot and none has been offered yet."""
-        return self.loaded and self.needs_snapshot is not None and self.snapshot is None
+        return (
+            self.loaded
+            and self.needs_snapshot is not None
+            and self.snapshot is None
+            and self.fenced is None
+        )
 
     @property
     def has_work(self) -> bool:
@@ -321,8 +338,7 @@ class Replica:
             name, data = await asyncio.to_thread(
                 _encode_segment, batch, self.page_size, self.offset
             )
-            await self._ensure_lease()
-            await self.client.put_object(name.key, data, create_only=self.lease is not None)
+            await self.writer.put_object(name.key, data)
             size = len(data)
             if self.compaction_levels:
                 self._remember(name, data)
@@ -345,19 +361,13 @@ class Replica:
         path = self.spool_dir / unpredictable_name(f"segment-{name.last_txid:016x}")
         try:
             size = await asyncio.to_thread(_encode_segment_file, path, header, batch, offset)
-            await self._ensure_lease()
-            await self.client.put_file(name.key, path, create_only=self.lease is not None)
+            await self.writer.put_file(name.key, path)
         finally:
             path.unlink(missing_ok=True)
         return name, size
 
-    async def _ensure_lease(self) -> None:
-        if self.lease is not None:
-            await self.lease.ensure()
-
     async def _upload_snapshot(self, snapshot: SnapshotFile) -> None:
-        await self._ensure_lease()
-        await self.client.put_file(snapshot.name.key, snapshot.path)
+        await self.writer.put_file(snapshot.name.key, snapshot.path)
         self.objects[snapshot.name] = snapshot.size
         self.snapshot = None
         snapshot.release()
@@ -381,7 +391,7 @@ class Replica:
         )
         self.last_retention_monotonic = time.monotonic()
         if doomed and not dry_run:
-            await self.client.delete_objects([n.key for n in doomed])
+            await self.writer.delete_objects([n.key for n in doomed])
             for name in doomed:
                 self.objects.pop(name, None)
             self.log.info("retention deleted objects", count=len(doomed), upto=doomed[-1].last_txid)
@@ -408,7 +418,11 @@ class Replica:
                 continue
             try:
                 outputs = await compact(
-                    self.client, job, cache=self._recent, spool_dir=self.spool_dir
+                    self.client,
+                    job,
+                    writer=self.writer,
+                    cache=self._recent,
+                    spool_dir=self.spool_dir,
                 )
             except ObjectNotFoundError:
                 continue

@@ -25,7 +25,7 @@ from replicad.checksum import PageHashes, format_checksum
 from replicad.db import CapturedTxn, Database, SnapshotRetry, SnapshotSource, SyncResult
 from replicad.errors import ReplicadError, ReplicaError
 from replicad.format import ObjectHeader, ObjectWriter, object_name
-from replicad.lease import LeaseLostError
+from replicad.lease import LeaseError, LeaseLostError
 from replicad.pidfile import database_replaced
 from replicad.position import ObjectKind
 from replicad.replica import Replica, ReplicaTip, SnapshotFile, spool_path
@@ -129,6 +129,8 @@ class DatabaseReplicator:
         self.sync_interval = sync_interval
         self.log = log or structlog.get_logger().bind(db=name)
         self.stats = ReplicatorStats()
+        #: Set while the daemon waits for another process's lock on this database (for /readyz).
+        self.standby: str | None = None
         self.wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._lost: str | None = None
@@ -158,9 +160,9 @@ class DatabaseReplicator:
         Raises `DatabaseError` if the database cannot be replicated.  A replica that cannot be
         reached is logged and retried by its upload loop; the others go ahead.
         """
+        tips = await self._load_tips()  # first: a standby waits there without opening the db
         await asyncio.to_thread(self.db.open)
         replaced = await asyncio.to_thread(database_replaced, self.state_dir, self.db.path)
-        tips = await self._load_tips()
         async with self._lock:
             self._lost = await asyncio.to_thread(self._resume, tips)
             if self._lost is not None and replaced:
@@ -188,7 +190,7 @@ class DatabaseReplicator:
         )
         tips: dict[str, ReplicaTip | None] = {}
         for replica, result in zip(self.replicas, results, strict=True):
-            if isinstance(result, LeaseLostError):
+            if isinstance(result, LeaseError):
                 raise result  # another daemon writes this replica: refuse to start, loudly
             if isinstance(result, ReplicadError):
                 self._load_failed(replica, result)
@@ -687,12 +689,8 @@ class DatabaseReplicator:
         """One upload step; False if it failed (after the backoff) or the replica was taken."""
         try:
             await replica.upload()
-        except LeaseLostError as exc:
-            replica.fenced = str(exc)
-            replica.log.error(
-                "another daemon took this replica over; not writing it", error=str(exc)
-            )
-            return False
+        except LeaseLostError:
+            return False  # the replica's writer logged it; the loop ends (replica.fenced)
         except ReplicadError as exc:
             replica.log.error("upload failed; will retry", error=str(exc))
             await _sleep_unless(stop, backoff.next_delay())
@@ -750,7 +748,7 @@ class DatabaseReplicator:
 
     async def _flush_replica(self, replica: Replica, deadline: float) -> str | None:
         backoff = Backoff(maximum=2.0)
-        while replica.has_work:
+        while replica.has_work and replica.fenced is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -779,6 +777,8 @@ class DatabaseReplicator:
         self.wake.set()
         for replica in self.replicas:
             replica.wake.set()
+            if replica.lease is not None:
+                replica.lease.stop_waiting()
 
     def close(self) -> None:
         """Release the database (blocking): the checkpoint connection first, so it is never the

@@ -97,7 +97,11 @@ def test_sigkill_leaves_a_committed_prefix(paths: dict[str, Path]) -> None:
     writer = start_writer(paths["db"], paths["wlog"], seed=13, count=3000, rate=300)
     try:
         segments = paths["replica"] / "segments" / "00"
-        wait_for(lambda: segments.exists() and any(segments.iterdir()), 30, "a shipped segment")
+        wait_for(  # a finished one: the file backend writes `.tmp-*` first, then links it
+            lambda: segments.exists() and any(p.suffix == ".seg" for p in segments.iterdir()),
+            30,
+            "a shipped segment",
+        )
         wait_for(
             lambda: len(workload.read_log(paths["wlog"])) > random.randint(200, 600), 30, "writes"
         )

@@ -149,7 +149,9 @@ def test_snapshot_command_signals_the_daemon(tmp_path: Path) -> None:
     daemon = start_daemon([str(db), rep.as_uri()], tmp_path / "d.log")
     try:
         wait_for(lambda: len(list((rep / "snapshots").glob("*.snap"))) == 1, 20, "first snapshot")
-        second = replicad("replicate", str(db), (tmp_path / "other").as_uri(), timeout=30)
+        second = replicad(
+            "replicate", str(db), (tmp_path / "other").as_uri(), "--no-standby", timeout=30
+        )
         assert second.returncode == 1
         assert "already replicating" in second.stderr
         conn = sqlite3.connect(db, isolation_level=None)

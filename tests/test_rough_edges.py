@@ -191,7 +191,7 @@ def test_the_daemon_logs_its_metrics_address_and_counters_start_at_zero(tmp_path
 def test_no_lease_remark_after_a_clean_release_but_one_after_a_crash(tmp_path: Path) -> None:
     db, replica, log = tmp_path / "app.db", tmp_path / "replica", tmp_path / "d.log"
     _make_db(db)
-    remark = "lease left by an earlier daemon on this host; claiming it"
+    remark = "lease left by an earlier daemon for this database on this host; claiming it"
 
     def run(nth: int, sig: int) -> None:
         daemon = start_daemon([str(db), replica.as_uri()], log)
