@@ -312,7 +312,8 @@ class Daemon:
 
 def start_replicad(root: Path) -> Daemon:
     """replicad on root/app.db -> root/replica, with `DAEMON_SETTINGS` and debug logs (the
-    debug level logs every checkpoint it runs, with its mode, busy flag and duration)."""
+    debug level logs every checkpoint it runs, with its mode, busy flag and duration).
+    """
     config = root / "replicad.toml"
     settings = "".join(f"{k} = {v}\n" for k, v in DAEMON_SETTINGS.items())
     config.write_text(
@@ -639,7 +640,8 @@ WAL_LATENCY_HEADERS = (
 def _split(txns: Sequence[Txn], over_ms: float) -> str:
     """Of the commits slower than `over_ms`: how many spent most of it waiting for the write
     lock (BEGIN + INSERT), and how many inside COMMIT (WAL write, fsync, restart,
-    autocheckpoint)."""
+    autocheckpoint).
+    """
     slow = [t for t in txns if t.ms > over_ms]
     lock = sum(t.lock_ms > t.ms / 2 for t in slow)
     return f"{lock} / {len(slow) - lock}" if slow else "-"
@@ -692,7 +694,8 @@ def _during(txns: Sequence[Txn], t: Truncate) -> float:
 
 def _replicad_during(events: Sequence[Checkpoint], t: Truncate) -> str:
     """replicad's checkpoints that ended while TRUNCATE `t` ran or up to 0.1 s after it:
-    how many, and how many of them were busy."""
+    how many, and how many of them were busy.
+    """
     start = t.start_unix_ns / 1e9
     end = start + t.ms / 1e3 + 0.1
     hits = [e for e in events if start <= e.unix <= end]
@@ -782,7 +785,8 @@ TRUNCATE_SUMMARY_HEADERS = (
 
 def anomalies(results: Sequence[RunResult], bar: RunResult | None = None) -> list[str]:
     """What deviates from the expected: a snapshot other than the initial one, a lost
-    continuity, a busy checkpoint, a busy TRUNCATE, a writer stall, an unbounded WAL."""
+    continuity, a busy checkpoint, a busy TRUNCATE, a writer stall, an unbounded WAL.
+    """
     out = []
     for r in results:
         name = r.config.label + (" + external TRUNCATE" if r.truncates else "")

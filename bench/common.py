@@ -270,7 +270,8 @@ def _walk(root: Path) -> Iterator[Path]:
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of already sorted values: the smallest value with at least
-    `fraction` of them at or below it (`fraction` 0.5 is the median, 1.0 the maximum)."""
+    `fraction` of them at or below it (`fraction` 0.5 is the median, 1.0 the maximum).
+    """
     if not sorted_values:
         raise ValueError("percentile of no values")
     # Rounded first so that 0.9 * 100 is rank 90, not 91.
@@ -312,14 +313,16 @@ def machine() -> str:
 
 def s3_url(server: S3Server, bucket: str, prefix: str, *, endpoint: str | None = None) -> str:
     """The replica URL of `prefix` in `bucket` on `server`, reached at `endpoint` (default: the
-    server itself; pass a proxy's URL to go through it)."""
+    server itself; pass a proxy's URL to go through it).
+    """
     endpoint = endpoint or server.endpoint_url
     return f"s3://{bucket}/{prefix}?endpoint={endpoint}&path_style=true&region={server.region}"
 
 
 def s3_env(server: S3Server, workdir: Path) -> dict[str, str]:
     """Credentials for `server` through the standard variables, and nothing else of this
-    machine's AWS set-up: absent config files, no instance-metadata lookup."""
+    machine's AWS set-up: absent config files, no instance-metadata lookup.
+    """
     return {
         "AWS_ACCESS_KEY_ID": server.access_key_id,
         "AWS_SECRET_ACCESS_KEY": server.secret_access_key,

@@ -270,7 +270,8 @@ class Replicad:
 
 class Litestream:
     """``litestream replicate -config FILE`` and ``litestream restore``, at default settings
-    except ``sync-interval: 1s`` (written out; it is the default)."""
+    except ``sync-interval: 1s`` (written out; it is the default).
+    """
 
     name = "Litestream"
 
@@ -770,7 +771,8 @@ class RawDownload:
 
 async def raw_download(run: Run, keys: Sequence[str] | None, dest: Path) -> RawDownload:
     """LIST the prefix, then GET `keys` (relative to it; None: every object) to files in `dest`,
-    `DOWNLOAD_CONCURRENCY` at a time.  Timed from the LIST to the last byte written."""
+    `DOWNLOAD_CONCURRENCY` at a time.  Timed from the LIST to the last byte written.
+    """
     await asyncio.to_thread(dest.mkdir, parents=True)
     base = run.prefix + "/"
     async with raw_client(run.server) as s3:
@@ -942,7 +944,8 @@ def _history_schema(db: Path) -> None:
 def _history_write(db: Path, log_path: Path, base_rows: int, tail_txns: int) -> None:
     """Transactions 1..base_rows insert a large row each, as fast as they go; then each tail
     transaction inserts a small row and updates the `ver` of one large row, at a steady rate.
-    Every transaction k inserts row k; `ver` holds the last k that wrote the row."""
+    Every transaction k inserts row k; `ver` holds the last k that wrote the row.
+    """
     conn = sqlite3.connect(db, isolation_level=None, timeout=30)
     interval = 1.0 / HISTORY_TAIL_RATE
     next_at = 0.0
@@ -1362,7 +1365,8 @@ def versions() -> dict[str, str]:
 
 def _child(argv: Sequence[str]) -> None:
     """``history-init DB`` and ``history DB LOG BASE_ROWS TAIL_TXNS``: the restore workload's
-    database and writer, in their own processes."""
+    database and writer, in their own processes.
+    """
     if argv[0] == "history-init":
         _history_schema(Path(argv[1]))
     else:

@@ -250,7 +250,8 @@ def _check_mapping(
 def _lags_ms(commits: list[Commit], segments: list[Segment]) -> list[float]:
     """Lags in commit order, from COMMIT returning; slightly negative when the daemon shipped
     the transaction while COMMIT was still fsyncing or checkpointing.  Fails if a segment was
-    seen before the COMMIT of a transaction it holds was even issued."""
+    seen before the COMMIT of a transaction it holds was even issued.
+    """
     firsts = [s.name.first_txid for s in segments]
     lags = []
     for commit in commits:

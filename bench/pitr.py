@@ -250,7 +250,8 @@ def blob_ranges(db: Path) -> tuple[list[int], list[tuple[tuple[int, int], ...]]]
 class Timeline:
     """When each transaction committed.  TXID 1 is the snapshot at `t0_ns`; the history is
     TXIDs 2..`last_txid`, evenly spaced, the n-th (from 0) at t0 + (n + 1/2) intervals, so each
-    segment's commits sit inside one second-aligned batch and compaction buckets split evenly."""
+    segment's commits sit inside one second-aligned batch and compaction buckets split evenly.
+    """
 
     t0_ns: int
     interval_ns: int
@@ -390,7 +391,8 @@ def generate_history(
     check_txids: set[int],
 ) -> History:
     """Every transaction of the history: applied to the model, encoded into level-0 segments
-    appended to `spool`; the model's SHA-256 recorded after each TXID in `check_txids`."""
+    appended to `spool`; the model's SHA-256 recorded after each TXID in `check_txids`.
+    """
     started = time.perf_counter()
     rng = content.rng
     wal = WalSim(random.Random(rng.getrandbits(32)))

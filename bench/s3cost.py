@@ -116,7 +116,8 @@ class CountingProxy(FaultProxy):
 
 def s3_operation(request_line: bytes) -> str:
     """The S3 operation of a path-style request: LIST, GET, HEAD, PUT, DELETE, or MULTIPART
-    for the calls of a multipart upload (create, part, complete, abort)."""
+    for the calls of a multipart upload (create, part, complete, abort).
+    """
     method, _, rest = request_line.decode("ascii", "replace").partition(" ")
     target = rest.rpartition(" ")[0]
     path, _, query = target.partition("?")

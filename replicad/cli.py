@@ -400,7 +400,8 @@ async def _replicator(
 
 async def make_client(config: ReplicaConfig, *, max_attempts: int | None = None) -> ReplicaClient:
     """The storage client a replica's configuration describes (`max_attempts` per request:
-    the S3 client's default when None)."""
+    the S3 client's default when None).
+    """
     if config.path is not None:
         return FileReplicaClient(config.path)
     assert config.s3 is not None

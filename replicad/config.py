@@ -94,7 +94,8 @@ class S3Options:
 
 def _default_snapshot_interval() -> float:
     """The replicator's default, imported only when a database is configured: the replicator
-    pulls in the WAL reader and numpy, which a restore from a URL never needs."""
+    pulls in the WAL reader and numpy, which a restore from a URL never needs.
+    """
     from replicad.replicator import DEFAULT_SNAPSHOT_INTERVAL  # noqa: PLC0415
 
     return DEFAULT_SNAPSHOT_INTERVAL

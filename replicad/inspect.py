@@ -1,6 +1,7 @@
 """What a replica holds, for operators: summaries (`replicad ls`) and transaction logs
 (`replicad log`).  Built from one listing plus, for the log, the trailers of the segments in the
-requested time range."""
+requested time range.
+"""
 
 from __future__ import annotations
 

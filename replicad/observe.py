@@ -189,7 +189,8 @@ def readiness(replicators: Sequence[DatabaseReplicator], max_lag: float) -> list
 
 class MetricsServer:
     """HTTP endpoint on one address: `/metrics` (Prometheus), `/healthz` (the process is alive:
-    its sync loops run) and `/readyz` (every commit reached every replica within `max_lag`)."""
+    its sync loops run) and `/readyz` (every commit reached every replica within `max_lag`).
+    """
 
     def __init__(
         self,

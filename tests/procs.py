@@ -90,7 +90,8 @@ def start_writer(
     stderr: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """The deterministic writer (tests/workload.py) in its own process (its errors appended to
-    `stderr` if given)."""
+    `stderr` if given).
+    """
     cmd = [sys.executable, str(WORKLOAD), str(db), "--seed", str(seed), "--count", str(count)]
     cmd += ["--rate", str(rate), "--log", str(log)]
     if autocheckpoint is not None:

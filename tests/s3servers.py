@@ -83,7 +83,8 @@ def minimal_env(home: Path) -> dict[str, str]:
 def child_env(server: S3Server, tmp: Path) -> dict[str, str]:
     """Extra environment for a replicad child process using `server` (pass to `procs.clean_env`
     or the `procs` helpers): credentials through the standard variables, no AWS config files,
-    no instance-metadata lookups; nothing else from this machine's AWS setup."""
+    no instance-metadata lookups; nothing else from this machine's AWS setup.
+    """
     return {
         "AWS_ACCESS_KEY_ID": server.access_key_id,
         "AWS_SECRET_ACCESS_KEY": server.secret_access_key,

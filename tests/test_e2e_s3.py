@@ -150,7 +150,8 @@ async def test_huge_transaction_is_spooled_and_shipped_with_fencing_on(
     moto_server: S3Server, tmp_path: Path
 ) -> None:
     """A 24 MB commit goes through the spool and a create-only multipart upload (moto enforces
-    If-None-Match, so the lease is on); the restore has every row."""
+    If-None-Match, so the lease is on); the restore has every row.
+    """
     bucket = unique_bucket()
     await create_bucket(moto_server, bucket)
     db, env = tmp_path / "app.db", child_env(moto_server, tmp_path)

@@ -421,7 +421,8 @@ class _LostResponseClient(FileReplicaClient):
 
 async def test_failed_upload_is_retried_as_the_same_segment(tmp_path: Path) -> None:
     """A retry that re-batched would write a second segment starting at the same TXID; restores
-    stopping inside the longer one found a dead end at the shorter one (crash soak, 897481133)."""
+    stopping inside the longer one found a dead end at the shorter one (crash soak, 897481133).
+    """
     client = _LostResponseClient(tmp_path / "replica")
     replica = Replica("r", client)
     await replica.load_tip()

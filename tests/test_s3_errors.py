@@ -1,5 +1,6 @@
 """How S3ReplicaClient reports what goes wrong: the right error class, a message naming the
-bucket and endpoint (never a secret), and quickly when the endpoint is unreachable."""
+bucket and endpoint (never a secret), and quickly when the endpoint is unreachable.
+"""
 
 from __future__ import annotations
 

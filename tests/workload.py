@@ -140,7 +140,8 @@ def replays(
     seed: int, ks: set[int], path: Path, view: Callable[[Path], Any] = dump
 ) -> dict[int, Any]:
     """`view` (`dump`, or `digest` for large states) of the state after transactions 1..k, for
-    every k in `ks`, built in one pass over 1..max(ks) in a fresh database at `path`."""
+    every k in `ks`, built in one pass over 1..max(ks) in a fresh database at `path`.
+    """
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA synchronous = OFF")
     out: dict[int, Any] = {}
