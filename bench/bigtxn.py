@@ -16,7 +16,7 @@ For each size, in a temporary directory, against ``rclone serve s3`` on 127.0.0.
    it is captured and uploaded (until the metrics report its TXID shipped), and during the
    compaction that follows; its VmHWM (peak over its life) at the end.  Bytes in its state
    directory are sampled too: its files plus the unlinked spool files the daemon holds open.
-4. SIGTERM (flush), then ``replicad restore`` in a child: wall time, peak RSS (rusage), and
+4. SIGTERM (flush), then ``replicad restore`` in a child: wall time, peak RSS (its VmHWM, sampled), and
    the restored rows compared with the source (count and SHA-256 of the ordered contents);
    ``integrity_check`` is part of the restore.
 
@@ -38,17 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import (
-    current_rss,
-    log_tail,
-    machine,
-    print_table,
-    proc_usage,
-    read_metrics,
-    run_measured,
-    s3_env,
-    s3_url,
-)
+from bench.common import BenchError, log_tail, machine, print_table, read_metrics, s3_env, s3_url
+from tests.measure import current_rss, proc_usage, run_measured
 from tests.procs import clean_env, start_daemon, stop
 from tests.s3servers import HOST, create_bucket, free_port, start_rclone, unique_bucket
 
@@ -83,10 +74,6 @@ while time.monotonic() < end:
 conn.close()
 print(worst, flush=True)
 """
-
-
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead."""
 
 
 @dataclass(frozen=True, slots=True)

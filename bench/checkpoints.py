@@ -54,6 +54,7 @@ from functools import partial
 from pathlib import Path
 
 from bench.common import (
+    BenchError,
     Metrics,
     Poller,
     event_time,
@@ -63,9 +64,9 @@ from bench.common import (
     machine,
     percentile,
     print_table,
-    proc_usage,
     read_metrics,
 )
+from tests.measure import proc_usage
 from tests.procs import ROOT, clean_env, replicad, start_daemon, stop
 
 DEFAULT_RATE = 500.0
@@ -102,10 +103,6 @@ IDLE_BEFORE_WRITES = 1.0
 TXID_OFFSET = 1
 HOST = "127.0.0.1"
 _WAL_HEADER = 32
-
-
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead, so none are printed."""
 
 
 # -- child processes: the writer and the external checkpointer --------------------------------

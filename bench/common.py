@@ -1,4 +1,4 @@
-"""Shared pieces of the end-to-end benchmarks: a writer process, /proc readers, a replica poller,
+"""Shared pieces of the end-to-end benchmarks: a writer process, a replica poller,
 S3 replica URLs and credentials, metric scrapes, log events and measured child processes.
 
 The benchmarks run the daemon (or another replicator) as a separate process against a database
@@ -31,11 +31,10 @@ import platform
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -52,6 +51,11 @@ if TYPE_CHECKING:  # only for annotations: the writer process should not import 
 DEFAULT_POLL_INTERVAL = 0.002
 #: Hidden files in a local replica are in-flight writes (replicad's are `.tmp-*`), not objects.
 _HIDDEN_PREFIX = "."
+
+
+class BenchError(SystemExit):
+    """The run went wrong; its numbers would mislead, so none are printed."""
+
 
 # -- the writer process ----------------------------------------------------------------------
 
@@ -125,50 +129,6 @@ def read_commits(log: Path) -> list[Commit]:
         k, time_ns, start_ns = (int(field) for field in line.split())
         commits.append(Commit(k, time_ns, start_ns))
     return commits
-
-
-# -- /proc -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ProcUsage:
-    """What a process has used so far."""
-
-    #: User plus system CPU time of all its threads, seconds.
-    cpu_seconds: float
-    #: Peak resident set size (VmHWM), bytes.
-    peak_rss_bytes: int
-
-
-def proc_usage(pid: int) -> ProcUsage:
-    """CPU time and peak RSS of a live process, from /proc (Linux only)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    ticks = os.sysconf("SC_CLK_TCK")
-    peak_kb = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak_kb = int(line.split()[1])
-    return ProcUsage((utime + stime) / ticks, peak_kb * 1024)
-
-
-def current_rss(pid: int) -> int:
-    """Resident set size (VmRSS) of a live process now, bytes; 0 once it has exited."""
-    return status_bytes(pid, "VmRSS")
-
-
-def status_bytes(pid: int, field: str) -> int:
-    """A memory field of /proc/PID/status (VmRSS, VmHWM, ...) in bytes; 0 once it has exited."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in status.splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 # -- watching from the outside ---------------------------------------------------------------
@@ -387,51 +347,6 @@ def log_tail(log: Path, lines: int = 20) -> str:
     """The last lines of a log, for an error message."""
     text = log.read_text(errors="replace") if log.exists() else ""
     return f"{log.name} (tail):\n" + "\n".join(text.splitlines()[-lines:])
-
-
-@dataclass(frozen=True, slots=True)
-class MeasuredRun:
-    """A child process run to completion, with what the kernel accounted for it."""
-
-    returncode: int
-    wall_seconds: float
-    cpu_seconds: float
-    #: ru_maxrss: the largest resident set the process had, bytes.
-    peak_rss_bytes: int
-    stdout: str
-    stderr: str
-
-
-def run_measured(
-    cmd: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 3600
-) -> MeasuredRun:
-    """Run `cmd` (clean environment plus `env`, repo root as cwd) and measure it.
-
-    Peak RSS and CPU come from `wait4`'s rusage of that one child, the numbers
-    ``/usr/bin/time -v`` reports; wall time is from just before the fork to the reap.
-    The child is killed after `timeout` seconds (then the run fails with a nonzero status).
-    """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=clean_env(env), cwd=ROOT)
-        killer = threading.Timer(timeout, proc.kill)
-        killer.start()
-        try:
-            _pid, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen.wait
-        out.seek(0)
-        err.seek(0)
-        return MeasuredRun(
-            returncode=proc.returncode,
-            wall_seconds=wall,
-            cpu_seconds=usage.ru_utime + usage.ru_stime,
-            peak_rss_bytes=usage.ru_maxrss * 1024,  # kilobytes on Linux
-            stdout=out.read().decode(errors="replace"),
-            stderr=err.read().decode(errors="replace"),
-        )
 
 
 # -- command line of the child processes -----------------------------------------------------

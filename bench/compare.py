@@ -53,7 +53,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,23 +62,21 @@ from typing import Protocol
 
 from bench import litestream
 from bench.common import (
+    BenchError,
     Commit,
-    MeasuredRun,
     PeakSize,
     Poller,
-    ProcUsage,
     init_db,
     log_tail,
     machine,
     percentile,
     print_table,
-    proc_usage,
     s3_env,
     s3_url,
     start_writer,
-    status_bytes,
 )
 from bench.s3cost import OPERATIONS, CountingProxy, Tally
+from tests.measure import MeasuredRun, ProcUsage, proc_usage, run_measured
 from tests.procs import ROOT, clean_env, start_daemon
 from tests.s3servers import S3Server, create_bucket, raw_client, start_rclone, unique_bucket
 
@@ -108,10 +105,6 @@ VER_WIDTH = 10
 DOWNLOAD_CONCURRENCY = 8
 DOWNLOAD_CHUNK = 1 << 20
 SEED = 20_251_124
-
-
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead, so none are printed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,56 +427,9 @@ def _lines(path: Path) -> int:
         return 0
 
 
-def run_measured(cmd: Sequence[str], env: dict[str, str]) -> MeasuredRun:
-    """Run `cmd` (clean environment plus `env`) to completion: wall time, CPU and peak RSS.
-
-    Like `bench.common.run_measured`, except for the peak RSS: the kernel's ru_maxrss of a
-    child started from this process carries over this process's own resident set (the
-    pre-exec copy counts; measured: ``true`` started from a 440 MB parent reports 438 MB), so
-    here it is the child's VmHWM, sampled every millisecond until it exits.
-    """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=clean_env(env), cwd=ROOT)
-        peak = [0]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.001):
-                peak[0] = max(peak[0], _vm_hwm(proc.pid))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        killer = threading.Timer(RESTORE_TIMEOUT, proc.kill)
-        killer.start()
-        try:
-            _pid, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-            done.set()
-            sampler.join()
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen.wait
-        out.seek(0)
-        err.seek(0)
-        return MeasuredRun(
-            returncode=proc.returncode,
-            wall_seconds=wall,
-            cpu_seconds=usage.ru_utime + usage.ru_stime,
-            peak_rss_bytes=peak[0],
-            stdout=out.read().decode(errors="replace"),
-            stderr=err.read().decode(errors="replace"),
-        )
-
-
-def _vm_hwm(pid: int) -> int:
-    """A live process's peak resident set (VmHWM), bytes; 0 once it has exited."""
-    return status_bytes(pid, "VmHWM")
-
-
 async def _restore(cmd: list[str], env: dict[str, str], what: str) -> MeasuredRun:
     """A restore (or its dry run) as a measured child process; fails the run on error."""
-    result = await asyncio.to_thread(run_measured, cmd, env)
+    result = await asyncio.to_thread(run_measured, cmd, env=env, timeout=RESTORE_TIMEOUT)
     if result.returncode != 0:
         raise BenchError(f"{what} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
     return result

@@ -36,21 +36,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import (
+    BenchError,
     Commit,
     DirectoryWatch,
     PeakSize,
     Poller,
-    ProcUsage,
     init_db,
     machine,
     percentile,
     print_table,
-    proc_usage,
     read_commits,
     start_writer,
     tree_size,
 )
 from replicad.position import ObjectKind, ObjectName, parse_key
+from tests.measure import ProcUsage, proc_usage
 from tests.procs import replicad, start_daemon, stop
 
 DEFAULT_RATE = 100.0
@@ -72,10 +72,6 @@ CATCH_UP_TIMEOUT = 30.0
 SAME_SLOT_MS = 100
 #: The daemon's first snapshot is TXID 1, so writer commit k is replica TXID k + 1.
 TXID_OFFSET = 1
-
-
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead, so none are printed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import log_tail, machine, print_table, read_metrics, s3_env, s3_url
+from bench.common import BenchError, log_tail, machine, print_table, read_metrics, s3_env, s3_url
 from tests.faultproxy import FaultProxy
 from tests.procs import clean_env, start_daemon, stop
 from tests.s3servers import HOST, create_bucket, free_port, start_rclone, unique_bucket
@@ -45,10 +45,6 @@ while True:
     next_at += interval
     time.sleep(max(0.0, next_at - time.monotonic()))
 """
-
-
-class BenchError(SystemExit):
-    """The run went wrong."""
 
 
 def _txids(address: str) -> tuple[float, float]:

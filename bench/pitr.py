@@ -34,9 +34,9 @@ have written it.  One run, in a temporary directory:
 4. **Restores** with the real CLI in child processes: ``replicad restore --dry-run`` (the plan
    as JSON: objects and bytes) and then ``replicad restore -o OUT`` for the newest state,
    `POINTS` random TXIDs (``--txid``) and `POINTS` other random moments (``--timestamp``, 50 ms
-   after a commit, so the expected TXID is that commit's).  Wall time, CPU and peak RSS come
-   from ``/usr/bin/time -v``; the wall time is split by watching the output directory every
-   5 ms: *plan* until OUT.tmp appears (start-up, listing, planning), *apply* until SQLite's
+   after a commit, so the expected TXID is that commit's).  Wall time, CPU and peak RSS (the child's sampled
+   VmHWM, `tests.measure.run_measured`); the wall time is split by watching the output
+   directory at each sample: *plan* until OUT.tmp appears (start-up, listing, planning), *apply* until SQLite's
    -shm or -wal appears beside it (download, decode, write, fsync), *check* to the exit
    (``PRAGMA integrity_check``, rename).  Correct means: exit 0, the plan and the result name
    the expected TXID and the same objects and bytes, and the SHA-256 of the whole restored
@@ -74,7 +74,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, print_table, s3_env, s3_url
+from bench.common import BenchError, machine, print_table, s3_env, s3_url
 from replicad import restore as restore_module
 from replicad.clients.s3 import S3ReplicaClient
 from replicad.compaction import (
@@ -93,7 +93,8 @@ from replicad.position import (
     segment_name,
     snapshot_name,
 )
-from tests.procs import ROOT, clean_env
+from tests.measure import run_measured
+from tests.procs import ROOT
 from tests.s3servers import S3Server, create_bucket, raw_client, start_rclone, unique_bucket
 
 DEFAULT_SIZE_MB = 1024
@@ -126,12 +127,7 @@ PENDING_BYTE = 0x40000000
 WAL_RESTART_FRAMES = 1000
 RESTORE_TIMEOUT = 3600.0
 #: GNU time, for the peak RSS of a child (see `measure`).
-TIME = "/usr/bin/time"
 SECOND_NS = 1_000_000_000
-
-
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead, so none are printed."""
 
 
 # -- page content ----------------------------------------------------------------------------
@@ -585,7 +581,7 @@ class Point:
 
 @dataclass(frozen=True, slots=True)
 class Measured:
-    """A child process run to completion."""
+    """A child process run to completion, and for a restore when it changed phase."""
 
     returncode: int
     wall_seconds: float
@@ -593,76 +589,41 @@ class Measured:
     peak_rss_bytes: int
     stdout: str
     stderr: str
-    #: For a restore: when OUT.tmp appeared (start-up, listing and planning done), and when
-    #: SQLite's -shm/-wal beside it did (pages written and fsynced; the integrity check starts).
+    #: When OUT.tmp appeared (start-up, listing and planning done), and when SQLite's
+    #: -shm/-wal beside it did (pages written and fsynced; the integrity check starts).
     tmp_at: float | None = None
     check_at: float | None = None
 
 
-def _status_kb(pid: int, field_name: str) -> int:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in status.splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    return 0
+class _PhaseWatch:
+    """Times a restore's phases from the files it leaves beside OUT."""
+
+    def __init__(self, out: Path) -> None:
+        self.tmp = out.with_name(out.name + ".tmp")
+        self.sidecars = [self.tmp.with_name(self.tmp.name + s) for s in ("-shm", "-wal")]
+        self.tmp_at: float | None = None
+        self.check_at: float | None = None
+
+    def __call__(self, elapsed: float) -> None:
+        if self.tmp_at is None and self.tmp.exists():
+            self.tmp_at = elapsed
+        if self.tmp_at is not None and self.check_at is None:
+            if any(s.exists() for s in self.sidecars):
+                self.check_at = elapsed
 
 
 def measure(cmd: list[str], env: dict[str, str], out: Path | None = None) -> Measured:
-    """Run `cmd` (clean environment plus `env`, repository root as cwd) and measure it.
+    """Run `cmd` as a measured child (see `tests.measure.run_measured`).
 
-    Peak RSS comes from ``/usr/bin/time -v`` (else from polling VmHWM): `wait4`'s ru_maxrss for
-    a child of this process is at least this process's RSS at the fork, as Linux carries the
-    forked copy's high-water mark across exec, so `bench.common.run_measured` cannot tell a
-    restore's memory.  With `out`, OUT.tmp and its SQLite sidecars are watched every 5 ms to
-    split a restore's wall time into planning, applying and checking.
+    With `out`, OUT.tmp and its SQLite sidecars are watched to split a restore's wall time into
+    planning, applying and checking.
     """
-    timed = os.path.exists(TIME)
-    tmp = out.with_name(out.name + ".tmp") if out else None
-    sidecars = [tmp.with_name(tmp.name + s) for s in ("-shm", "-wal")] if tmp else []
-    tmp_at = check_at = None
-    polled_hwm = 0
-    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            [TIME, "-v", *cmd] if timed else cmd,
-            stdout=stdout,
-            stderr=stderr,
-            env=clean_env(env),
-            cwd=ROOT,
-        )
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            now = time.perf_counter() - started
-            if pid:
-                break
-            if now > RESTORE_TIMEOUT:
-                proc.kill()
-            if tmp is not None and tmp_at is None and tmp.exists():
-                tmp_at = now
-            if tmp_at is not None and check_at is None and any(s.exists() for s in sidecars):
-                check_at = now
-            if not timed:
-                polled_hwm = max(polled_hwm, _status_kb(proc.pid, "VmHWM"))
-            time.sleep(0.005)
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        stdout.seek(0)
-        stderr.seek(0)
-        out_text = stdout.read().decode(errors="replace")
-        err_text = stderr.read().decode(errors="replace")
-    returncode, cpu, peak = proc.returncode, usage.ru_utime + usage.ru_stime, polled_hwm * 1024
-    if timed:
-        lines = err_text.splitlines()
-        at = max(i for i, line in enumerate(lines) if "Command being timed" in line)
-        stats = dict(line.strip().split(": ", 1) for line in lines[at:] if ": " in line)
-        returncode = int(stats["Exit status"])
-        cpu = float(stats["User time (seconds)"]) + float(stats["System time (seconds)"])
-        peak = int(stats["Maximum resident set size (kbytes)"]) * 1024
-        err_text = "\n".join(lines[:at])
-    return Measured(returncode, wall, cpu, peak, out_text, err_text, tmp_at, check_at)
+    watch = _PhaseWatch(out) if out is not None else None
+    run = run_measured(cmd, env=env, timeout=RESTORE_TIMEOUT, watch=watch)
+    fields = (run.returncode, run.wall_seconds, run.cpu_seconds, run.peak_rss_bytes)
+    if watch is None:
+        return Measured(*fields, run.stdout, run.stderr)
+    return Measured(*fields, run.stdout, run.stderr, watch.tmp_at, watch.check_at)
 
 
 @dataclass(frozen=True, slots=True)

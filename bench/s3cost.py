@@ -41,16 +41,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench.common import (
+    BenchError,
     Metrics,
     PeakSize,
     Poller,
-    ProcUsage,
     init_db,
     log_events,
     log_tail,
     machine,
     print_table,
-    proc_usage,
     read_commits,
     read_metrics,
     s3_env,
@@ -58,6 +57,7 @@ from bench.common import (
     start_writer,
 )
 from tests.faultproxy import FaultProxy
+from tests.measure import ProcUsage, proc_usage
 from tests.procs import start_daemon, stop
 from tests.s3servers import HOST, S3Server, create_bucket, free_port, start_rclone, unique_bucket
 
@@ -83,10 +83,6 @@ OPERATIONS = ("LIST", "GET", "HEAD", "PUT", "MULTIPART", "DELETE")
 #: path and as a URL-encoded ``prefix=`` of a LIST.
 _LEASE_MARKS = (b"/lease/", b"%2Flease%2F")
 _T = TypeVar("_T")
-
-
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead, so none are printed."""
 
 
 class CountingProxy(FaultProxy):

@@ -15,8 +15,8 @@ One run, in a temporary directory:
    daemon's CPU time and peak RSS (VmHWM) then, and its RSS sampled every 0.1 s to tell the
    encoding's memory from the upload's.  Then SIGTERM: the exit status must be 0.
 3. ``replicad restore -o OUT s3://...`` as a child process, twice: with the default full
-   integrity check and with ``--integrity-check none``; wall time, CPU and peak RSS from
-   `wait4` (what ``/usr/bin/time -v`` reports).  The first result must pass
+   integrity check and with ``--integrity-check none``; wall time, CPU from `wait4`, peak RSS
+   from the child's own VmHWM sampled every millisecond (`tests.measure.run_measured`).  The first result must pass
    ``PRAGMA integrity_check`` here too and hold exactly the source's rows.
 4. The baseline: a plain aiobotocore script, also a child process, that streams each object of
    the replica prefix to a local file in 1 MiB reads, one stream per object as the restore
@@ -44,20 +44,17 @@ from aiobotocore.session import AioSession
 from botocore.config import Config
 
 from bench.common import (
-    MeasuredRun,
-    ProcUsage,
-    current_rss,
+    BenchError,
     event_time,
     log_events,
     log_tail,
     machine,
     print_table,
-    proc_usage,
     read_metrics,
-    run_measured,
     s3_env,
     s3_url,
 )
+from tests.measure import MeasuredRun, ProcUsage, current_rss, proc_usage, run_measured
 from tests.procs import start_daemon, stop
 from tests.s3servers import (
     HOST,
@@ -88,10 +85,6 @@ POLL_INTERVAL = 0.1
 #: Seconds allowed for the snapshot upload and for each restore or download.
 SNAPSHOT_TIMEOUT = 3600.0
 RESTORE_TIMEOUT = 3600.0
-
-
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead, so none are printed."""
 
 
 @dataclass(frozen=True, slots=True)
