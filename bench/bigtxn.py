@@ -16,9 +16,9 @@ For each size, in a temporary directory, against ``rclone serve s3`` on 127.0.0.
    it is captured and uploaded (until the metrics report its TXID shipped), and during the
    compaction that follows; its VmHWM (peak over its life) at the end.  Bytes in its state
    directory are sampled too: its files plus the unlinked spool files the daemon holds open.
-4. SIGTERM (flush), then ``replicad restore`` in a child: wall time, peak RSS (its VmHWM, sampled), and
-   the restored rows compared with the source (count and SHA-256 of the ordered contents);
-   ``integrity_check`` is part of the restore.
+4. SIGTERM (flush), then ``replicad restore`` in a child: wall time, peak RSS (its VmHWM,
+   sampled), and the restored rows compared with the source (count and SHA-256 of the
+   ordered contents); ``integrity_check`` is part of the restore.
 
 MB are 10**6 bytes.  Results: docs/benchmarks.md.
 """

@@ -34,13 +34,13 @@ have written it.  One run, in a temporary directory:
 4. **Restores** with the real CLI in child processes: ``replicad restore --dry-run`` (the plan
    as JSON: objects and bytes) and then ``replicad restore -o OUT`` for the newest state,
    `POINTS` random TXIDs (``--txid``) and `POINTS` other random moments (``--timestamp``, 50 ms
-   after a commit, so the expected TXID is that commit's).  Wall time, CPU and peak RSS (the child's sampled
-   VmHWM, `tests.measure.run_measured`); the wall time is split by watching the output
-   directory at each sample: *plan* until OUT.tmp appears (start-up, listing, planning), *apply* until SQLite's
-   -shm or -wal appears beside it (download, decode, write, fsync), *check* to the exit
-   (``PRAGMA integrity_check``, rename).  Correct means: exit 0, the plan and the result name
-   the expected TXID and the same objects and bytes, and the SHA-256 of the whole restored
-   file equals the model's at that TXID.
+   after a commit, so the expected TXID is that commit's).  Wall time, CPU and peak RSS (the
+   child's sampled VmHWM, `tests.measure.run_measured`); the wall time is split by watching the
+   output directory at each sample: *plan* until OUT.tmp appears (start-up, listing, planning),
+   *apply* until SQLite's -shm or -wal appears beside it (download, decode, write, fsync),
+   *check* to the exit (``PRAGMA integrity_check``, rename).  Correct means: exit 0, the plan and
+   the result name the expected TXID and the same objects and bytes, and the SHA-256 of the
+   whole restored file equals the model's at that TXID.
 5. **Raw download baseline** for each restore: exactly the objects of its plan, fetched to
    local files with aiobotocore over the same loopback: the snapshot streamed in 1 MiB reads,
    then the segments in `replicad.restore`'s own schedule (small objects fetched whole, up to
@@ -607,9 +607,11 @@ class _PhaseWatch:
     def __call__(self, elapsed: float) -> None:
         if self.tmp_at is None and self.tmp.exists():
             self.tmp_at = elapsed
-        if self.tmp_at is not None and self.check_at is None:
-            if any(s.exists() for s in self.sidecars):
-                self.check_at = elapsed
+        if self.tmp_at is not None and self.check_at is None and self._checking():
+            self.check_at = elapsed
+
+    def _checking(self) -> bool:
+        return any(s.exists() for s in self.sidecars)
 
 
 def measure(cmd: list[str], env: dict[str, str], out: Path | None = None) -> Measured:

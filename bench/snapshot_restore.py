@@ -16,8 +16,8 @@ One run, in a temporary directory:
    encoding's memory from the upload's.  Then SIGTERM: the exit status must be 0.
 3. ``replicad restore -o OUT s3://...`` as a child process, twice: with the default full
    integrity check and with ``--integrity-check none``; wall time, CPU from `wait4`, peak RSS
-   from the child's own VmHWM sampled every millisecond (`tests.measure.run_measured`).  The first result must pass
-   ``PRAGMA integrity_check`` here too and hold exactly the source's rows.
+   from the child's own VmHWM sampled every millisecond (`tests.measure.run_measured`).  The
+   first result must pass ``PRAGMA integrity_check`` here too and hold exactly the source's rows.
 4. The baseline: a plain aiobotocore script, also a child process, that streams each object of
    the replica prefix to a local file in 1 MiB reads, one stream per object as the restore
    does.  Reported: restore time / download time.
