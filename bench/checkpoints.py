@@ -60,14 +60,13 @@ from bench.common import (
     event_time,
     init_db,
     log_events,
-    log_tail,
     machine,
     percentile,
     print_table,
     read_metrics,
 )
 from tests.measure import proc_usage
-from tests.procs import ROOT, clean_env, replicad, start_daemon, stop
+from tests.procs import ROOT, clean_env, log_tail, replicad, start_daemon, stop, wait_for
 
 DEFAULT_RATE = 500.0
 DEFAULT_SECONDS = 60.0
@@ -336,7 +335,7 @@ def wait_ready(daemon: Daemon) -> None:
         except OSError:
             return False
 
-    _wait(ready, START_TIMEOUT, "replicad's first snapshot", daemon.log)
+    wait_for(ready, START_TIMEOUT, "replicad's first snapshot", log=daemon.log, error=BenchError)
 
 
 def wait_shipped(daemon: Daemon, commits: int) -> Metrics:
@@ -351,16 +350,9 @@ def wait_shipped(daemon: Daemon, commits: int) -> Metrics:
             and m.value("replicad_replica_pending_bytes") == 0
         )
 
-    _wait(shipped, CATCH_UP_TIMEOUT, f"TXID {commits + TXID_OFFSET} in the replica", daemon.log)
+    what = f"TXID {commits + TXID_OFFSET} in the replica"
+    wait_for(shipped, CATCH_UP_TIMEOUT, what, log=daemon.log, error=BenchError)
     return last[0]
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise BenchError(f"no {what} after {timeout:.0f} s\n{log_tail(log)}")
-        time.sleep(0.05)
 
 
 @dataclass(frozen=True, slots=True)

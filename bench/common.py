@@ -343,12 +343,6 @@ def event_time(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
-def log_tail(log: Path, lines: int = 20) -> str:
-    """The last lines of a log, for an error message."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return f"{log.name} (tail):\n" + "\n".join(text.splitlines()[-lines:])
-
-
 # -- command line of the child processes -----------------------------------------------------
 
 

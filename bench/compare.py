@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,7 +67,6 @@ from bench.common import (
     PeakSize,
     Poller,
     init_db,
-    log_tail,
     machine,
     percentile,
     print_table,
@@ -77,7 +76,7 @@ from bench.common import (
 )
 from bench.s3cost import OPERATIONS, CountingProxy, Tally
 from tests.measure import MeasuredRun, ProcUsage, proc_usage, run_measured
-from tests.procs import ROOT, clean_env, start_daemon
+from tests.procs import ROOT, clean_env, log_tail, start_daemon, wait_for_async
 from tests.s3servers import S3Server, create_bucket, raw_client, start_rclone, unique_bucket
 
 ROW_BYTES = 1024
@@ -351,16 +350,6 @@ class Bench:
 # -- small helpers ---------------------------------------------------------------------------
 
 
-async def _wait(predicate: Callable[[], bool], within: float, what: str) -> None:
-    """Poll `predicate` (files of other processes) without blocking the proxy's event loop."""
-    try:
-        async with asyncio.timeout(within):
-            while not predicate():  # noqa: ASYNC110 - other processes' files: nothing to await
-                await asyncio.sleep(0.002)
-    except TimeoutError:
-        raise BenchError(f"timed out after {within:.0f} s waiting for {what}") from None
-
-
 async def _start(tool: Tool, run: Run) -> subprocess.Popen[bytes]:
     """Start the replicator and wait for its first snapshot."""
     proc = tool.start(run)
@@ -371,7 +360,9 @@ async def _start(tool: Tool, run: Run) -> subprocess.Popen[bytes]:
         return tool.started(run)
 
     try:
-        await _wait(ready, START_TIMEOUT, f"{tool.name}'s first snapshot")
+        await wait_for_async(
+            ready, START_TIMEOUT, f"{tool.name}'s first snapshot", error=BenchError, interval=0.002
+        )
     except BaseException:
         _kill(proc)
         raise
@@ -501,7 +492,13 @@ async def kill_trial(bench: Bench, tool: Tool, trial: int, kill_after: float) ->
         writer = start_writer(
             run.db, run.writer_log, rate=KILL_RATE, count=count, row_bytes=ROW_BYTES
         )
-        await _wait(lambda: _lines(run.writer_log) > 0, START_TIMEOUT, "the writer's first commit")
+        await wait_for_async(
+            lambda: _lines(run.writer_log) > 0,
+            START_TIMEOUT,
+            "the writer's first commit",
+            error=BenchError,
+            interval=0.002,
+        )
         await asyncio.sleep(kill_after)
         kill_ns = time.time_ns()
         proc.kill()
@@ -551,7 +548,13 @@ async def shutdown_trial(bench: Bench, tool: Tool, trial: int) -> ShutdownResult
         writer = start_writer(
             run.db, run.writer_log, rate=SHUTDOWN_RATE, count=count, row_bytes=ROW_BYTES
         )
-        await _wait(lambda: _lines(run.writer_log) >= count, 60, "the writer's last commit")
+        await wait_for_async(
+            lambda: _lines(run.writer_log) >= count,
+            60,
+            "the writer's last commit",
+            error=BenchError,
+            interval=0.002,
+        )
         status, seconds = await _stop(tool, run, proc)
         await _run_writer(writer, 60)
     finally:

@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from bench.common import (
 )
 from replicad.position import ObjectKind, ObjectName, parse_key
 from tests.measure import ProcUsage, proc_usage
-from tests.procs import replicad, start_daemon, stop
+from tests.procs import log_tail, replicad, start_daemon, stop, wait_for
 
 DEFAULT_RATE = 100.0
 DEFAULT_SECONDS = 30.0
@@ -148,7 +147,13 @@ def run_once(paths: Paths, *, rate: float, seconds: float, row_bytes: int) -> Re
     daemon = start_daemon([str(paths.db), paths.replica.as_uri()], paths.daemon_log)
     writer: subprocess.Popen[bytes] | None = None
     try:
-        _wait(lambda: bool(_snapshots(paths.replica)), SNAPSHOT_TIMEOUT, "snapshot", paths)
+        wait_for(
+            lambda: bool(_snapshots(paths.replica)),
+            SNAPSHOT_TIMEOUT,
+            "a snapshot in the replica",
+            log=paths.daemon_log,
+            error=BenchError,
+        )
         time.sleep(IDLE_BEFORE_WRITES)
         startup = proc_usage(daemon.pid)
         with Poller([watch, wal]):
@@ -158,7 +163,13 @@ def run_once(paths: Paths, *, rate: float, seconds: float, row_bytes: int) -> Re
             if writer.wait(timeout=seconds * 2 + 60) != 0:
                 raise BenchError(f"the writer failed with status {writer.returncode}")
             last = count + TXID_OFFSET
-            _wait(lambda: _last_txid(watch) >= last, CATCH_UP_TIMEOUT, f"TXID {last}", paths)
+            wait_for(
+                lambda: _last_txid(watch) >= last,
+                CATCH_UP_TIMEOUT,
+                f"TXID {last} in the replica",
+                log=paths.daemon_log,
+                error=BenchError,
+            )
         usage = proc_usage(daemon.pid)
         status = stop(daemon)
     finally:
@@ -167,7 +178,7 @@ def run_once(paths: Paths, *, rate: float, seconds: float, row_bytes: int) -> Re
                 proc.kill()
                 proc.wait()
     if status != 0:
-        raise BenchError(f"the daemon exited with status {status}\n{_log_tail(paths)}")
+        raise BenchError(f"the daemon exited with status {status}\n{log_tail(paths.daemon_log)}")
     commits = read_commits(paths.writer_log)
     segments = _segments(watch)
     _check_mapping(paths.replica, commits, segments, count)
@@ -184,19 +195,6 @@ def run_once(paths: Paths, *, rate: float, seconds: float, row_bytes: int) -> Re
         bytes_uploaded=size,
         peak_wal_bytes=wal.peak,
     )
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str, paths: Paths) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise BenchError(f"no {what} in the replica after {timeout:.0f} s\n{_log_tail(paths)}")
-        time.sleep(0.01)
-
-
-def _log_tail(paths: Paths, lines: int = 20) -> str:
-    text = paths.daemon_log.read_text(errors="replace") if paths.daemon_log.exists() else ""
-    return "daemon log (tail):\n" + "\n".join(text.splitlines()[-lines:])
 
 
 def _snapshots(replica: Path) -> list[ObjectName]:

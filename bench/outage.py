@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import BenchError, log_tail, machine, print_table, read_metrics, s3_env, s3_url
+from bench.common import BenchError, machine, print_table, read_metrics, s3_env, s3_url
 from tests.faultproxy import FaultProxy
-from tests.procs import clean_env, start_daemon, stop
+from tests.procs import clean_env, log_tail, start_daemon, stop
 from tests.s3servers import HOST, create_bucket, free_port, start_rclone, unique_bucket
 
 RATE = 50

@@ -47,7 +47,6 @@ from bench.common import (
     Poller,
     init_db,
     log_events,
-    log_tail,
     machine,
     print_table,
     read_commits,
@@ -58,7 +57,7 @@ from bench.common import (
 )
 from tests.faultproxy import FaultProxy
 from tests.measure import ProcUsage, proc_usage
-from tests.procs import start_daemon, stop
+from tests.procs import log_tail, start_daemon, stop, wait_for_async
 from tests.s3servers import HOST, S3Server, create_bucket, free_port, start_rclone, unique_bucket
 
 DEFAULT_SECONDS = 60.0
@@ -275,17 +274,6 @@ def _phase(
 # -- waiting ---------------------------------------------------------------------------------
 
 
-async def _wait(predicate: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
-    """Poll without blocking the event loop, which also runs the proxy."""
-    try:
-        async with asyncio.timeout(seconds):
-            # Polling other processes (files, HTTP): nothing in this process could set an Event.
-            while not await predicate():  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise BenchError(f"timed out after {seconds:.0f} s waiting for {what}") from None
-
-
 async def _started(daemon: Daemon) -> None:
     """Wait for the daemon to resume or upload its first snapshot, and for the metrics."""
 
@@ -297,7 +285,9 @@ async def _started(daemon: Daemon) -> None:
         events = await asyncio.to_thread(log_events, daemon.log)
         return any(e.get("event") in STARTED_EVENTS for e in events)
 
-    await _wait(ready, START_TIMEOUT, "the daemon's start-up")
+    await wait_for_async(
+        ready, START_TIMEOUT, "the daemon's start-up", error=BenchError, interval=0.05
+    )
     await asyncio.sleep(SETTLE)
 
 
@@ -311,7 +301,13 @@ async def _write(bench: Bench, daemon: Daemon, *, rate: float, seconds: float, t
     log = bench.root / f"writer-{tag}.log"
     writer = start_writer(bench.db, log, rate=rate, count=count, row_bytes=ROW_BYTES)
     try:
-        await _wait(lambda: _exited(writer), seconds * 3 + 60, f"the writer's {count} commits")
+        await wait_for_async(
+            lambda: _exited(writer),
+            seconds * 3 + 60,
+            f"the writer's {count} commits",
+            error=BenchError,
+            interval=0.05,
+        )
     finally:
         if writer.poll() is None:
             writer.kill()
@@ -322,7 +318,9 @@ async def _write(bench: Bench, daemon: Daemon, *, rate: float, seconds: float, t
     async def shipped() -> bool:
         return (await daemon.metrics()).value("replicad_replica_txid") >= target
 
-    await _wait(shipped, CATCH_UP_TIMEOUT, f"replica TXID {target:.0f}")
+    await wait_for_async(
+        shipped, CATCH_UP_TIMEOUT, f"replica TXID {target:.0f}", error=BenchError, interval=0.05
+    )
     commits = read_commits(log)
     return (len(commits) - 1) / ((commits[-1].time_ns - commits[0].time_ns) / 1e9)
 

@@ -47,7 +47,6 @@ from bench.common import (
     BenchError,
     event_time,
     log_events,
-    log_tail,
     machine,
     print_table,
     read_metrics,
@@ -55,7 +54,7 @@ from bench.common import (
     s3_url,
 )
 from tests.measure import MeasuredRun, ProcUsage, current_rss, proc_usage, run_measured
-from tests.procs import start_daemon, stop
+from tests.procs import log_tail, start_daemon, stop
 from tests.s3servers import (
     HOST,
     REGION,

@@ -6,16 +6,20 @@ and AWS variables that must not leak into what a test measures.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = ROOT / "tests" / "workload.py"
+#: How often `wait_for` looks at its condition.
+POLL_INTERVAL = 0.02
 
 # Scripts for other SQLite users of the application's database, run with `python -c SCRIPT`.
 
@@ -124,10 +128,57 @@ def replicad(
     )
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` until true; fail the test with `what` after `timeout` seconds."""
+def log_tail(log: Path, lines: int = 20) -> str:
+    """The last lines of a log, for an error message."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return f"{log.name} (tail):\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def _timed_out(what: str, timeout: float, log: Path | None) -> str:
+    message = f"timed out after {timeout:.1f}s waiting for {what}"
+    return message if log is None else f"{message}\n{log_tail(log)}"
+
+
+def wait_for(
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    *,
+    log: Path | None = None,
+    error: type[BaseException] = AssertionError,
+    interval: float = POLL_INTERVAL,
+) -> None:
+    """Poll `predicate` until true; after `timeout` seconds raise `error` naming `what`.
+
+    With `log` (a daemon's, say) the message ends with its tail, so a failure says what the
+    process was doing.
+    """
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+            raise error(_timed_out(what, timeout, log))
+        time.sleep(interval)
+
+
+async def wait_for_async(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    within: float,
+    what: str,
+    *,
+    log: Path | None = None,
+    error: type[BaseException] = AssertionError,
+    interval: float = POLL_INTERVAL,
+) -> None:
+    """`wait_for` inside an event loop (one that also runs a proxy or a server).
+
+    The predicate may be a coroutine function; the loop keeps running between polls.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        outcome = predicate()
+        if await outcome if inspect.isawaitable(outcome) else outcome:
+            return
+        if time.monotonic() > deadline:
+            raise error(_timed_out(what, within, log))
+        # Polling other processes' files or endpoints: nothing in this process could set an Event.
+        await asyncio.sleep(interval)
