@@ -41,7 +41,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -55,7 +54,6 @@ from pathlib import Path
 
 from bench.common import (
     BenchError,
-    Metrics,
     Poller,
     event_time,
     init_db,
@@ -63,10 +61,17 @@ from bench.common import (
     machine,
     percentile,
     print_table,
-    read_metrics,
 )
 from tests.measure import proc_usage
-from tests.procs import ROOT, clean_env, log_tail, replicad, start_daemon, stop, wait_for
+from tests.procs import (
+    ROOT,
+    Daemon,
+    Metrics,
+    clean_env,
+    replicad,
+    wait_for,
+)
+from tests.workload import paced
 
 DEFAULT_RATE = 500.0
 DEFAULT_SECONDS = 60.0
@@ -100,7 +105,6 @@ CATCH_UP_TIMEOUT = 30.0
 IDLE_BEFORE_WRITES = 1.0
 #: The daemon's first snapshot is TXID 1, so writer commit k is replica TXID k + 1.
 TXID_OFFSET = 1
-HOST = "127.0.0.1"
 _WAL_HEADER = 32
 
 
@@ -121,10 +125,8 @@ def _child_write(
     if autocheckpoint is not None:
         conn.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint)}")
     lines = []
-    interval = 1.0 / rate
-    next_at = time.monotonic()
     try:
-        for k in range(1, count + 1):
+        for k in paced(range(1, count + 1), rate):
             payload = os.urandom(ROW_BYTES)
             wall, begin = time.time_ns(), time.monotonic_ns()
             conn.execute("BEGIN")
@@ -132,10 +134,6 @@ def _child_write(
             inserted = time.monotonic_ns()
             conn.execute("COMMIT")
             lines.append(f"{k} {wall} {begin} {inserted} {time.monotonic_ns()}\n")
-            next_at += interval
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
     finally:
         conn.close()
         log.write_text("".join(lines))
@@ -285,27 +283,6 @@ class WalWatch:
 # -- replicad ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A port nothing listens on right now on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass(slots=True)
-class Daemon:
-    """One replicad process with its metrics address and log."""
-
-    proc: subprocess.Popen[bytes]
-    address: str
-    log: Path
-
-    def metrics(self) -> Metrics:
-        """A scrape of /metrics."""
-        return read_metrics(self.address)
-
-
 def start_replicad(root: Path) -> Daemon:
     """replicad on root/app.db -> root/replica, with `DAEMON_SETTINGS` and debug logs (the
     debug level logs every checkpoint it runs, with its mode, busy flag and duration).
@@ -316,24 +293,15 @@ def start_replicad(root: Path) -> Daemon:
         f"[[databases]]\npath = '{root / 'app.db'}'\n{settings}"
         f"[[databases.replicas]]\nurl = '{(root / 'replica').as_uri()}'\n"
     )
-    address = f"{HOST}:{free_port()}"
-    log = root / "daemon.log"
-    args = ["-c", str(config), "--metrics-addr", address, "--log-level", "debug"]
-    return Daemon(start_daemon(args, log), address, log)
+    return Daemon.start(["-c", str(config), "--log-level", "debug"], root / "daemon.log")
 
 
 def wait_ready(daemon: Daemon) -> None:
     """Until the first snapshot is taken and the metrics endpoint answers."""
 
     def ready() -> bool:
-        if daemon.proc.poll() is not None:
-            raise BenchError(
-                f"replicad exited with {daemon.proc.returncode}\n{log_tail(daemon.log)}"
-            )
-        try:
-            return daemon.metrics().value("replicad_snapshots_total") >= 1
-        except OSError:
-            return False
+        daemon.check_running(BenchError)
+        return daemon.metric("replicad_snapshots_total") >= 1
 
     wait_for(ready, START_TIMEOUT, "replicad's first snapshot", log=daemon.log, error=BenchError)
 
@@ -392,9 +360,7 @@ class DaemonReport:
 def _finish_daemon(daemon: Daemon, root: Path, commits: int) -> DaemonReport:
     metrics = wait_shipped(daemon, commits)
     cpu = proc_usage(daemon.proc.pid).cpu_seconds
-    status = stop(daemon.proc)
-    if status != 0:
-        raise BenchError(f"replicad exited with status {status}\n{log_tail(daemon.log)}")
+    daemon.stop(error=BenchError)
     return DaemonReport(
         snapshots=round(metrics.value("replicad_snapshots_total")),
         continuity_losses=round(metrics.value("replicad_continuity_losses_total")),

@@ -33,16 +33,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.procs import ROOT, clean_env
+from tests.workload import paced
 
 if TYPE_CHECKING:  # only for annotations: the writer process should not import aiobotocore
     from tests.s3servers import S3Server
@@ -92,20 +90,14 @@ def _init(db: Path) -> None:
 def _write(db: Path, log_path: Path, *, rate: float, count: int, row_bytes: int) -> None:
     """Commit on an absolute schedule, so a slow commit is caught up rather than drifting."""
     conn = sqlite3.connect(db, isolation_level=None, timeout=30)
-    interval = 1.0 / rate
-    next_at = time.monotonic()
     try:
         with log_path.open("a", buffering=1) as log:
-            for k in range(1, count + 1):
+            for k in paced(range(1, count + 1), rate):
                 conn.execute("BEGIN")
                 conn.execute("INSERT INTO rows(payload) VALUES (?)", (os.urandom(row_bytes),))
                 start_ns = time.time_ns()
                 conn.execute("COMMIT")
                 log.write(f"{k} {time.time_ns()} {start_ns}\n")
-                next_at += interval
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
     finally:
         conn.close()
 
@@ -290,40 +282,6 @@ def s3_env(server: S3Server, workdir: Path) -> dict[str, str]:
         "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "absent-aws-credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-
-
-@dataclass(frozen=True, slots=True)
-class Metrics:
-    """One scrape of the daemon's ``/metrics``: sample name and labels -> value."""
-
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-    def value(self, name: str, **labels: str) -> float:
-        """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
-        wanted = set(labels.items())
-        return sum(v for (n, ls), v in self.samples.items() if n == name and wanted <= ls)
-
-    def by_label(self, name: str, label: str) -> dict[str, float]:
-        """Samples called `name`, summed per value of `label`."""
-        out: dict[str, float] = {}
-        for (n, ls), v in self.samples.items():
-            key = dict(ls).get(label)
-            if n == name and key is not None:
-                out[key] = out.get(key, 0.0) + v
-        return out
-
-
-def read_metrics(address: str, *, timeout: float = 5.0) -> Metrics:
-    """Scrape ``http://ADDRESS/metrics`` (a daemon started with ``--metrics-addr ADDRESS``)."""
-    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with no_proxy.open(f"http://{address}/metrics", timeout=timeout) as response:
-        text = response.read().decode()
-    samples = {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-    return Metrics(samples)
 
 
 def log_events(log: Path) -> list[dict[str, Any]]:

@@ -78,6 +78,7 @@ from bench.s3cost import OPERATIONS, CountingProxy, Tally
 from tests.measure import MeasuredRun, ProcUsage, proc_usage, run_measured
 from tests.procs import ROOT, clean_env, log_tail, start_daemon, wait_for_async
 from tests.s3servers import S3Server, create_bucket, raw_client, start_rclone, unique_bucket
+from tests.workload import paced
 
 ROW_BYTES = 1024
 #: Seconds from a replicator's first snapshot to the first commit, so each run starts against
@@ -896,11 +897,10 @@ def _history_write(db: Path, log_path: Path, base_rows: int, tail_txns: int) -> 
     Every transaction k inserts row k; `ver` holds the last k that wrote the row.
     """
     conn = sqlite3.connect(db, isolation_level=None, timeout=30)
-    interval = 1.0 / HISTORY_TAIL_RATE
-    next_at = 0.0
     try:
         with log_path.open("a", buffering=1) as log:
-            for k in range(1, base_rows + tail_txns + 1):
+
+            def commit(k: int) -> None:
                 tail = k > base_rows
                 size = HISTORY_TAIL_BYTES if tail else HISTORY_BASE_BYTES
                 conn.execute("BEGIN")
@@ -916,11 +916,11 @@ def _history_write(db: Path, log_path: Path, base_rows: int, tail_txns: int) -> 
                 start_ns = time.time_ns()
                 conn.execute("COMMIT")
                 log.write(f"{k} {time.time_ns()} {start_ns}\n")
-                if tail:
-                    next_at = next_at + interval if next_at else time.monotonic() + interval
-                    delay = next_at - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+
+            for k in range(1, base_rows + 1):
+                commit(k)
+            for k in paced(range(base_rows + 1, base_rows + tail_txns + 1), HISTORY_TAIL_RATE):
+                commit(k)
     finally:
         conn.close()
 

@@ -43,28 +43,10 @@ from typing import Any
 from aiobotocore.session import AioSession
 from botocore.config import Config
 
-from bench.common import (
-    BenchError,
-    event_time,
-    log_events,
-    machine,
-    print_table,
-    read_metrics,
-    s3_env,
-    s3_url,
-)
+from bench.common import BenchError, event_time, log_events, machine, print_table, s3_env, s3_url
 from tests.measure import MeasuredRun, ProcUsage, current_rss, proc_usage, run_measured
-from tests.procs import log_tail, start_daemon, stop
-from tests.s3servers import (
-    HOST,
-    REGION,
-    S3Server,
-    create_bucket,
-    free_port,
-    raw_client,
-    start_rclone,
-    unique_bucket,
-)
+from tests.procs import HOST, free_port, log_tail, read_metrics, start_daemon, stop
+from tests.s3servers import REGION, S3Server, create_bucket, raw_client, start_rclone, unique_bucket
 
 DEFAULT_SIZE_MB = 1024
 QUICK_SIZE_MB = 128

@@ -10,13 +10,20 @@ import asyncio
 import inspect
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 ROOT = Path(__file__).resolve().parent.parent
+#: Every server and daemon in the tests and benchmarks listens here and nowhere else.
+HOST = "127.0.0.1"
 WORKLOAD = ROOT / "tests" / "workload.py"
 #: How often `wait_for` looks at its condition.
 POLL_INTERVAL = 0.02
@@ -69,6 +76,48 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """One scrape of the daemon's ``/metrics``: sample name and labels -> value."""
+
+    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
+        wanted = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == name and wanted <= ls)
+
+    def by_label(self, name: str, label: str) -> dict[str, float]:
+        """Samples called `name`, summed per value of `label`."""
+        out: dict[str, float] = {}
+        for (n, ls), v in self.samples.items():
+            key = dict(ls).get(label)
+            if n == name and key is not None:
+                out[key] = out.get(key, 0.0) + v
+        return out
+
+
+def read_metrics(address: str, *, timeout: float = 5.0) -> Metrics:
+    """Scrape ``http://ADDRESS/metrics`` (a daemon started with ``--metrics-addr ADDRESS``)."""
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with no_proxy.open(f"http://{address}/metrics", timeout=timeout) as response:
+        text = response.read().decode()
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    return Metrics(samples)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now (a server may still lose a race for it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def start_daemon(
     args: list[str], log: Path, *, env: Mapping[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
@@ -111,6 +160,49 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
     if proc.poll() is None:
         proc.send_signal(sig)
     return proc.wait(timeout=timeout)
+
+
+@dataclass(slots=True)
+class Daemon:
+    """A `replicad replicate` child process with its metrics address and JSON log."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    log: Path
+
+    @classmethod
+    def start(cls, args: list[str], log: Path, *, env: Mapping[str, str] | None = None) -> Daemon:
+        """`replicad replicate ARGS` serving its metrics on a free loopback port."""
+        address = f"{HOST}:{free_port()}"
+        return cls(start_daemon([*args, "--metrics-addr", address], log, env=env), address, log)
+
+    def metrics(self) -> Metrics:
+        """A scrape of its ``/metrics``; OSError while the endpoint is not up."""
+        return read_metrics(self.address)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One metric (summed over other labels); 0 while the endpoint is not up."""
+        try:
+            return self.metrics().value(name, **labels)
+        except OSError:
+            return 0.0
+
+    def check_running(self, error: type[BaseException] = AssertionError) -> None:
+        """Raise `error` with the log's tail if the process has exited."""
+        if self.proc.poll() is not None:
+            raise error(f"replicad exited with {self.proc.returncode}\n{log_tail(self.log)}")
+
+    def stop(self, *, timeout: float = 60, error: type[BaseException] = AssertionError) -> None:
+        """SIGTERM (a clean shutdown); raise `error` with the log's tail unless it exits 0."""
+        status = stop(self.proc, timeout=timeout)
+        if status != 0:
+            raise error(f"replicad exited with status {status}\n{log_tail(self.log)}")
+
+    def kill(self) -> None:
+        """SIGKILL and reap, if still running (cleanup after a failure)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def replicad(

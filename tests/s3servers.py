@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,8 +26,8 @@ from aiobotocore.session import AioSession
 from botocore.config import Config
 
 from replicad.clients.base import ReplicaClient
+from tests.procs import HOST, free_port
 
-HOST = "127.0.0.1"
 REGION = "us-east-1"
 #: Deliberately not the "minioadmin"-style defaults, so a client silently using anything but
 #: the credentials it was given fails.
@@ -103,14 +102,6 @@ def venv_binary(name: str) -> str:
     if found is None:
         raise RuntimeError(f"{name} is not installed (pip install -e '.[test]')")
     return found
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (the server may still lose a race for it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_rclone(workdir: Path) -> S3Server:

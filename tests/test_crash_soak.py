@@ -68,17 +68,10 @@ import pytest
 from replicad.position import ObjectKind, ObjectName, parse_key
 from tests import workload
 from tests.faultproxy import FaultProxy
-from tests.procs import CHECKPOINTER, LONG_READER, ROOT, clean_env, replicad
+from tests.procs import CHECKPOINTER, LONG_READER, ROOT, clean_env, free_port, replicad
 from tests.procs import start_daemon as start_daemon_process
 from tests.procs import start_writer as start_writer_process
-from tests.s3servers import (
-    S3Server,
-    child_env,
-    create_bucket,
-    free_port,
-    raw_client,
-    unique_bucket,
-)
+from tests.s3servers import S3Server, child_env, create_bucket, raw_client, unique_bucket
 
 pytestmark = pytest.mark.usefixtures("isolated_aws_environment")
 

@@ -12,7 +12,8 @@ import pytest
 
 from replicad.clients.s3 import S3ReplicaClient
 from replicad.errors import ConfigError, ReplicaAccessError, ReplicaUnavailableError
-from tests.s3servers import S3Server, create_bucket, free_port, unique_bucket
+from tests.procs import free_port
+from tests.s3servers import S3Server, create_bucket, unique_bucket
 
 pytestmark = pytest.mark.usefixtures("isolated_aws_environment")
 
