@@ -77,7 +77,15 @@ from bench.common import (
 from bench.s3cost import OPERATIONS, CountingProxy, Tally
 from tests.measure import MeasuredRun, ProcUsage, proc_usage, run_measured
 from tests.procs import ROOT, clean_env, log_tail, start_daemon, wait_for_async
-from tests.s3servers import S3Server, create_bucket, raw_client, start_rclone, unique_bucket
+from tests.s3servers import (
+    S3Server,
+    create_bucket,
+    download,
+    list_sizes,
+    raw_client,
+    start_rclone,
+    unique_bucket,
+)
 from tests.workload import paced
 
 ROW_BYTES = 1024
@@ -103,7 +111,6 @@ HISTORY_TAIL_RATE = 250.0
 VER_WIDTH = 10
 #: GETs in flight in the raw download: both tools' default restore parallelism.
 DOWNLOAD_CONCURRENCY = 8
-DOWNLOAD_CHUNK = 1 << 20
 SEED = 20_251_124
 
 
@@ -727,32 +734,14 @@ async def raw_download(run: Run, keys: Sequence[str] | None, dest: Path) -> RawD
     base = run.prefix + "/"
     async with raw_client(run.server) as s3:
         started = time.perf_counter()
-        listed: dict[str, int] = {}
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=run.bucket, Prefix=base)
-        async for page in pages:
-            listed.update((o["Key"][len(base) :], o["Size"]) for o in page.get("Contents", ()))
+        listed = await list_sizes(s3, run.bucket, base)
         wanted = list(listed) if keys is None else list(keys)
         missing = [k for k in wanted if k not in listed]
         if missing:
             raise BenchError(f"planned objects not in the listing of {base}: {missing[:3]}")
-        gate = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
-
-        async def get(n: int, key: str) -> None:
-            async with gate:
-                response = await s3.get_object(Bucket=run.bucket, Key=base + key)
-                body = response["Body"]
-                try:
-                    with (dest / f"object-{n}").open("wb") as sink:
-                        while chunk := await body.read(DOWNLOAD_CHUNK):
-                            sink.write(chunk)
-                finally:
-                    body.close()
-
-        async with asyncio.TaskGroup() as group:
-            for n, key in enumerate(wanted):
-                group.create_task(get(n, key))
+        wanted_keys = [base + k for k in wanted]
+        size = await download(s3, run.bucket, wanted_keys, dest, concurrency=DOWNLOAD_CONCURRENCY)
         seconds = time.perf_counter() - started
-    size = sum(listed[k] for k in wanted)
     shutil.rmtree(dest)
     return RawDownload(len(wanted), size, seconds)
 

@@ -18,13 +18,12 @@ have written it.  One run, in a temporary directory:
    `GROW_EVERY` also grows the file by a page: a new freelist trunk page plus page 1's header
    (database size, freelist head and count).  Every change is also written (``os.pwrite``) to a
    model copy of the database file, whose SHA-256 is recorded at the TXIDs to be restored.
-   Transactions are grouped into level-0 segments of `--batch-seconds` (the daemon uploads
-   one a second; the default is 5 s, and 1 s with `--quick`, because `rclone serve s3` gets
-   slower per PUT and per listing as a directory fills: see docs/benchmarks.md; commit times
-   are evenly spaced, 100 ms apart at 10 txn/s), encoded with `encode_object` as
-   `replicad.replica` does (with a plausible WAL position, which a restore does not use), spooled
-   to one local file, then uploaded with `S3ReplicaClient.put_object`, `UPLOAD_CONCURRENCY`
-   in flight.
+   Transactions are grouped into level-0 segments of `--batch-seconds` (the daemon uploads one a
+   second; the default is 5 s, and 1 s with `--quick`, because `rclone serve s3` gets slower per
+   PUT and per listing as a directory fills: see docs/benchmarks.md; commit times are evenly
+   spaced, 100 ms apart at 10 txn/s), encoded by `replicad.replica`'s own level-0 segment
+   encoder (with a plausible WAL position, which a restore does not use), spooled to one local
+   file, then uploaded with `S3ReplicaClient.put_object`, `UPLOAD_CONCURRENCY` in flight.
 3. **Compaction.**  `plan_compaction` (levels 30 s / 5 min / 1 h, settle 0, now = end of the
    history) and `compact` until nothing more is planned.  Level-0 sources come from the local
    spool, as the daemon takes them from its cache of recent uploads; higher levels are read back
@@ -75,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import BenchError, machine, print_table, s3_env, s3_url
+from replicad import replica as replica_module
 from replicad import restore as restore_module
 from replicad.clients.s3 import S3ReplicaClient
 from replicad.compaction import (
@@ -84,18 +84,25 @@ from replicad.compaction import (
     compact,
     plan_compaction,
 )
-from replicad.format import ObjectHeader, ObjectWriter, Transaction, TxnInfo, encode_object
+from replicad.db import CapturedTxn
+from replicad.format import ObjectHeader, ObjectWriter
 from replicad.position import (
     ObjectKind,
     ObjectName,
     WalPosition,
     parse_key,
-    segment_name,
     snapshot_name,
 )
 from tests.measure import run_measured
 from tests.procs import ROOT
-from tests.s3servers import S3Server, create_bucket, raw_client, start_rclone, unique_bucket
+from tests.s3servers import (
+    S3Server,
+    create_bucket,
+    raw_client,
+    start_rclone,
+    stream_object,
+    unique_bucket,
+)
 
 DEFAULT_SIZE_MB = 1024
 DEFAULT_HOURS = 24.0
@@ -120,7 +127,6 @@ UPLOAD_CONCURRENCY = 32
 COMPACTION_CONCURRENCY = 4
 #: The raw download's parallel variant, and its read size (replicad.clients.s3.CHUNK_SIZE).
 RAW_PARALLEL = 8
-RAW_CHUNK = 1 << 20
 #: Where SQLite's lock-byte page sits (it is never used, but the file includes it).
 PENDING_BYTE = 0x40000000
 #: WAL frames after which the simulated WAL restarts (new salts) for the segment positions.
@@ -402,7 +408,7 @@ def generate_history(
     with spool.open("wb") as out:
         while txid <= timeline.last_txid:
             last = min(txid + timeline.per_segment - 1, timeline.last_txid)
-            txns: list[Transaction] = []
+            txns: list[tuple[int, int, list[tuple[int, bytes]]]] = []  # txid, db_pages, pages
             frames = 0
             for k in range(txid, last + 1):
                 pages: list[tuple[int, bytes]] = []
@@ -411,33 +417,19 @@ def generate_history(
                     grows += 1
                 for leaf in rng.sample(range(leaves), rng.randint(1, 3)):
                     pages.append(model.rewrite(leaf, content))
-                info = TxnInfo(k, timeline.commit_ns(k), model.db_pages, len(pages))
-                txns.append(Transaction(info, pages))
+                txns.append((k, model.db_pages, pages))
                 frames += len(pages)
                 if k in check_txids:
                     hashing = time.perf_counter()
                     expected[k] = (model.sha256(), model.db_pages * PAGE_SIZE)
                     hash_seconds += time.perf_counter() - hashing
-            first_ns, last_ns = txns[0].info.commit_time_ns, txns[-1].info.commit_time_ns
-            name = segment_name(
-                level=0,
-                first_txid=txid,
-                last_txid=last,
-                min_time_ms=first_ns // 1_000_000,
-                max_time_ms=last_ns // 1_000_000,
-            )
-            header = ObjectHeader(
-                kind=ObjectKind.SEGMENT,
-                page_size=PAGE_SIZE,
-                level=0,
-                first_txid=txid,
-                last_txid=last,
-                min_time_ns=first_ns,
-                max_time_ns=last_ns,
-                db_pages=model.db_pages,
-                position=wal.advance(frames, last),
-            )
-            data = encode_object(header, txns)
+            # The daemon's own level-0 encoder names the segment and writes its header, so this
+            # history cannot drift from what the daemon uploads.  (Private in replica.py until
+            # one public function builds every object's header and name.)  The WAL position it
+            # records is the last transaction's end, as when the daemon captures it.
+            end = wal.advance(frames, last)
+            batch = [CapturedTxn(k, timeline.commit_ns(k), n, p, end) for k, n, p in txns]
+            name, data = replica_module._encode_segment(batch, PAGE_SIZE, 0)
             out.write(data)
             segments.append(Spooled(name, offset, len(data)))
             offset += len(data)
@@ -745,11 +737,7 @@ async def raw_download(
     async with raw_client(server) as s3:
 
         async def stream(key: str, path: Path) -> None:
-            response = await s3.get_object(Bucket=bucket, Key=f"{PREFIX}/{key}")
-            with path.open("wb") as f:
-                async with response["Body"] as body:
-                    while chunk := await body.read(RAW_CHUNK):
-                        f.write(chunk)
+            await stream_object(s3, bucket, f"{PREFIX}/{key}", path)
 
         async def whole(key: str) -> bytes:
             response = await s3.get_object(Bucket=bucket, Key=f"{PREFIX}/{key}")

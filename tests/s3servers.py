@@ -8,6 +8,7 @@ reaches them.  Clients talking to them must be isolated the same way; see
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import shutil
@@ -228,3 +229,44 @@ async def create_bucket(server: S3Server, bucket: str) -> None:
     """Create `bucket` on `server`."""
     async with raw_client(server) as s3:
         await s3.create_bucket(Bucket=bucket)
+
+
+# -- raw downloads: the baseline a restore is compared with --------------------------------------
+
+#: Read size of a raw download: what a plain streaming client would use.
+DOWNLOAD_CHUNK = 1 << 20
+
+
+async def list_sizes(s3: Any, bucket: str, prefix: str) -> dict[str, int]:
+    """Key (relative to `prefix`) -> size of every object under `prefix`, in listing order."""
+    found: dict[str, int] = {}
+    async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        found.update((o["Key"][len(prefix) :], o["Size"]) for o in page.get("Contents", ()))
+    return found
+
+
+async def stream_object(s3: Any, bucket: str, key: str, path: Path) -> int:
+    """GET `key` into the file `path` in `DOWNLOAD_CHUNK` reads; bytes written."""
+    response = await s3.get_object(Bucket=bucket, Key=key)
+    written = 0
+    async with response["Body"] as body:
+        with path.open("wb") as sink:
+            while chunk := await body.read(DOWNLOAD_CHUNK):
+                sink.write(chunk)
+                written += len(chunk)
+    return written
+
+
+async def download(s3: Any, bucket: str, keys: list[str], dest: Path, *, concurrency: int) -> int:
+    """Stream `keys` to files ``object-N`` in `dest`, `concurrency` at a time; bytes written."""
+    gate = asyncio.Semaphore(concurrency)
+    sizes: list[int] = []
+
+    async def get(n: int, key: str) -> None:
+        async with gate:
+            sizes.append(await stream_object(s3, bucket, key, dest / f"object-{n}"))
+
+    async with asyncio.TaskGroup() as group:
+        for n, key in enumerate(keys):
+            group.create_task(get(n, key))
+    return sum(sizes)
