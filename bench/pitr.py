@@ -262,17 +262,21 @@ class Timeline:
 
     @property
     def last_txid(self) -> int:
+        """The newest TXID: the base snapshot (1) plus every transaction."""
         return self.transactions + 1
 
     @property
     def end_ns(self) -> int:
+        """When the last transaction committed, Unix ns."""
         return self.t0_ns + self.transactions * self.interval_ns
 
     @property
     def segments(self) -> int:
+        """Level-0 segments the history is cut into."""
         return -(-self.transactions // self.per_segment)
 
     def commit_ns(self, txid: int) -> int:
+        """When transaction `txid` committed, Unix ns: half an interval into its slot."""
         if txid == 1:
             return self.t0_ns
         return self.t0_ns + (txid - 2) * self.interval_ns + self.interval_ns // 2
@@ -292,6 +296,7 @@ class Model:
         self.pending_page = PENDING_BYTE // PAGE_SIZE + 1
 
     def close(self) -> None:
+        """Close the model file."""
         os.close(self.fd)
 
     def _read(self, pgno: int) -> bytearray:
@@ -329,6 +334,7 @@ class Model:
         return [(1, bytes(header)), (new, bytes(trunk))]
 
     def sha256(self) -> str:
+        """SHA-256 of the model file as it stands."""
         digest = hashlib.sha256()
         size = self.db_pages * PAGE_SIZE
         for offset in range(0, size, 8 << 20):
@@ -346,6 +352,7 @@ class WalSim:
     frames: int = 0
 
     def advance(self, frames: int, txid: int) -> WalPosition:
+        """Move past `frames` frames of transaction `txid`; the WAL position after them."""
         self.frames += frames
         position = WalPosition(
             self.salt1,
@@ -490,6 +497,7 @@ class SpoolCache(Mapping[ObjectName, bytes]):
         return len(self._where)
 
     def close(self) -> None:
+        """Close the spool file."""
         os.close(self._fd)
 
 
@@ -635,19 +643,23 @@ class RestoreRow:
 
     @property
     def objects(self) -> int:
+        """Objects the restore plan reads."""
         return len(self.plan["objects"])
 
     @property
     def planning(self) -> float:
+        """Seconds from start to OUT.tmp appearing: start-up, listing and planning."""
         return self.run.tmp_at or 0.0
 
     @property
     def applying(self) -> float:
+        """Seconds spent downloading, decoding and writing pages."""
         end = self.run.check_at or self.run.wall_seconds
         return end - self.planning
 
     @property
     def checking(self) -> float:
+        """Seconds of the integrity check and the final rename."""
         return self.run.wall_seconds - (self.run.check_at or self.run.wall_seconds)
 
 
@@ -670,6 +682,7 @@ def choose_points(timeline: Timeline, rng: random.Random) -> list[Point]:
 
 
 def replicad_cmd(*args: str) -> list[str]:
+    """The command line of `python -m replicad ARGS`."""
     return [sys.executable, "-m", "replicad", *args]
 
 
@@ -789,6 +802,8 @@ async def raw_download(
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """How much history to build and how fast it was written."""
+
     size_mb: int
     hours: float
     rate: int
@@ -1008,6 +1023,7 @@ def report(
     rows: list[RestoreRow],
     total_seconds: float,
 ) -> None:
+    """Print the tables of one run."""
     print("\nReplica after compaction:")
     levels: dict[str, list[int]] = {}
     for name, size in sorted(objects.items()):
@@ -1087,6 +1103,7 @@ def report(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: build the history, restore, report."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.pitr",
         description=__doc__,
