@@ -13,68 +13,14 @@ from pathlib import Path
 import pytest
 
 from replicad.clients.file import FileReplicaClient
-from replicad.db import DEFAULT_SPILL_BYTES, CapturedTxn, Database
+from replicad.db import CapturedTxn, Database
 from replicad.errors import DatabaseError, ReplicaUnavailableError, StateError
 from replicad.position import WalPosition, parse_key
 from replicad.replica import Replica
 from replicad.replicator import DatabaseReplicator
-from replicad.restore import restore
+from replicad.testing import ReplicatorHarness as Harness
 from tests import workload
 from tests.procs import clean_env
-
-
-class Harness:
-    """One database, one file replica, and a replicator driven by explicit steps."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        #: Transactions above this are captured into a spool file (see replicad.spool).
-        self.spill_bytes = DEFAULT_SPILL_BYTES
-        self.db_path = tmp / "app.db"
-        self.replica_dir = tmp / "replica"
-        self.rep: DatabaseReplicator | None = None
-        self.restores = 0
-
-    def app(self, *, autocheckpoint: int = 0) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=10)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint}")
-        conn.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
-        return conn
-
-    async def start(self) -> DatabaseReplicator:
-        replica = Replica("r", FileReplicaClient(self.replica_dir))
-        self.rep = DatabaseReplicator(
-            Database(self.db_path, spill_dir=self.tmp / "state", spill_bytes=self.spill_bytes),
-            [replica],
-            name="app",
-            state_dir=self.tmp / "state",
-            sync_interval=0,
-        )
-        await self.rep.start()
-        await replica.upload()
-        return self.rep
-
-    async def step(self) -> None:
-        assert self.rep is not None
-        await self.rep.sync_step()
-        for replica in self.rep.replicas:
-            await replica.upload()
-
-    def stop(self) -> None:
-        assert self.rep is not None
-        self.rep.close()
-        self.rep = None
-
-    async def restored(self) -> Path:
-        self.restores += 1
-        out = self.tmp / f"restored{self.restores}.db"
-        await restore(FileReplicaClient(self.replica_dir), out)
-        assert workload.integrity(out) == "ok"
-        return out
-
-    def snapshots(self) -> int:
-        return len(list((self.replica_dir / "snapshots").glob("*.snap")))
 
 
 def insert(conn: sqlite3.Connection, n: int, size: int = 200) -> None:
