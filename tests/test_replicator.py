@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import sqlite3
 import subprocess
@@ -20,7 +21,7 @@ from replicad.replica import Replica
 from replicad.replicator import DatabaseReplicator
 from replicad.testing import ReplicatorHarness as Harness
 from tests import workload
-from tests.procs import clean_env
+from tests.procs import clean_env, wait_for_async
 
 
 def insert(conn: sqlite3.Connection, n: int, size: int = 200) -> None:
@@ -293,22 +294,31 @@ async def test_failing_replica_never_blocks_another(h: Harness) -> None:
         tg.create_task(rep.sync_loop(stop))
         tg.create_task(rep.upload_loop(good, stop))
         tg.create_task(rep.upload_loop(bad, stop))
-        await asyncio.sleep(0.3)
+        await wait_for_async(
+            lambda: good.shipped_txid >= 1 and bad.shipped_txid >= 1, 10, "both first snapshots"
+        )
         bad_dir.rename(h.tmp / "bad-moved")
         bad_dir.write_text("now a file: every write fails")
-        for _ in range(10):
+        base = good.shipped_txid
+        for batch in range(1, 11):
             insert(app, 3)
             rep.wake.set()
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
+            target = base + 3 * batch
+            # The good replica ships each batch while the bad one fails beside it.
+            await wait_for_async(functools.partial(_shipped, good, target), 10, f"TXID {target}")
         assert not good.has_work
         assert bad.has_work
+        assert bad.shipped_txid == base
         stop.set()
         rep.interrupt()
     problems = await rep.flush(asyncio.get_running_loop().time() + 0.5)
     assert problems == ["app -> bad: 30 transactions not uploaded"]
     rep.close()
     assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+def _shipped(replica: Replica, txid: int) -> bool:
+    return replica.shipped_txid >= txid
 
 
 class _GatedClient(FileReplicaClient):
