@@ -15,7 +15,7 @@ import pytest
 
 from replicad.clients.file import FileReplicaClient
 from replicad.db import CapturedTxn, Database
-from replicad.errors import DatabaseError, ReplicaUnavailableError, StateError
+from replicad.errors import ReplicaUnavailableError, StateError
 from replicad.position import WalPosition, parse_key
 from replicad.replica import Replica
 from replicad.replicator import DatabaseReplicator
@@ -261,23 +261,6 @@ async def test_resume_over_a_large_transaction_takes_no_snapshot(h: Harness) -> 
     assert workload.dump(await h.restored()) == workload.dump(h.db_path)
 
 
-async def test_not_wal_mode_is_refused_with_guidance(tmp_path: Path) -> None:
-    path = tmp_path / "rollback.db"
-    sqlite3.connect(path).execute("CREATE TABLE t(x)").connection.commit()
-    with pytest.raises(DatabaseError, match="not in WAL mode") as info:
-        Database(path).open()
-    assert "journal_mode=WAL" in (info.value.hint or "")
-
-
-async def test_not_a_database_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "notes.txt"
-    path.write_text("hello " * 100)
-    with pytest.raises(DatabaseError, match="not a SQLite database"):
-        Database(path).open()
-    with pytest.raises(DatabaseError, match="does not exist"):
-        Database(tmp_path / "missing.db").open()
-
-
 async def test_failing_replica_never_blocks_another(h: Harness) -> None:
     """Two replicas; one breaks. The other keeps receiving everything, in its own loop."""
     app = h.app()
@@ -390,3 +373,29 @@ async def test_failed_upload_is_retried_as_the_same_segment(tmp_path: Path) -> N
     assert await replica.upload() == 2
     keys = [info.key for info in await client.list_objects("segments/")]
     assert [(n.first_txid, n.last_txid) for n in map(parse_key, keys) if n] == [(1, 2), (3, 4)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=FileNotFoundError,
+    reason="known bug (replica.py/replicator.py, lineage work): see the docstring",
+)
+async def test_snapshot_requested_before_the_first_one_is_uploaded(h: Harness) -> None:
+    """A second snapshot for a replica still holding an un-uploaded one gets the same replica
+    TXID, so the same spool path: it overwrites the first, and offering it releases the first,
+    which deletes the new file.  The sync step then fails.  Reached when the replica is down for
+    longer than `snapshot_interval`, or on `replicad snapshot` while it is down.
+    """
+    app = h.app()
+    insert(app, 3)
+    replica = Replica("r", FileReplicaClient(h.replica_dir))
+    rep = DatabaseReplicator(
+        Database(h.db_path), [replica], name="app", state_dir=h.tmp / "state", sync_interval=0
+    )
+    await rep.start()  # the first snapshot is spooled; the replica has not taken it yet
+    insert(app, 2)
+    rep.request_snapshot()
+    await rep.sync_step()
+    assert await replica.upload() >= 1
+    rep.close()
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)
