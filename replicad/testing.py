@@ -33,11 +33,12 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 class MemoryReplicaClient:
     """A `ReplicaClient` keeping objects in memory; `objects` is the storage, key -> bytes.
 
+    Clients given the same `objects` dict see one store, as two processes see one bucket.
     Also an async context manager; after `close()` every method raises `RuntimeError`.
     """
 
-    def __init__(self, name: str = "replica") -> None:
-        self.objects: dict[str, bytes] = {}
+    def __init__(self, name: str = "replica", *, objects: dict[str, bytes] | None = None) -> None:
+        self.objects: dict[str, bytes] = {} if objects is None else objects
         self._name = name
         self._stats = ClientStats()
         self._closed = False
