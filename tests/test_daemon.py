@@ -7,12 +7,16 @@ each waits on a condition (`on_ready`, the store's contents), never on a sleep.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sqlite3
 import sys
 from pathlib import Path
 
 import pytest
+import structlog
+from structlog.testing import LogCapture
+from structlog.typing import FilteringBoundLogger
 
 from replicad.daemon import Daemon
 from replicad.db import Database
@@ -49,7 +53,12 @@ def _app(path: Path) -> sqlite3.Connection:
 
 
 def _daemon(
-    tmp_path: Path, client: MemoryReplicaClient, *, shutdown_timeout: float = 10, **kwargs: object
+    tmp_path: Path,
+    client: MemoryReplicaClient,
+    *,
+    shutdown_timeout: float = 10,
+    log: FilteringBoundLogger | None = None,
+    **kwargs: object,
 ) -> Daemon:
     replicator = DatabaseReplicator(
         Database(tmp_path / "app.db"),
@@ -58,6 +67,7 @@ def _daemon(
         state_dir=tmp_path / "state",
         poll_interval=0.05,
         sync_interval=0,
+        log=log,
     )
     return Daemon([replicator], [client], shutdown_timeout=shutdown_timeout, **kwargs)  # type: ignore[arg-type]
 
@@ -96,8 +106,22 @@ async def test_stop_flushes_every_commit_and_closes_the_clients(tmp_path: Path) 
 async def test_a_database_created_later_is_replicated_once_it_exists(tmp_path: Path) -> None:
     client = MemoryReplicaClient()
     ready = asyncio.Event()
-    daemon = _daemon(tmp_path, client, watch=False, on_ready=ready.set)
+    events = LogCapture()
+    log = structlog.wrap_logger(
+        structlog.ReturnLogger(),
+        processors=[events],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+    )
+    daemon = _daemon(tmp_path, client, watch=False, on_ready=ready.set, log=log)
     serving = asyncio.create_task(daemon.serve())
+
+    def waiting() -> bool:
+        return any(
+            e["event"] == "database does not exist yet; waiting for it" for e in events.entries
+        )
+
+    await wait_for_async(waiting, WAIT, "the daemon to notice the database is missing")
+    assert not ready.is_set()
     app = _app(tmp_path / "app.db")
     await asyncio.wait_for(ready.wait(), WAIT)
     await wait_for_async(lambda: _shipped_txid(client) >= 1, WAIT, "the first snapshot")
