@@ -72,7 +72,6 @@ TEXT = (b"replicad snapshot benchmark: a line of ordinary, repetitive text. " * 
 ROWS_PER_TRANSACTION = 16_000
 SEED = 20_240_601
 PREFIX = "apps/big"
-#: The raw download reads like the restore does (replicad.clients.s3.CHUNK_SIZE).
 POLL_INTERVAL = 0.1
 #: Seconds allowed for the snapshot upload and for each restore or download.
 SNAPSHOT_TIMEOUT = 3600.0
