@@ -93,7 +93,7 @@ from replicad.position import (
     parse_key,
     snapshot_name,
 )
-from tests.measure import run_measured
+from tests.measure import MeasuredRun, run_measured
 from tests.procs import ROOT
 from tests.s3servers import (
     S3Server,
@@ -579,24 +579,12 @@ class Point:
     txid: int
 
 
-@dataclass(frozen=True, slots=True)
-class Measured:
-    """A child process run to completion, and for a restore when it changed phase."""
+class Phases:
+    """When a restore changed phase, from the files it leaves beside OUT (seconds from start).
 
-    returncode: int
-    wall_seconds: float
-    cpu_seconds: float
-    peak_rss_bytes: int
-    stdout: str
-    stderr: str
-    #: When OUT.tmp appeared (start-up, listing and planning done), and when SQLite's
-    #: -shm/-wal beside it did (pages written and fsynced; the integrity check starts).
-    tmp_at: float | None = None
-    check_at: float | None = None
-
-
-class _PhaseWatch:
-    """Times a restore's phases from the files it leaves beside OUT."""
+    `tmp_at`: OUT.tmp appeared (start-up, listing and planning done); `check_at`: SQLite's
+    -shm/-wal appeared beside it (pages written and fsynced; the integrity check starts).
+    """
 
     def __init__(self, out: Path) -> None:
         self.tmp = out.with_name(out.name + ".tmp")
@@ -605,6 +593,7 @@ class _PhaseWatch:
         self.check_at: float | None = None
 
     def __call__(self, elapsed: float) -> None:
+        """Look at the files once, `elapsed` seconds after the restore started."""
         if self.tmp_at is None and self.tmp.exists():
             self.tmp_at = elapsed
         if self.tmp_at is not None and self.check_at is None and self._checking():
@@ -614,18 +603,9 @@ class _PhaseWatch:
         return any(s.exists() for s in self.sidecars)
 
 
-def measure(cmd: list[str], env: dict[str, str], out: Path | None = None) -> Measured:
-    """Run `cmd` as a measured child (see `tests.measure.run_measured`).
-
-    With `out`, OUT.tmp and its SQLite sidecars are watched to split a restore's wall time into
-    planning, applying and checking.
-    """
-    watch = _PhaseWatch(out) if out is not None else None
-    run = run_measured(cmd, env=env, timeout=RESTORE_TIMEOUT, watch=watch)
-    fields = (run.returncode, run.wall_seconds, run.cpu_seconds, run.peak_rss_bytes)
-    if watch is None:
-        return Measured(*fields, run.stdout, run.stderr)
-    return Measured(*fields, run.stdout, run.stderr, watch.tmp_at, watch.check_at)
+def measure(cmd: list[str], env: dict[str, str], watch: Phases | None = None) -> MeasuredRun:
+    """Run `cmd` as a measured child (`tests.measure.run_measured`), timing its `watch` phases."""
+    return run_measured(cmd, env=env, timeout=RESTORE_TIMEOUT, watch=watch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -634,8 +614,9 @@ class RestoreRow:
 
     point: Point
     plan: dict[str, Any]
-    dry_run: Measured
-    run: Measured
+    dry_run: MeasuredRun
+    run: MeasuredRun
+    phases: Phases
     correct: bool
     #: Seconds to download the plan's objects with the restore's schedule, and 8 at a time.
     raw_schedule: float
@@ -649,18 +630,18 @@ class RestoreRow:
     @property
     def planning(self) -> float:
         """Seconds from start to OUT.tmp appearing: start-up, listing and planning."""
-        return self.run.tmp_at or 0.0
+        return self.phases.tmp_at or 0.0
 
     @property
     def applying(self) -> float:
         """Seconds spent downloading, decoding and writing pages."""
-        end = self.run.check_at or self.run.wall_seconds
+        end = self.phases.check_at or self.run.wall_seconds
         return end - self.planning
 
     @property
     def checking(self) -> float:
         """Seconds of the integrity check and the final rename."""
-        return self.run.wall_seconds - (self.run.check_at or self.run.wall_seconds)
+        return self.run.wall_seconds - (self.phases.check_at or self.run.wall_seconds)
 
 
 def rfc3339(ns: int) -> str:
@@ -688,13 +669,14 @@ def replicad_cmd(*args: str) -> list[str]:
 
 def run_restore(
     point: Point, url: str, env: dict[str, str], out: Path, expected: tuple[str, int]
-) -> tuple[dict[str, Any], Measured, Measured, bool]:
+) -> tuple[dict[str, Any], MeasuredRun, MeasuredRun, Phases, bool]:
     """The plan (dry run) and the restore of `point`; whether the result is the model's."""
     dry = measure(replicad_cmd("restore", "-o", str(out), "--dry-run", *point.args, url), env)
     if dry.returncode != 0:
         raise BenchError(f"dry run of {point.label} failed:\n{dry.stderr[-3000:]}")
     plan = json.loads(dry.stdout)
-    run = measure(replicad_cmd("restore", "-o", str(out), *point.args, url), env, out)
+    phases = Phases(out)
+    run = measure(replicad_cmd("restore", "-o", str(out), *point.args, url), env, phases)
     if run.returncode != 0:
         raise BenchError(f"restore of {point.label} failed:\n{run.stderr[-3000:]}")
     result = json.loads(run.stdout.strip().splitlines()[-1])
@@ -708,7 +690,7 @@ def run_restore(
         and _sha256(out) == digest
     )
     out.unlink()
-    return plan, dry, run, correct
+    return plan, dry, run, phases, correct
 
 
 def _sha256(path: Path) -> str:
@@ -970,13 +952,13 @@ async def run(settings: Settings, workdir: Path) -> None:
         rows: list[RestoreRow] = []
         for point in points:
             out = workdir / "restored.db"
-            plan, dry, measured, correct = run_restore(
+            plan, dry, measured, phases, correct = run_restore(
                 point, url, env, out, history.expected[point.txid]
             )
             keys = [(o["key"], o["bytes"]) for o in plan["objects"]]
             schedule = await raw_download(server, bucket, keys, workdir / "raw", like_restore=True)
             parallel = await raw_download(server, bucket, keys, workdir / "raw", like_restore=False)
-            rows.append(RestoreRow(point, plan, dry, measured, correct, schedule, parallel))
+            rows.append(RestoreRow(point, plan, dry, measured, phases, correct, schedule, parallel))
             print(
                 f"restore {point.label}: {measured.wall_seconds:.1f} s, "
                 f"{'correct' if correct else 'WRONG'}",

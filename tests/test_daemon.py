@@ -11,6 +11,7 @@ import logging
 import signal
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,9 @@ def _daemon(
     *,
     shutdown_timeout: float = 10,
     log: FilteringBoundLogger | None = None,
-    **kwargs: object,
+    watch: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    child: list[str] | None = None,
 ) -> Daemon:
     replicator = DatabaseReplicator(
         Database(tmp_path / "app.db"),
@@ -69,7 +72,27 @@ def _daemon(
         sync_interval=0,
         log=log,
     )
-    return Daemon([replicator], [client], shutdown_timeout=shutdown_timeout, **kwargs)  # type: ignore[arg-type]
+    return Daemon(
+        [replicator],
+        [client],
+        shutdown_timeout=shutdown_timeout,
+        watch=watch,
+        on_ready=on_ready,
+        child=child,
+    )
+
+
+async def _serving(
+    tmp_path: Path, client: MemoryReplicaClient, *, shutdown_timeout: float = 10, watch: bool
+) -> tuple[Daemon, asyncio.Task[int]]:
+    """A daemon serving in a task of this loop, once it says it is ready."""
+    ready = asyncio.Event()
+    daemon = _daemon(
+        tmp_path, client, shutdown_timeout=shutdown_timeout, watch=watch, on_ready=ready.set
+    )
+    serving = asyncio.create_task(daemon.serve())
+    await asyncio.wait_for(ready.wait(), WAIT)
+    return daemon, serving
 
 
 def _shipped_txid(client: MemoryReplicaClient) -> int:
@@ -87,10 +110,7 @@ async def _restored(tmp_path: Path, store: dict[str, bytes]) -> Path:
 async def test_stop_flushes_every_commit_and_closes_the_clients(tmp_path: Path) -> None:
     app = _app(tmp_path / "app.db")
     client = MemoryReplicaClient()
-    ready = asyncio.Event()
-    daemon = _daemon(tmp_path, client, watch=True, on_ready=ready.set)
-    serving = asyncio.create_task(daemon.serve())
-    await asyncio.wait_for(ready.wait(), WAIT)
+    daemon, serving = await _serving(tmp_path, client, watch=True)
     for k in range(1, 31):
         workload.apply_txn(app, 5, k)
     daemon.request_stop()  # at once: what the loops have not shipped yet, the flush must
@@ -151,10 +171,7 @@ async def test_a_signal_received_during_start_up_stops_it_cleanly(tmp_path: Path
 async def test_unshippable_data_fails_the_shutdown_with_a_reason(tmp_path: Path) -> None:
     app = _app(tmp_path / "app.db")
     client = _Unreachable()
-    ready = asyncio.Event()
-    daemon = _daemon(tmp_path, client, shutdown_timeout=0.5, watch=False, on_ready=ready.set)
-    serving = asyncio.create_task(daemon.serve())
-    await asyncio.wait_for(ready.wait(), WAIT)
+    daemon, serving = await _serving(tmp_path, client, shutdown_timeout=0.5, watch=False)
     await wait_for_async(lambda: _shipped_txid(client) >= 1, WAIT, "the first snapshot")
     client.down = True
     for k in range(1, 4):
@@ -172,10 +189,7 @@ async def test_unshippable_data_fails_the_shutdown_with_a_reason(tmp_path: Path)
 
 async def test_a_second_daemon_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
     _app(tmp_path / "app.db").close()
-    ready = asyncio.Event()
-    first = _daemon(tmp_path, MemoryReplicaClient(), watch=False, on_ready=ready.set)
-    serving = asyncio.create_task(first.serve())
-    await asyncio.wait_for(ready.wait(), WAIT)
+    first, serving = await _serving(tmp_path, MemoryReplicaClient(), watch=False)
     second = _daemon(tmp_path, MemoryReplicaClient(), watch=False)
     with pytest.raises(ReplicadError, match="already replicating"):
         await second.serve()
@@ -186,10 +200,7 @@ async def test_a_second_daemon_on_the_same_state_directory_is_refused(tmp_path: 
 async def test_requested_snapshots_are_taken(tmp_path: Path) -> None:
     app = _app(tmp_path / "app.db")
     client = MemoryReplicaClient()
-    ready = asyncio.Event()
-    daemon = _daemon(tmp_path, client, watch=False, on_ready=ready.set)
-    serving = asyncio.create_task(daemon.serve())
-    await asyncio.wait_for(ready.wait(), WAIT)
+    daemon, serving = await _serving(tmp_path, client, watch=False)
 
     def snapshots() -> int:
         names = [n for n in map(parse_key, client.objects) if n is not None]

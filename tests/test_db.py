@@ -11,6 +11,7 @@ import pytest
 
 from replicad.db import Database, SyncResult
 from replicad.errors import DatabaseError
+from replicad.position import WalPosition
 
 ROW = 300
 
@@ -38,6 +39,15 @@ def _sync(db: Database) -> SyncResult:
         result = db.sync()
         found += result.transactions
     return SyncResult(found, result.lost_continuity, False, result.wal_size)
+
+
+def _captured(db: Database, app: sqlite3.Connection, n: int) -> WalPosition:
+    """Start fresh, commit `n` transactions and capture them; the position reached."""
+    db.start_fresh(base_txid=0)
+    _insert(app, n)
+    _sync(db)
+    assert db.state.position is not None
+    return db.state.position
 
 
 @pytest.fixture
@@ -136,11 +146,8 @@ def test_snapshot_after_sync_matches_the_newest_commit(
 def test_resume_continues_from_a_recorded_position(
     tmp_path: Path, db: Database, app: sqlite3.Connection
 ) -> None:
-    db.start_fresh(base_txid=0)
-    _insert(app, 4)
-    _sync(db)
-    position, txid, pages = db.state.position, db.state.txid, db.state.db_pages
-    assert position is not None
+    position = _captured(db, app, 4)
+    txid, pages = db.state.txid, db.state.db_pages
     db.close()
     _insert(app, 3)  # committed while replicad was not running
     again = Database(tmp_path / "app.db", spill_dir=tmp_path / "spill")
@@ -155,11 +162,7 @@ def test_resume_continues_from_a_recorded_position(
 def test_resume_refuses_a_wal_restarted_meanwhile(
     tmp_path: Path, db: Database, app: sqlite3.Connection
 ) -> None:
-    db.start_fresh(base_txid=0)
-    _insert(app, 4)
-    _sync(db)
-    position = db.state.position
-    assert position is not None
+    position = _captured(db, app, 4)
     db.close()
     app.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     _insert(app, 2)  # a new WAL generation
