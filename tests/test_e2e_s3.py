@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import time
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests import workload
 from tests.faultproxy import FaultProxy
-from tests.procs import replicad, start_daemon, start_writer, stop
+from tests.procs import replicad, start_daemon, start_writer, stop, wait_for_async
 from tests.s3servers import S3Server, child_env, create_bucket, raw_client, unique_bucket
 
 
@@ -33,20 +33,16 @@ async def _count_snapshots(server: S3Server, bucket: str) -> int:
 
 
 async def _wait_snapshot(server: S3Server, bucket: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while await _count_snapshots(server, bucket) == 0:
-        if time.monotonic() > deadline:
-            raise AssertionError("no snapshot appeared")
-        await asyncio.sleep(0.1)
+    async def snapshot() -> bool:
+        return await _count_snapshots(server, bucket) > 0
+
+    await wait_for_async(snapshot, seconds, "a snapshot in the bucket", interval=0.1)
 
 
-async def _wait_process(proc: object, seconds: float) -> int:
-    deadline = time.monotonic() + seconds
-    while (code := proc.poll()) is None:  # type: ignore[attr-defined]
-        if time.monotonic() > deadline:
-            raise AssertionError("process did not finish")
-        await asyncio.sleep(0.05)
-    return int(code)
+async def _wait_process(proc: subprocess.Popen[bytes], seconds: float) -> int:
+    """The exit status, polled without blocking the loop (which runs the fault proxy)."""
+    await wait_for_async(lambda: proc.poll() is not None, seconds, "the process to finish")
+    return proc.returncode
 
 
 async def _restore_equals(url: str, env: dict[str, str], tmp: Path, db: Path) -> None:
