@@ -102,10 +102,15 @@ async def test_replication_survives_faults_and_an_outage(
             # More consecutive failures than the client's own attempts: the daemon must retry.
             for kind in ("error", "drop", "drop_after_forward"):
                 proxy.force(kind, method="PUT", times=3)
-            writer = start_writer(db, tmp_path / "w.log", seed=22, count=1800, rate=300)
-            await asyncio.sleep(2.0)
+            wlog = tmp_path / "w.log"
+            writer = start_writer(db, wlog, seed=22, count=1800, rate=300)
+            await wait_for_async(
+                lambda: len(workload.read_log(wlog)) >= 600,
+                60,
+                "600 commits before the outage",
+            )
             proxy.pause()
-            await asyncio.sleep(2.5)
+            await asyncio.sleep(2.5)  # the outage: the server is unreachable this long
             await proxy.resume()
             assert await _wait_process(writer, 60) == 0
         finally:
@@ -164,12 +169,19 @@ async def test_huge_transaction_is_spooled_and_shipped_with_fencing_on(
             conn.execute("INSERT INTO big VALUES (randomblob(100000))")
         conn.execute("COMMIT")
         conn.close()
-        await asyncio.sleep(3)
+
+        async def largest_segment() -> int:
+            async with raw_client(moto_server) as s3:
+                listing = await s3.list_objects_v2(Bucket=bucket, Prefix="apps/app1/segments/00/")
+            return max((o["Size"] for o in listing.get("Contents", [])), default=0)
+
+        async def uploaded() -> bool:
+            return await largest_segment() > 16 << 20
+
+        # Shipped by the upload loop, not by the shutdown's flush.
+        await wait_for_async(uploaded, 60, "the 24 MB segment in the bucket", log=log, interval=0.2)
     finally:
         status = stop(daemon)
     assert status == 0, log.read_text()[-3000:]
     assert "fencing is off" not in log.read_text()
     await _restore_equals(url, env, tmp_path, db)
-    async with raw_client(moto_server) as s3:
-        listing = await s3.list_objects_v2(Bucket=bucket, Prefix="apps/app1/segments/00/")
-    assert max(o["Size"] for o in listing["Contents"]) > 16 << 20

@@ -6,6 +6,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from replicad.clients.file import FileReplicaClient
 from replicad.db import Database
 from replicad.position import ObjectKind, ObjectName, segment_name, snapshot_name
@@ -143,7 +145,9 @@ async def test_compaction_in_the_replica_keeps_every_txid_restorable(
         assert workload.dump(out) == state, txid
 
 
-async def test_restore_streams_large_objects(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+async def test_restore_streams_large_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Objects above STREAM_ABOVE are streamed rather than held whole; the result is the same."""
     import replicad.restore as restore_module
 
