@@ -1,4 +1,8 @@
-"""Start and stop real replicad and writer processes for end-to-end tests and benchmarks.
+"""Start, watch and stop real replicad and writer processes, for end-to-end tests and benchmarks.
+
+`Daemon` is a ``replicad replicate`` child with its metrics address and log; `wait_for` and
+`wait_for_async` wait on a condition and fail with the daemon log's tail, never after a blind
+sleep.
 
 Child processes get a small, explicit environment: these machines export CA bundles, proxies
 and AWS variables that must not leak into what a test measures.
