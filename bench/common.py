@@ -103,6 +103,28 @@ def _write(db: Path, log_path: Path, *, rate: float, count: int, row_bytes: int)
 
 
 @dataclass(frozen=True, slots=True)
+class RunFiles:
+    """The files of one run, under a directory of its own."""
+
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        """The application's database."""
+        return self.root / "app.db"
+
+    @property
+    def wal(self) -> Path:
+        """Its -wal file."""
+        return self.root / "app.db-wal"
+
+    @property
+    def writer_log(self) -> Path:
+        """The writer's log: one line per commit."""
+        return self.root / "writer.log"
+
+
+@dataclass(frozen=True, slots=True)
 class Commit:
     """One transaction of the writer."""
 

@@ -66,6 +66,7 @@ from bench.common import (
     Commit,
     PeakSize,
     Poller,
+    RunFiles,
     init_db,
     machine,
     percentile,
@@ -151,10 +152,9 @@ QUICK = Settings(
 
 
 @dataclass(frozen=True, slots=True)
-class Run:
+class Run(RunFiles):
     """One replicator's life: a fresh database and a fresh prefix of the bucket."""
 
-    root: Path
     server: S3Server
     #: Where the server keeps the bucket's objects as files (rclone serves a directory).
     bucket_dir: Path
@@ -163,24 +163,9 @@ class Run:
     proxy_url: str
 
     @property
-    def db(self) -> Path:
-        """The application's database."""
-        return self.root / "app.db"
-
-    @property
-    def wal(self) -> Path:
-        """Its -wal file."""
-        return self.root / "app.db-wal"
-
-    @property
     def log(self) -> Path:
         """The replicator's log."""
         return self.root / "replicator.log"
-
-    @property
-    def writer_log(self) -> Path:
-        """'k time_ns start_ns' lines from the writer."""
-        return self.root / "writer.log"
 
     @property
     def replica_dir(self) -> Path:

@@ -40,6 +40,7 @@ from bench.common import (
     DirectoryWatch,
     PeakSize,
     Poller,
+    RunFiles,
     init_db,
     machine,
     percentile,
@@ -74,30 +75,13 @@ TXID_OFFSET = 1
 
 
 @dataclass(frozen=True, slots=True)
-class Paths:
+class Paths(RunFiles):
     """The files of one run, all under one temporary directory."""
-
-    root: Path
-
-    @property
-    def db(self) -> Path:
-        """The application's database."""
-        return self.root / "app.db"
-
-    @property
-    def wal(self) -> Path:
-        """Its -wal file."""
-        return self.root / "app.db-wal"
 
     @property
     def replica(self) -> Path:
         """The replica directory."""
         return self.root / "replica"
-
-    @property
-    def writer_log(self) -> Path:
-        """'k commit_time_ns' lines from the writer."""
-        return self.root / "writer.log"
 
     @property
     def daemon_log(self) -> Path:
