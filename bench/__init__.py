@@ -1,0 +1,1 @@
+"""Benchmarks that run replicad as an application would and print markdown tables."""

@@ -16,9 +16,9 @@ For each size, in a temporary directory, against ``rclone serve s3`` on 127.0.0.
    it is captured and uploaded (until the metrics report its TXID shipped), and during the
    compaction that follows; its VmHWM (peak over its life) at the end.  Bytes in its state
    directory are sampled too: its files plus the unlinked spool files the daemon holds open.
-4. SIGTERM (flush), then ``replicad restore`` in a child: wall time, peak RSS (rusage), and
-   the restored rows compared with the source (count and SHA-256 of the ordered contents);
-   ``integrity_check`` is part of the restore.
+4. SIGTERM (flush), then ``replicad restore`` in a child: wall time, peak RSS (its VmHWM,
+   sampled), and the restored rows compared with the source (count and SHA-256 of the
+   ordered contents); ``integrity_check`` is part of the restore.
 
 MB are 10**6 bytes.  Results: docs/benchmarks.md.
 """
@@ -38,19 +38,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import (
-    current_rss,
+from bench.common import BenchError, machine, print_table, s3_env, s3_url
+from tests.measure import current_rss, peak_rss, run_measured
+from tests.procs import (
+    Daemon,
+    clean_env,
     log_tail,
-    machine,
-    print_table,
-    proc_usage,
-    read_metrics,
-    run_measured,
-    s3_env,
-    s3_url,
+    wait_for,
 )
-from tests.procs import clean_env, start_daemon, stop
-from tests.s3servers import HOST, create_bucket, free_port, start_rclone, unique_bucket
+from tests.s3servers import create_bucket, start_rclone, unique_bucket
 
 DEFAULT_SIZES_MB = (200, 1000)
 ROW_BYTES = 4000
@@ -85,12 +81,8 @@ print(worst, flush=True)
 """
 
 
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead."""
-
-
 @dataclass(frozen=True, slots=True)
-class Daemon:
+class Shipped:
     """What the daemon did with the transaction."""
 
     size_mb: int
@@ -108,7 +100,9 @@ class Daemon:
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    daemon: Daemon
+    """One size's run: the daemon's side and the restore's."""
+
+    daemon: Shipped
     restore_seconds: float
     restore_rss: int
     correct: bool
@@ -129,6 +123,7 @@ def contents(db: Path) -> tuple[int, str]:
 
 
 def write_config(root: Path, db: Path, url: str) -> Path:
+    """The daemon's config: JSON logs, and compaction levels short enough to run here."""
     config = root / "replicad.toml"
     config.write_text(
         f"""log_format = "json"
@@ -157,14 +152,8 @@ def state_bytes(pid: int, state: Path) -> int:
     return total
 
 
-def shipped_txid(address: str) -> float:
-    try:
-        return read_metrics(address).value("replicad_replica_txid")
-    except OSError:
-        return 0.0
-
-
 def run_one(root: Path, size_mb: int) -> Result:
+    """The whole run for one transaction size, in `root`."""
     db = root / "app.db"
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -176,19 +165,13 @@ def run_one(root: Path, size_mb: int) -> Result:
         asyncio.run(create_bucket(server, bucket))
         url = s3_url(server, bucket, PREFIX)
         env = s3_env(server, root)
-        address = f"{HOST}:{free_port()}"
-        log = root / "daemon.log"
         config = write_config(root, db, url)
-        daemon = start_daemon(["-c", str(config), "--metrics-addr", address], log, env=env)
+        daemon = Daemon.start(["-c", str(config)], root / "daemon.log", env=env)
         try:
-            result = _drive(root, db, daemon, address, log, size_mb)
-            status = stop(daemon, timeout=300)
+            result = _drive(root, db, daemon, size_mb)
+            daemon.stop(timeout=300, error=BenchError)
         finally:
-            if daemon.poll() is None:
-                daemon.kill()
-                daemon.wait()
-        if status != 0:
-            raise BenchError(f"daemon exited {status}\n{log_tail(log)}")
+            daemon.kill()
         out = root / "restored.db"
         run = run_measured(
             [sys.executable, "-m", "replicad", "restore", "-o", str(out), url],
@@ -208,21 +191,16 @@ def run_one(root: Path, size_mb: int) -> Result:
         server.stop()
 
 
-def _drive(  # noqa: PLR0917 - one call site, the run's parts
-    root: Path,
-    db: Path,
-    daemon: subprocess.Popen[bytes],
-    address: str,
-    log: Path,
-    size_mb: int,
-) -> Daemon:
-    deadline = time.monotonic() + 120
-    while shipped_txid(address) < 1:
-        if daemon.poll() is not None or time.monotonic() > deadline:
-            raise BenchError(f"no first snapshot\n{log_tail(log)}")
-        time.sleep(SAMPLE_SECONDS)
-    time.sleep(1)
-    idle = current_rss(daemon.pid)
+def _drive(root: Path, db: Path, daemon: Daemon, size_mb: int) -> Shipped:
+    """Write the huge transaction and the small ones after it; what the daemon did."""
+
+    def snapshot_shipped() -> bool:
+        daemon.check_running(BenchError)
+        return daemon.metric("replicad_replica_txid") >= 1
+
+    wait_for(snapshot_shipped, 120, "the first snapshot", log=daemon.log, error=BenchError)
+    time.sleep(1)  # settle: the idle RSS is read after start-up's allocations
+    idle = current_rss(daemon.proc.pid)
     state = root / "state"
     size = size_mb * 10**6
     started = time.time()
@@ -241,15 +219,16 @@ def _drive(  # noqa: PLR0917 - one call site, the run's parts
     limit = time.monotonic() + TIMEOUT
     while writer.poll() is None or not shipped_at:
         now = time.time()
-        samples.append((now, current_rss(daemon.pid), state_bytes(daemon.pid, state)))
+        samples.append((now, current_rss(daemon.proc.pid), state_bytes(daemon.proc.pid, state)))
         wal = db.with_name(db.name + "-wal")
         wal_peak = max(wal_peak, wal.stat().st_size if wal.exists() else 0)
         if not committed_at and (line := writer.stdout.readline()):
             committed_at = float(line)
-        if committed_at and not shipped_at and shipped_txid(address) >= 3:
+        if committed_at and not shipped_at and daemon.metric("replicad_replica_txid") >= 3:
             shipped_at = time.time()  # snapshot 1, the transaction 2 (+ a small one)
-        if daemon.poll() is not None or time.monotonic() > limit:
-            raise BenchError(f"daemon exited or timed out\n{log_tail(log)}")
+        daemon.check_running(BenchError)
+        if time.monotonic() > limit:
+            raise BenchError(f"timed out\n{log_tail(daemon.log)}")
         time.sleep(SAMPLE_SECONDS)
     if writer.returncode != 0:
         raise BenchError("the writer failed")
@@ -257,11 +236,13 @@ def _drive(  # noqa: PLR0917 - one call site, the run's parts
     # Compaction looks every 30 s and builds one level per pass: wait for the top level.
     limit = time.monotonic() + 150
     while not list((root / "s3").rglob("segments/03/*.seg")) and time.monotonic() < limit:
-        samples.append((time.time(), current_rss(daemon.pid), state_bytes(daemon.pid, state)))
+        samples.append(
+            (time.time(), current_rss(daemon.proc.pid), state_bytes(daemon.proc.pid, state))
+        )
         time.sleep(SAMPLE_SECONDS)
-    peak = proc_usage(daemon.pid).peak_rss_bytes
+    peak = peak_rss(daemon.proc.pid)
     levels = sorted({p.parent.name for p in (root / "s3").rglob("*.seg")})
-    return Daemon(
+    return Shipped(
         size_mb=size_mb,
         wal_mb=wal_peak / 1e6,
         write_seconds=committed_at - started,
@@ -277,6 +258,7 @@ def _drive(  # noqa: PLR0917 - one call site, the run's parts
 
 
 def report(results: list[Result]) -> None:
+    """Print the table."""
     mb = 1e6
     print_table(
         [
@@ -318,6 +300,7 @@ def report(results: list[Result]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point: one run per size, then the table."""
     parser = argparse.ArgumentParser(prog="python -m bench.bigtxn", description=__doc__)
     parser.add_argument("--sizes-mb", default=",".join(map(str, DEFAULT_SIZES_MB)))
     parser.add_argument("--keep", action="store_true")

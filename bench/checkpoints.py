@@ -41,7 +41,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -54,19 +53,25 @@ from functools import partial
 from pathlib import Path
 
 from bench.common import (
-    Metrics,
+    BenchError,
     Poller,
     event_time,
     init_db,
     log_events,
-    log_tail,
     machine,
     percentile,
     print_table,
-    proc_usage,
-    read_metrics,
 )
-from tests.procs import ROOT, clean_env, replicad, start_daemon, stop
+from tests.measure import proc_usage
+from tests.procs import (
+    ROOT,
+    Daemon,
+    Metrics,
+    clean_env,
+    replicad,
+    wait_for,
+)
+from tests.workload import paced
 
 DEFAULT_RATE = 500.0
 DEFAULT_SECONDS = 60.0
@@ -100,12 +105,7 @@ CATCH_UP_TIMEOUT = 30.0
 IDLE_BEFORE_WRITES = 1.0
 #: The daemon's first snapshot is TXID 1, so writer commit k is replica TXID k + 1.
 TXID_OFFSET = 1
-HOST = "127.0.0.1"
 _WAL_HEADER = 32
-
-
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead, so none are printed."""
 
 
 # -- child processes: the writer and the external checkpointer --------------------------------
@@ -125,10 +125,8 @@ def _child_write(
     if autocheckpoint is not None:
         conn.execute(f"PRAGMA wal_autocheckpoint = {int(autocheckpoint)}")
     lines = []
-    interval = 1.0 / rate
-    next_at = time.monotonic()
     try:
-        for k in range(1, count + 1):
+        for k in paced(range(1, count + 1), rate):
             payload = os.urandom(ROW_BYTES)
             wall, begin = time.time_ns(), time.monotonic_ns()
             conn.execute("BEGIN")
@@ -136,10 +134,6 @@ def _child_write(
             inserted = time.monotonic_ns()
             conn.execute("COMMIT")
             lines.append(f"{k} {wall} {begin} {inserted} {time.monotonic_ns()}\n")
-            next_at += interval
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
     finally:
         conn.close()
         log.write_text("".join(lines))
@@ -289,56 +283,27 @@ class WalWatch:
 # -- replicad ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A port nothing listens on right now on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass(slots=True)
-class Daemon:
-    """One replicad process with its metrics address and log."""
-
-    proc: subprocess.Popen[bytes]
-    address: str
-    log: Path
-
-    def metrics(self) -> Metrics:
-        """A scrape of /metrics."""
-        return read_metrics(self.address)
-
-
 def start_replicad(root: Path) -> Daemon:
     """replicad on root/app.db -> root/replica, with `DAEMON_SETTINGS` and debug logs (the
-    debug level logs every checkpoint it runs, with its mode, busy flag and duration)."""
+    debug level logs every checkpoint it runs, with its mode, busy flag and duration).
+    """
     config = root / "replicad.toml"
     settings = "".join(f"{k} = {v}\n" for k, v in DAEMON_SETTINGS.items())
     config.write_text(
         f"[[databases]]\npath = '{root / 'app.db'}'\n{settings}"
         f"[[databases.replicas]]\nurl = '{(root / 'replica').as_uri()}'\n"
     )
-    address = f"{HOST}:{free_port()}"
-    log = root / "daemon.log"
-    args = ["-c", str(config), "--metrics-addr", address, "--log-level", "debug"]
-    return Daemon(start_daemon(args, log), address, log)
+    return Daemon.start(["-c", str(config), "--log-level", "debug"], root / "daemon.log")
 
 
 def wait_ready(daemon: Daemon) -> None:
     """Until the first snapshot is taken and the metrics endpoint answers."""
 
     def ready() -> bool:
-        if daemon.proc.poll() is not None:
-            raise BenchError(
-                f"replicad exited with {daemon.proc.returncode}\n{log_tail(daemon.log)}"
-            )
-        try:
-            return daemon.metrics().value("replicad_snapshots_total") >= 1
-        except OSError:
-            return False
+        daemon.check_running(BenchError)
+        return daemon.metric("replicad_snapshots_total") >= 1
 
-    _wait(ready, START_TIMEOUT, "replicad's first snapshot", daemon.log)
+    wait_for(ready, START_TIMEOUT, "replicad's first snapshot", log=daemon.log, error=BenchError)
 
 
 def wait_shipped(daemon: Daemon, commits: int) -> Metrics:
@@ -353,16 +318,9 @@ def wait_shipped(daemon: Daemon, commits: int) -> Metrics:
             and m.value("replicad_replica_pending_bytes") == 0
         )
 
-    _wait(shipped, CATCH_UP_TIMEOUT, f"TXID {commits + TXID_OFFSET} in the replica", daemon.log)
+    what = f"TXID {commits + TXID_OFFSET} in the replica"
+    wait_for(shipped, CATCH_UP_TIMEOUT, what, log=daemon.log, error=BenchError)
     return last[0]
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise BenchError(f"no {what} after {timeout:.0f} s\n{log_tail(log)}")
-        time.sleep(0.05)
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,9 +360,7 @@ class DaemonReport:
 def _finish_daemon(daemon: Daemon, root: Path, commits: int) -> DaemonReport:
     metrics = wait_shipped(daemon, commits)
     cpu = proc_usage(daemon.proc.pid).cpu_seconds
-    status = stop(daemon.proc)
-    if status != 0:
-        raise BenchError(f"replicad exited with status {status}\n{log_tail(daemon.log)}")
+    daemon.stop(error=BenchError)
     return DaemonReport(
         snapshots=round(metrics.value("replicad_snapshots_total")),
         continuity_losses=round(metrics.value("replicad_continuity_losses_total")),
@@ -639,7 +595,8 @@ WAL_LATENCY_HEADERS = (
 def _split(txns: Sequence[Txn], over_ms: float) -> str:
     """Of the commits slower than `over_ms`: how many spent most of it waiting for the write
     lock (BEGIN + INSERT), and how many inside COMMIT (WAL write, fsync, restart,
-    autocheckpoint)."""
+    autocheckpoint).
+    """
     slow = [t for t in txns if t.ms > over_ms]
     lock = sum(t.lock_ms > t.ms / 2 for t in slow)
     return f"{lock} / {len(slow) - lock}" if slow else "-"
@@ -692,7 +649,8 @@ def _during(txns: Sequence[Txn], t: Truncate) -> float:
 
 def _replicad_during(events: Sequence[Checkpoint], t: Truncate) -> str:
     """replicad's checkpoints that ended while TRUNCATE `t` ran or up to 0.1 s after it:
-    how many, and how many of them were busy."""
+    how many, and how many of them were busy.
+    """
     start = t.start_unix_ns / 1e9
     end = start + t.ms / 1e3 + 0.1
     hits = [e for e in events if start <= e.unix <= end]
@@ -782,7 +740,8 @@ TRUNCATE_SUMMARY_HEADERS = (
 
 def anomalies(results: Sequence[RunResult], bar: RunResult | None = None) -> list[str]:
     """What deviates from the expected: a snapshot other than the initial one, a lost
-    continuity, a busy checkpoint, a busy TRUNCATE, a writer stall, an unbounded WAL."""
+    continuity, a busy checkpoint, a busy TRUNCATE, a writer stall, an unbounded WAL.
+    """
     out = []
     for r in results:
         name = r.config.label + (" + external TRUNCATE" if r.truncates else "")

@@ -1,4 +1,4 @@
-"""Shared pieces of the end-to-end benchmarks: a writer process, /proc readers, a replica poller,
+"""Shared pieces of the end-to-end benchmarks: a writer process, a replica poller,
 S3 replica URLs and credentials, metric scrapes, log events and measured child processes.
 
 The benchmarks run the daemon (or another replicator) as a separate process against a database
@@ -31,19 +31,16 @@ import platform
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.procs import ROOT, clean_env
+from tests.workload import paced
 
 if TYPE_CHECKING:  # only for annotations: the writer process should not import aiobotocore
     from tests.s3servers import S3Server
@@ -52,6 +49,11 @@ if TYPE_CHECKING:  # only for annotations: the writer process should not import 
 DEFAULT_POLL_INTERVAL = 0.002
 #: Hidden files in a local replica are in-flight writes (replicad's are `.tmp-*`), not objects.
 _HIDDEN_PREFIX = "."
+
+
+class BenchError(SystemExit):
+    """The run went wrong; its numbers would mislead, so none are printed."""
+
 
 # -- the writer process ----------------------------------------------------------------------
 
@@ -85,25 +87,12 @@ def _init(db: Path) -> None:
         conn.close()
 
 
-def paced(count: int, rate: float) -> Iterator[int]:
-    """1..count, each on an absolute schedule of `rate` per second, so a slow step is caught
-    up rather than drifting."""
-    interval = 1.0 / rate
-    next_at = time.monotonic()
-    for k in range(1, count + 1):
-        yield k
-        next_at += interval
-        delay = next_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-
-
 def _write(db: Path, log_path: Path, *, rate: float, count: int, row_bytes: int) -> None:
-    """Commit on an absolute schedule (`paced`)."""
+    """Commit on an absolute schedule, so a slow commit is caught up rather than drifting."""
     conn = sqlite3.connect(db, isolation_level=None, timeout=30)
     try:
         with log_path.open("a", buffering=1) as log:
-            for k in paced(count, rate):
+            for k in paced(range(1, count + 1), rate):
                 conn.execute("BEGIN")
                 conn.execute("INSERT INTO rows(payload) VALUES (?)", (os.urandom(row_bytes),))
                 start_ns = time.time_ns()
@@ -111,6 +100,28 @@ def _write(db: Path, log_path: Path, *, rate: float, count: int, row_bytes: int)
                 log.write(f"{k} {time.time_ns()} {start_ns}\n")
     finally:
         conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class RunFiles:
+    """The files of one run, under a directory of its own."""
+
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        """The application's database."""
+        return self.root / "app.db"
+
+    @property
+    def wal(self) -> Path:
+        """Its -wal file."""
+        return self.root / "app.db-wal"
+
+    @property
+    def writer_log(self) -> Path:
+        """The writer's log: one line per commit."""
+        return self.root / "writer.log"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,50 +143,6 @@ def read_commits(log: Path) -> list[Commit]:
         k, time_ns, start_ns = (int(field) for field in line.split())
         commits.append(Commit(k, time_ns, start_ns))
     return commits
-
-
-# -- /proc -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ProcUsage:
-    """What a process has used so far."""
-
-    #: User plus system CPU time of all its threads, seconds.
-    cpu_seconds: float
-    #: Peak resident set size (VmHWM), bytes.
-    peak_rss_bytes: int
-
-
-def proc_usage(pid: int) -> ProcUsage:
-    """CPU time and peak RSS of a live process, from /proc (Linux only)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    ticks = os.sysconf("SC_CLK_TCK")
-    peak_kb = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            peak_kb = int(line.split()[1])
-    return ProcUsage((utime + stime) / ticks, peak_kb * 1024)
-
-
-def current_rss(pid: int) -> int:
-    """Resident set size (VmRSS) of a live process now, bytes; 0 once it has exited."""
-    return status_bytes(pid, "VmRSS")
-
-
-def status_bytes(pid: int, field: str) -> int:
-    """A memory field of /proc/PID/status (VmRSS, VmHWM, ...) in bytes; 0 once it has exited."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in status.splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 # -- watching from the outside ---------------------------------------------------------------
@@ -277,7 +244,8 @@ def _walk(root: Path) -> Iterator[Path]:
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of already sorted values: the smallest value with at least
-    `fraction` of them at or below it (`fraction` 0.5 is the median, 1.0 the maximum)."""
+    `fraction` of them at or below it (`fraction` 0.5 is the median, 1.0 the maximum).
+    """
     if not sorted_values:
         raise ValueError("percentile of no values")
     # Rounded first so that 0.9 * 100 is rank 90, not 91.
@@ -319,14 +287,16 @@ def machine() -> str:
 
 def s3_url(server: S3Server, bucket: str, prefix: str, *, endpoint: str | None = None) -> str:
     """The replica URL of `prefix` in `bucket` on `server`, reached at `endpoint` (default: the
-    server itself; pass a proxy's URL to go through it)."""
+    server itself; pass a proxy's URL to go through it).
+    """
     endpoint = endpoint or server.endpoint_url
     return f"s3://{bucket}/{prefix}?endpoint={endpoint}&path_style=true&region={server.region}"
 
 
 def s3_env(server: S3Server, workdir: Path) -> dict[str, str]:
     """Credentials for `server` through the standard variables, and nothing else of this
-    machine's AWS set-up: absent config files, no instance-metadata lookup."""
+    machine's AWS set-up: absent config files, no instance-metadata lookup.
+    """
     return {
         "AWS_ACCESS_KEY_ID": server.access_key_id,
         "AWS_SECRET_ACCESS_KEY": server.secret_access_key,
@@ -334,40 +304,6 @@ def s3_env(server: S3Server, workdir: Path) -> dict[str, str]:
         "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "absent-aws-credentials"),
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-
-
-@dataclass(frozen=True, slots=True)
-class Metrics:
-    """One scrape of the daemon's ``/metrics``: sample name and labels -> value."""
-
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-    def value(self, name: str, **labels: str) -> float:
-        """Sum of the samples called `name` whose labels include `labels` (0 if none)."""
-        wanted = set(labels.items())
-        return sum(v for (n, ls), v in self.samples.items() if n == name and wanted <= ls)
-
-    def by_label(self, name: str, label: str) -> dict[str, float]:
-        """Samples called `name`, summed per value of `label`."""
-        out: dict[str, float] = {}
-        for (n, ls), v in self.samples.items():
-            key = dict(ls).get(label)
-            if n == name and key is not None:
-                out[key] = out.get(key, 0.0) + v
-        return out
-
-
-def read_metrics(address: str, *, timeout: float = 5.0) -> Metrics:
-    """Scrape ``http://ADDRESS/metrics`` (a daemon started with ``--metrics-addr ADDRESS``)."""
-    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with no_proxy.open(f"http://{address}/metrics", timeout=timeout) as response:
-        text = response.read().decode()
-    samples = {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-    return Metrics(samples)
 
 
 def log_events(log: Path) -> list[dict[str, Any]]:
@@ -385,57 +321,6 @@ def log_events(log: Path) -> list[dict[str, Any]]:
 def event_time(event: dict[str, Any]) -> float:
     """A log event's ISO timestamp as Unix seconds."""
     return datetime.fromisoformat(event["timestamp"]).timestamp()
-
-
-def log_tail(log: Path, lines: int = 20) -> str:
-    """The last lines of a log, for an error message."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return f"{log.name} (tail):\n" + "\n".join(text.splitlines()[-lines:])
-
-
-@dataclass(frozen=True, slots=True)
-class MeasuredRun:
-    """A child process run to completion, with what the kernel accounted for it."""
-
-    returncode: int
-    wall_seconds: float
-    cpu_seconds: float
-    #: ru_maxrss: the largest resident set the process had, bytes.
-    peak_rss_bytes: int
-    stdout: str
-    stderr: str
-
-
-def run_measured(
-    cmd: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 3600
-) -> MeasuredRun:
-    """Run `cmd` (clean environment plus `env`, repo root as cwd) and measure it.
-
-    Peak RSS and CPU come from `wait4`'s rusage of that one child, the numbers
-    ``/usr/bin/time -v`` reports; wall time is from just before the fork to the reap.
-    The child is killed after `timeout` seconds (then the run fails with a nonzero status).
-    """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=clean_env(env), cwd=ROOT)
-        killer = threading.Timer(timeout, proc.kill)
-        killer.start()
-        try:
-            _pid, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen.wait
-        out.seek(0)
-        err.seek(0)
-        return MeasuredRun(
-            returncode=proc.returncode,
-            wall_seconds=wall,
-            cpu_seconds=usage.ru_utime + usage.ru_stime,
-            peak_rss_bytes=usage.ru_maxrss * 1024,  # kilobytes on Linux
-            stdout=out.read().decode(errors="replace"),
-            stderr=err.read().decode(errors="replace"),
-        )
 
 
 # -- command line of the child processes -----------------------------------------------------

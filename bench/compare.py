@@ -53,9 +53,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,25 +62,32 @@ from typing import Protocol
 
 from bench import litestream
 from bench.common import (
+    BenchError,
     Commit,
-    MeasuredRun,
     PeakSize,
     Poller,
-    ProcUsage,
+    RunFiles,
     init_db,
-    log_tail,
     machine,
     percentile,
     print_table,
-    proc_usage,
     s3_env,
     s3_url,
     start_writer,
-    status_bytes,
 )
 from bench.s3cost import OPERATIONS, CountingProxy, Tally
-from tests.procs import ROOT, clean_env, start_daemon
-from tests.s3servers import S3Server, create_bucket, raw_client, start_rclone, unique_bucket
+from tests.measure import MeasuredRun, ProcUsage, proc_usage, run_measured
+from tests.procs import ROOT, clean_env, log_tail, start_daemon, wait_for_async
+from tests.s3servers import (
+    S3Server,
+    create_bucket,
+    download,
+    list_sizes,
+    raw_client,
+    start_rclone,
+    unique_bucket,
+)
+from tests.workload import paced
 
 ROW_BYTES = 1024
 #: Seconds from a replicator's first snapshot to the first commit, so each run starts against
@@ -106,12 +112,7 @@ HISTORY_TAIL_RATE = 250.0
 VER_WIDTH = 10
 #: GETs in flight in the raw download: both tools' default restore parallelism.
 DOWNLOAD_CONCURRENCY = 8
-DOWNLOAD_CHUNK = 1 << 20
 SEED = 20_251_124
-
-
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead, so none are printed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,10 +152,9 @@ QUICK = Settings(
 
 
 @dataclass(frozen=True, slots=True)
-class Run:
+class Run(RunFiles):
     """One replicator's life: a fresh database and a fresh prefix of the bucket."""
 
-    root: Path
     server: S3Server
     #: Where the server keeps the bucket's objects as files (rclone serves a directory).
     bucket_dir: Path
@@ -163,24 +163,9 @@ class Run:
     proxy_url: str
 
     @property
-    def db(self) -> Path:
-        """The application's database."""
-        return self.root / "app.db"
-
-    @property
-    def wal(self) -> Path:
-        """Its -wal file."""
-        return self.root / "app.db-wal"
-
-    @property
     def log(self) -> Path:
         """The replicator's log."""
         return self.root / "replicator.log"
-
-    @property
-    def writer_log(self) -> Path:
-        """'k time_ns start_ns' lines from the writer."""
-        return self.root / "writer.log"
 
     @property
     def replica_dir(self) -> Path:
@@ -270,7 +255,8 @@ class Replicad:
 
 class Litestream:
     """``litestream replicate -config FILE`` and ``litestream restore``, at default settings
-    except ``sync-interval: 1s`` (written out; it is the default)."""
+    except ``sync-interval: 1s`` (written out; it is the default).
+    """
 
     name = "Litestream"
 
@@ -357,16 +343,6 @@ class Bench:
 # -- small helpers ---------------------------------------------------------------------------
 
 
-async def _wait(predicate: Callable[[], bool], within: float, what: str) -> None:
-    """Poll `predicate` (files of other processes) without blocking the proxy's event loop."""
-    try:
-        async with asyncio.timeout(within):
-            while not predicate():  # noqa: ASYNC110 - other processes' files: nothing to await
-                await asyncio.sleep(0.002)
-    except TimeoutError:
-        raise BenchError(f"timed out after {within:.0f} s waiting for {what}") from None
-
-
 async def _start(tool: Tool, run: Run) -> subprocess.Popen[bytes]:
     """Start the replicator and wait for its first snapshot."""
     proc = tool.start(run)
@@ -377,7 +353,9 @@ async def _start(tool: Tool, run: Run) -> subprocess.Popen[bytes]:
         return tool.started(run)
 
     try:
-        await _wait(ready, START_TIMEOUT, f"{tool.name}'s first snapshot")
+        await wait_for_async(
+            ready, START_TIMEOUT, f"{tool.name}'s first snapshot", error=BenchError, interval=0.002
+        )
     except BaseException:
         _kill(proc)
         raise
@@ -433,56 +411,9 @@ def _lines(path: Path) -> int:
         return 0
 
 
-def run_measured(cmd: Sequence[str], env: dict[str, str]) -> MeasuredRun:
-    """Run `cmd` (clean environment plus `env`) to completion: wall time, CPU and peak RSS.
-
-    Like `bench.common.run_measured`, except for the peak RSS: the kernel's ru_maxrss of a
-    child started from this process carries over this process's own resident set (the
-    pre-exec copy counts; measured: ``true`` started from a 440 MB parent reports 438 MB), so
-    here it is the child's VmHWM, sampled every millisecond until it exits.
-    """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=clean_env(env), cwd=ROOT)
-        peak = [0]
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.001):
-                peak[0] = max(peak[0], _vm_hwm(proc.pid))
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        killer = threading.Timer(RESTORE_TIMEOUT, proc.kill)
-        killer.start()
-        try:
-            _pid, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-            done.set()
-            sampler.join()
-        wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen.wait
-        out.seek(0)
-        err.seek(0)
-        return MeasuredRun(
-            returncode=proc.returncode,
-            wall_seconds=wall,
-            cpu_seconds=usage.ru_utime + usage.ru_stime,
-            peak_rss_bytes=peak[0],
-            stdout=out.read().decode(errors="replace"),
-            stderr=err.read().decode(errors="replace"),
-        )
-
-
-def _vm_hwm(pid: int) -> int:
-    """A live process's peak resident set (VmHWM), bytes; 0 once it has exited."""
-    return status_bytes(pid, "VmHWM")
-
-
 async def _restore(cmd: list[str], env: dict[str, str], what: str) -> MeasuredRun:
     """A restore (or its dry run) as a measured child process; fails the run on error."""
-    result = await asyncio.to_thread(run_measured, cmd, env)
+    result = await asyncio.to_thread(run_measured, cmd, env=env, timeout=RESTORE_TIMEOUT)
     if result.returncode != 0:
         raise BenchError(f"{what} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
     return result
@@ -554,7 +485,13 @@ async def kill_trial(bench: Bench, tool: Tool, trial: int, kill_after: float) ->
         writer = start_writer(
             run.db, run.writer_log, rate=KILL_RATE, count=count, row_bytes=ROW_BYTES
         )
-        await _wait(lambda: _lines(run.writer_log) > 0, START_TIMEOUT, "the writer's first commit")
+        await wait_for_async(
+            lambda: _lines(run.writer_log) > 0,
+            START_TIMEOUT,
+            "the writer's first commit",
+            error=BenchError,
+            interval=0.002,
+        )
         await asyncio.sleep(kill_after)
         kill_ns = time.time_ns()
         proc.kill()
@@ -604,7 +541,13 @@ async def shutdown_trial(bench: Bench, tool: Tool, trial: int) -> ShutdownResult
         writer = start_writer(
             run.db, run.writer_log, rate=SHUTDOWN_RATE, count=count, row_bytes=ROW_BYTES
         )
-        await _wait(lambda: _lines(run.writer_log) >= count, 60, "the writer's last commit")
+        await wait_for_async(
+            lambda: _lines(run.writer_log) >= count,
+            60,
+            "the writer's last commit",
+            error=BenchError,
+            interval=0.002,
+        )
         status, seconds = await _stop(tool, run, proc)
         await _run_writer(writer, 60)
     finally:
@@ -770,37 +713,20 @@ class RawDownload:
 
 async def raw_download(run: Run, keys: Sequence[str] | None, dest: Path) -> RawDownload:
     """LIST the prefix, then GET `keys` (relative to it; None: every object) to files in `dest`,
-    `DOWNLOAD_CONCURRENCY` at a time.  Timed from the LIST to the last byte written."""
+    `DOWNLOAD_CONCURRENCY` at a time.  Timed from the LIST to the last byte written.
+    """
     await asyncio.to_thread(dest.mkdir, parents=True)
     base = run.prefix + "/"
     async with raw_client(run.server) as s3:
         started = time.perf_counter()
-        listed: dict[str, int] = {}
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=run.bucket, Prefix=base)
-        async for page in pages:
-            listed.update((o["Key"][len(base) :], o["Size"]) for o in page.get("Contents", ()))
+        listed = await list_sizes(s3, run.bucket, base)
         wanted = list(listed) if keys is None else list(keys)
         missing = [k for k in wanted if k not in listed]
         if missing:
             raise BenchError(f"planned objects not in the listing of {base}: {missing[:3]}")
-        gate = asyncio.Semaphore(DOWNLOAD_CONCURRENCY)
-
-        async def get(n: int, key: str) -> None:
-            async with gate:
-                response = await s3.get_object(Bucket=run.bucket, Key=base + key)
-                body = response["Body"]
-                try:
-                    with (dest / f"object-{n}").open("wb") as sink:
-                        while chunk := await body.read(DOWNLOAD_CHUNK):
-                            sink.write(chunk)
-                finally:
-                    body.close()
-
-        async with asyncio.TaskGroup() as group:
-            for n, key in enumerate(wanted):
-                group.create_task(get(n, key))
+        wanted_keys = [base + k for k in wanted]
+        size = await download(s3, run.bucket, wanted_keys, dest, concurrency=DOWNLOAD_CONCURRENCY)
         seconds = time.perf_counter() - started
-    size = sum(listed[k] for k in wanted)
     shutil.rmtree(dest)
     return RawDownload(len(wanted), size, seconds)
 
@@ -942,13 +868,13 @@ def _history_schema(db: Path) -> None:
 def _history_write(db: Path, log_path: Path, base_rows: int, tail_txns: int) -> None:
     """Transactions 1..base_rows insert a large row each, as fast as they go; then each tail
     transaction inserts a small row and updates the `ver` of one large row, at a steady rate.
-    Every transaction k inserts row k; `ver` holds the last k that wrote the row."""
+    Every transaction k inserts row k; `ver` holds the last k that wrote the row.
+    """
     conn = sqlite3.connect(db, isolation_level=None, timeout=30)
-    interval = 1.0 / HISTORY_TAIL_RATE
-    next_at = 0.0
     try:
         with log_path.open("a", buffering=1) as log:
-            for k in range(1, base_rows + tail_txns + 1):
+
+            def commit(k: int) -> None:
                 tail = k > base_rows
                 size = HISTORY_TAIL_BYTES if tail else HISTORY_BASE_BYTES
                 conn.execute("BEGIN")
@@ -964,11 +890,11 @@ def _history_write(db: Path, log_path: Path, base_rows: int, tail_txns: int) -> 
                 start_ns = time.time_ns()
                 conn.execute("COMMIT")
                 log.write(f"{k} {time.time_ns()} {start_ns}\n")
-                if tail:
-                    next_at = next_at + interval if next_at else time.monotonic() + interval
-                    delay = next_at - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
+
+            for k in range(1, base_rows + 1):
+                commit(k)
+            for k in paced(range(base_rows + 1, base_rows + tail_txns + 1), HISTORY_TAIL_RATE):
+                commit(k)
     finally:
         conn.close()
 
@@ -1362,7 +1288,8 @@ def versions() -> dict[str, str]:
 
 def _child(argv: Sequence[str]) -> None:
     """``history-init DB`` and ``history DB LOG BASE_ROWS TAIL_TXNS``: the restore workload's
-    database and writer, in their own processes."""
+    database and writer, in their own processes.
+    """
     if argv[0] == "history-init":
         _history_schema(Path(argv[1]))
     else:

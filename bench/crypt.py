@@ -34,21 +34,18 @@ from pathlib import Path
 from pyrage import x25519
 
 from bench.common import (
-    ROOT,
-    MeasuredRun,
-    clean_env,
     init_db,
     machine,
     print_table,
-    proc_usage,
     read_commits,
-    run_measured,
     s3_env,
     s3_url,
     start_writer,
     tree_size,
 )
 from replicad.position import parse_key
+from tests.measure import MeasuredRun, proc_usage, run_measured
+from tests.procs import ROOT, clean_env
 from tests.s3servers import create_bucket, start_rclone, unique_bucket
 
 RATE = 500
@@ -153,7 +150,8 @@ def build_history(
     work: Path, size_mb: int, recipient: str, urls: tuple[str, str], env: dict[str, str]
 ) -> Path:
     """A database of about `size_mb` MB replicated to `urls` (plaintext, encrypted) by one
-    daemon; the database."""
+    daemon; the database.
+    """
     db = work / "app.db"
     init_db(db)
     config = _config(work / "c.toml", db, [(urls[0], []), (urls[1], [recipient])])
@@ -173,6 +171,7 @@ def build_history(
 def restore_row(
     url: str, out: Path, identity: Path | None, db_bytes: int, env: dict[str, str]
 ) -> list[object]:
+    """One restore of `url` into `out`, timed: a table row."""
     args = ["restore", "-o", str(out), url]
     if identity is not None:
         args += ["--age-identity-file", str(identity)]
@@ -246,7 +245,8 @@ def rekey_row(url: str, env: dict[str, str], key_file: Path, work: Path) -> list
 
 def small_history(work: Path, count: int, recipient: str, url: str, env: dict[str, str]) -> None:
     """About `count` small encrypted objects: 1 kB transactions at 40 txn/s with a 20 ms sync
-    interval, so nearly every transaction is its own segment."""
+    interval, so nearly every transaction is its own segment.
+    """
     work.mkdir()
     db = work / "app.db"
     init_db(db)
@@ -264,6 +264,7 @@ def small_history(work: Path, count: int, recipient: str, url: str, env: dict[st
 
 
 def main() -> None:
+    """Run the encryption benchmarks and print their tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60, help="steady run length")
     parser.add_argument("--size-mb", type=int, default=200, help="restore/rekey database size")

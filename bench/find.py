@@ -41,8 +41,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import MeasuredRun, machine, paced, print_table, run_measured
+from bench.common import machine, print_table
+from tests.measure import MeasuredRun, run_measured
 from tests.procs import start_daemon, stop, wait_for
+from tests.workload import paced
 
 OWNERS = 100
 BAD_OWNER = 7
@@ -89,7 +91,7 @@ def write_history(db: Path, settings: Settings, rows: int, rng: random.Random) -
     conn.execute("PRAGMA busy_timeout = 5000")
     top = rows
     try:
-        for k in paced(settings.transactions, settings.write_rate):
+        for k in paced(range(1, settings.transactions + 1), settings.write_rate):
             if k == settings.transactions // 2:
                 conn.execute("DELETE FROM items WHERE owner = ?", (BAD_OWNER,))
             else:
@@ -112,6 +114,7 @@ def write_history(db: Path, settings: Settings, rows: int, rng: random.Random) -
 
 
 def replicad_cmd(*args: str) -> list[str]:
+    """The command line of `python -m replicad ARGS`."""
     return [sys.executable, "-m", "replicad", *args]
 
 
@@ -129,6 +132,7 @@ def _number(pattern: str, text: str) -> float:
 
 
 def measure_find(url: str, sql: str, scratch: Path) -> list[object]:
+    """`replicad find` of `sql` as a measured child; one table row."""
     run = _checked(
         run_measured(
             replicad_cmd("find", url, "--sql", sql, "--json", "--scratch-dir", str(scratch))
@@ -154,6 +158,7 @@ def measure_find(url: str, sql: str, scratch: Path) -> list[object]:
 
 
 def measure_log(url: str, scratch: Path, *, brief: bool) -> list[object]:
+    """`replicad log` (full, or `brief`) as a measured child; one table row."""
     args = ["log", url, "--json"] + (["--brief"] if brief else ["--scratch-dir", str(scratch)])
     run = _checked(run_measured(replicad_cmd(*args)), "log")
     count = _number(r"replicad: (\d+) transactions", run.stderr)
@@ -173,6 +178,7 @@ def measure_log(url: str, scratch: Path, *, brief: bool) -> list[object]:
 
 
 def run(settings: Settings, workdir: Path) -> None:
+    """Build the database and its history, then measure find and log over it."""
     rng = random.Random(19)
     db, replica, scratch = workdir / "app.db", workdir / "replica", workdir / "scratch"
     scratch.mkdir()
@@ -215,6 +221,7 @@ def run(settings: Settings, workdir: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: parse the options, run, print the tables."""
     parser = argparse.ArgumentParser(prog="python -m bench.find", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="40 MB, 5 minutes of history")
     parser.add_argument("--size-mb", type=int, default=200)

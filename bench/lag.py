@@ -31,27 +31,27 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import (
+    BenchError,
     Commit,
     DirectoryWatch,
     PeakSize,
     Poller,
-    ProcUsage,
+    RunFiles,
     init_db,
     machine,
     percentile,
     print_table,
-    proc_usage,
     read_commits,
     start_writer,
     tree_size,
 )
 from replicad.position import ObjectKind, ObjectName, parse_key
-from tests.procs import replicad, start_daemon, stop
+from tests.measure import ProcUsage, proc_usage
+from tests.procs import log_tail, replicad, start_daemon, stop, wait_for
 
 DEFAULT_RATE = 100.0
 DEFAULT_SECONDS = 30.0
@@ -74,35 +74,14 @@ SAME_SLOT_MS = 100
 TXID_OFFSET = 1
 
 
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead, so none are printed."""
-
-
 @dataclass(frozen=True, slots=True)
-class Paths:
+class Paths(RunFiles):
     """The files of one run, all under one temporary directory."""
-
-    root: Path
-
-    @property
-    def db(self) -> Path:
-        """The application's database."""
-        return self.root / "app.db"
-
-    @property
-    def wal(self) -> Path:
-        """Its -wal file."""
-        return self.root / "app.db-wal"
 
     @property
     def replica(self) -> Path:
         """The replica directory."""
         return self.root / "replica"
-
-    @property
-    def writer_log(self) -> Path:
-        """'k commit_time_ns' lines from the writer."""
-        return self.root / "writer.log"
 
     @property
     def daemon_log(self) -> Path:
@@ -152,7 +131,13 @@ def run_once(paths: Paths, *, rate: float, seconds: float, row_bytes: int) -> Re
     daemon = start_daemon([str(paths.db), paths.replica.as_uri()], paths.daemon_log)
     writer: subprocess.Popen[bytes] | None = None
     try:
-        _wait(lambda: bool(_snapshots(paths.replica)), SNAPSHOT_TIMEOUT, "snapshot", paths)
+        wait_for(
+            lambda: bool(_snapshots(paths.replica)),
+            SNAPSHOT_TIMEOUT,
+            "a snapshot in the replica",
+            log=paths.daemon_log,
+            error=BenchError,
+        )
         time.sleep(IDLE_BEFORE_WRITES)
         startup = proc_usage(daemon.pid)
         with Poller([watch, wal]):
@@ -162,7 +147,13 @@ def run_once(paths: Paths, *, rate: float, seconds: float, row_bytes: int) -> Re
             if writer.wait(timeout=seconds * 2 + 60) != 0:
                 raise BenchError(f"the writer failed with status {writer.returncode}")
             last = count + TXID_OFFSET
-            _wait(lambda: _last_txid(watch) >= last, CATCH_UP_TIMEOUT, f"TXID {last}", paths)
+            wait_for(
+                lambda: _last_txid(watch) >= last,
+                CATCH_UP_TIMEOUT,
+                f"TXID {last} in the replica",
+                log=paths.daemon_log,
+                error=BenchError,
+            )
         usage = proc_usage(daemon.pid)
         status = stop(daemon)
     finally:
@@ -171,7 +162,7 @@ def run_once(paths: Paths, *, rate: float, seconds: float, row_bytes: int) -> Re
                 proc.kill()
                 proc.wait()
     if status != 0:
-        raise BenchError(f"the daemon exited with status {status}\n{_log_tail(paths)}")
+        raise BenchError(f"the daemon exited with status {status}\n{log_tail(paths.daemon_log)}")
     commits = read_commits(paths.writer_log)
     segments = _segments(watch)
     _check_mapping(paths.replica, commits, segments, count)
@@ -188,19 +179,6 @@ def run_once(paths: Paths, *, rate: float, seconds: float, row_bytes: int) -> Re
         bytes_uploaded=size,
         peak_wal_bytes=wal.peak,
     )
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str, paths: Paths) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise BenchError(f"no {what} in the replica after {timeout:.0f} s\n{_log_tail(paths)}")
-        time.sleep(0.01)
-
-
-def _log_tail(paths: Paths, lines: int = 20) -> str:
-    text = paths.daemon_log.read_text(errors="replace") if paths.daemon_log.exists() else ""
-    return "daemon log (tail):\n" + "\n".join(text.splitlines()[-lines:])
 
 
 def _snapshots(replica: Path) -> list[ObjectName]:
@@ -250,7 +228,8 @@ def _check_mapping(
 def _lags_ms(commits: list[Commit], segments: list[Segment]) -> list[float]:
     """Lags in commit order, from COMMIT returning; slightly negative when the daemon shipped
     the transaction while COMMIT was still fsyncing or checkpointing.  Fails if a segment was
-    seen before the COMMIT of a transaction it holds was even issued."""
+    seen before the COMMIT of a transaction it holds was even issued.
+    """
     firsts = [s.name.first_txid for s in segments]
     lags = []
     for commit in commits:

@@ -29,11 +29,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.common import init_db, log_events, print_table, proc_usage, read_metrics, run_measured
+from bench.common import init_db, log_events, print_table
 from bench.common import start_writer as start_rows_writer
 from replicad.checksum import PageHashes, file_checksum
 from replicad.db import Database
-from tests.procs import start_daemon, stop, wait_for
+from tests.measure import proc_usage, run_measured
+from tests.procs import read_metrics, start_daemon, stop, wait_for
 
 PAGE = 4096
 
@@ -50,7 +51,8 @@ def _free_port() -> int:
 
 def _fill(db: Path, megabytes: int) -> None:
     """Make `db` about `megabytes` large (WAL mode): incompressible rows, half of the space in
-    small indexed rows, so an integrity check has b-trees to walk as in a real database."""
+    small indexed rows, so an integrity check has b-trees to walk as in a real database.
+    """
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=OFF")
@@ -80,6 +82,7 @@ def _set_page_seconds(samples: int = 200_000) -> float:
 
 
 def part_cpu(work: Path, seconds: int) -> list[list[object]]:
+    """The daemon at 500 txn/s: its CPU and the share the checksum costs; table rows."""
     db, replica, dlog, wlog = work / "cpu.db", work / "cpu-rep", work / "cpu-d.log", work / "w.log"
     init_db(db)
     address = f"127.0.0.1:{_free_port()}"
@@ -109,6 +112,7 @@ def part_cpu(work: Path, seconds: int) -> list[list[object]]:
 
 
 def part_build(work: Path, megabytes: int) -> list[list[object]]:
+    """Building the page-hash table of a large database, and checksumming a file; rows."""
     db = work / "big.db"
     started = time.perf_counter()
     _fill(db, megabytes)
@@ -144,6 +148,7 @@ def _objects(replica: Path) -> dict[str, int]:
 
 
 def part_restart(work: Path, megabytes: int, down: int) -> tuple[list[list[object]], Path]:
+    """What a restart after writes and a TRUNCATE uploads; rows and the replica."""
     db, replica, dlog, wlog = work / "r.db", work / "r-rep", work / "r-d.log", work / "r-w.log"
     _fill(db, megabytes)
     daemon = start_daemon([str(db), replica.as_uri()], dlog)
@@ -192,6 +197,7 @@ def part_restart(work: Path, megabytes: int, down: int) -> tuple[list[list[objec
 
 
 def part_restore(work: Path, replica: Path, runs: int) -> list[list[object]]:
+    """Restores of `replica` with the chain proof, quick_check and integrity_check."""
     out = work / "restored.db"
     rows: list[list[object]] = []
     for mode in ("none", "quick", "full"):

@@ -142,6 +142,7 @@ def plan_keys(dry_run_stdout: str) -> list[str]:
 
 def started(data_dir: Path) -> bool:
     """Whether Litestream has written its first snapshot, given the directory an S3 server
-    serving local files keeps the replica path in."""
+    serving local files keeps the replica path in.
+    """
     level = data_dir / f"{SNAPSHOT_LEVEL:04d}"
     return level.is_dir() and any(level.iterdir())

@@ -17,97 +17,73 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
-import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import log_tail, machine, print_table, read_metrics, s3_env, s3_url
+from bench.common import BenchError, init_db, machine, print_table, s3_env, s3_url, start_writer
 from tests.faultproxy import FaultProxy
-from tests.procs import clean_env, start_daemon, stop
-from tests.s3servers import HOST, create_bucket, free_port, start_rclone, unique_bucket
+from tests.procs import (
+    Daemon,
+    wait_for_async,
+)
+from tests.s3servers import create_bucket, start_rclone, unique_bucket
 
 RATE = 50
+ROW_BYTES = 200
 STEADY_SECONDS = 4.0
 POLL = 0.05
 
-_WRITER = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
-conn.execute("PRAGMA journal_mode=WAL")
-conn.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB)")
-interval = 1 / float(sys.argv[2])
-next_at = time.monotonic()
-while True:
-    conn.execute("INSERT INTO t(v) VALUES (randomblob(200))")
-    next_at += interval
-    time.sleep(max(0.0, next_at - time.monotonic()))
-"""
 
-
-class BenchError(SystemExit):
-    """The run went wrong."""
-
-
-def _txids(address: str) -> tuple[float, float]:
+def _txids(daemon: Daemon) -> tuple[float, float]:
     """(captured, shipped) transaction counts from the daemon's metrics."""
-    m = read_metrics(address)
+    m = daemon.metrics()
     return m.value("replicad_transactions_total"), m.value("replicad_replica_txid")
 
 
-async def _wait_caught_up(address: str, captured: float, offset: float, limit: float) -> float:
+async def _wait_caught_up(daemon: Daemon, captured: float, offset: float, limit: float) -> float:
+    """Seconds until the replica holds the `captured`-th transaction (TXID captured + offset)."""
     started = time.monotonic()
-    while time.monotonic() - started < limit:
-        _, shipped = await asyncio.to_thread(_txids, address)
-        if shipped - offset >= captured:
-            return time.monotonic() - started
-        await asyncio.sleep(POLL)
-    raise BenchError(f"not caught up {limit:.0f} s after the outage")
 
+    async def caught_up() -> bool:
+        _, shipped = await asyncio.to_thread(_txids, daemon)
+        return shipped - offset >= captured
 
-def _start_writer(db: Path) -> subprocess.Popen[bytes]:
-    conn = sqlite3.connect(db)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
-    conn.close()
-    return subprocess.Popen([sys.executable, "-c", _WRITER, str(db), str(RATE)], env=clean_env())
+    what = "the replica to catch up after the outage"
+    await wait_for_async(caught_up, limit, what, log=daemon.log, error=BenchError, interval=POLL)
+    return time.monotonic() - started
 
 
 async def run(root: Path, outages: int, seconds: float) -> list[tuple[object, ...]]:
+    """`outages` outages of `seconds` each; one row (n, seconds, catch-up) per outage."""
     server = start_rclone(root / "s3")
     bucket = unique_bucket()
     await create_bucket(server, bucket)
     proxy = FaultProxy(server.endpoint_url)
     await proxy.start()
     db = root / "app.db"
-    writer = _start_writer(db)
-    address = f"{HOST}:{free_port()}"
-    log = root / "daemon.log"
+    init_db(db)
+    # Runs until killed: far more rows than the run can write.
+    writer = start_writer(db, root / "writer.log", rate=RATE, count=10**9, row_bytes=ROW_BYTES)
     rows: list[tuple[object, ...]] = []
     try:
         url = s3_url(server, bucket, "apps/outage", endpoint=proxy.url)
-        daemon = start_daemon(
-            [str(db), url, "--metrics-addr", address], log, env=s3_env(server, root)
-        )
+        daemon = Daemon.start([str(db), url], root / "daemon.log", env=s3_env(server, root))
         try:
             await asyncio.sleep(3)
-            captured, shipped = await asyncio.to_thread(_txids, address)
+            captured, shipped = await asyncio.to_thread(_txids, daemon)
             offset = shipped - captured  # replica TXIDs = captured count + offset
             for n in range(1, outages + 1):
                 await asyncio.sleep(STEADY_SECONDS)
                 proxy.pause()
                 await asyncio.sleep(seconds)
                 await proxy.resume()
-                captured, _ = await asyncio.to_thread(_txids, address)
-                catch_up = await _wait_caught_up(address, captured, offset, 120)
+                captured, _ = await asyncio.to_thread(_txids, daemon)
+                catch_up = await _wait_caught_up(daemon, captured, offset, 120)
                 rows.append((n, seconds, round(catch_up, 2)))
                 print(f"outage {n}: caught up {catch_up:.2f} s after it ended", flush=True)
         finally:
-            status = await asyncio.to_thread(stop, daemon, timeout=60)
-        if status != 0:
-            raise BenchError(f"daemon exited {status}\n{log_tail(log)}")
+            await asyncio.to_thread(daemon.stop, error=BenchError)
     finally:
         writer.kill()
         writer.wait()
@@ -117,6 +93,7 @@ async def run(root: Path, outages: int, seconds: float) -> list[tuple[object, ..
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the outages, print the table."""
     parser = argparse.ArgumentParser(prog="python -m bench.outage", description=__doc__)
     parser.add_argument("--outages", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=3.0)

@@ -41,25 +41,27 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench.common import (
-    Metrics,
+    BenchError,
     PeakSize,
     Poller,
-    ProcUsage,
     init_db,
     log_events,
-    log_tail,
     machine,
     print_table,
-    proc_usage,
     read_commits,
-    read_metrics,
     s3_env,
     s3_url,
     start_writer,
 )
 from tests.faultproxy import FaultProxy
-from tests.procs import start_daemon, stop
-from tests.s3servers import HOST, S3Server, create_bucket, free_port, start_rclone, unique_bucket
+from tests.measure import ProcUsage, proc_usage
+from tests.procs import (
+    HOST,
+    Daemon,
+    Metrics,
+    wait_for_async,
+)
+from tests.s3servers import S3Server, create_bucket, start_rclone, unique_bucket
 
 DEFAULT_SECONDS = 60.0
 QUICK_SECONDS = 15.0
@@ -83,10 +85,6 @@ OPERATIONS = ("LIST", "GET", "HEAD", "PUT", "MULTIPART", "DELETE")
 #: path and as a URL-encoded ``prefix=`` of a LIST.
 _LEASE_MARKS = (b"/lease/", b"%2Flease%2F")
 _T = TypeVar("_T")
-
-
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead, so none are printed."""
 
 
 class CountingProxy(FaultProxy):
@@ -116,7 +114,8 @@ class CountingProxy(FaultProxy):
 
 def s3_operation(request_line: bytes) -> str:
     """The S3 operation of a path-style request: LIST, GET, HEAD, PUT, DELETE, or MULTIPART
-    for the calls of a multipart upload (create, part, complete, abort)."""
+    for the calls of a multipart upload (create, part, complete, abort).
+    """
     method, _, rest = request_line.decode("ascii", "replace").partition(" ")
     target = rest.rpartition(" ")[0]
     path, _, query = target.partition("?")
@@ -172,33 +171,9 @@ class Phase:
     peak_rss_bytes: int
 
 
-@dataclass
-class Daemon:
-    """One daemon process pointed at the proxy, with its metrics address and log."""
-
-    proc: subprocess.Popen[bytes]
-    address: str
-    log: Path
-
-    async def metrics(self) -> Metrics:
-        """A scrape of its metrics endpoint."""
-        return await asyncio.to_thread(read_metrics, self.address)
-
-    def usage(self) -> ProcUsage:
-        """CPU and peak RSS so far."""
-        return proc_usage(self.proc.pid)
-
-    async def stop(self) -> None:
-        """SIGTERM; fail the run unless it exits 0."""
-        status = await asyncio.to_thread(stop, self.proc)
-        if status != 0:
-            raise BenchError(f"the daemon exited with status {status}\n{log_tail(self.log)}")
-
-    def kill(self) -> None:
-        """For cleanup after a failure."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+async def _scrape(daemon: Daemon) -> Metrics:
+    """A scrape of the daemon's metrics, off the event loop that runs the proxy."""
+    return await asyncio.to_thread(daemon.metrics)
 
 
 @dataclass
@@ -228,19 +203,20 @@ class Bench:
 
     async def start_daemon(self, n: int) -> Daemon:
         """Start daemon number `n` of this run (its log: ``daemon-N.log``)."""
-        address = f"{HOST}:{free_port()}"
         log = self.root / f"daemon-{n}.log"
-        args = [str(self.db), self.url, "--metrics-addr", address]
-        proc = start_daemon(args, log, env=s3_env(self.server, self.root))
-        return Daemon(proc, address, log)
+        return Daemon.start([str(self.db), self.url], log, env=s3_env(self.server, self.root))
 
     async def measure(
         self, name: str, daemon: Daemon, seconds: float | None, body: Callable[[], Awaitable[_T]]
     ) -> tuple[Phase, _T]:
         """Run `body`; what the proxy and the daemon counted meanwhile, and what it returned."""
-        tally, before, usage = self.proxy.tally(), await daemon.metrics(), daemon.usage()
+        tally, before, usage = (
+            self.proxy.tally(),
+            await _scrape(daemon),
+            proc_usage(daemon.proc.pid),
+        )
         result = await body()
-        after = await daemon.metrics()
+        after = await _scrape(daemon)
         requests = self.proxy.tally() - tally
         phase = _phase(
             name, seconds, requests=requests, before=before, after=after, usage=usage, daemon=daemon
@@ -261,7 +237,7 @@ def _phase(
     def delta(metric: str) -> int:
         return round(after.value(metric) - before.value(metric))
 
-    end = daemon.usage()
+    end = proc_usage(daemon.proc.pid)
     return Phase(
         name=name,
         seconds=seconds,
@@ -278,29 +254,17 @@ def _phase(
 # -- waiting ---------------------------------------------------------------------------------
 
 
-async def _wait(predicate: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
-    """Poll without blocking the event loop, which also runs the proxy."""
-    try:
-        async with asyncio.timeout(seconds):
-            # Polling other processes (files, HTTP): nothing in this process could set an Event.
-            while not await predicate():  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise BenchError(f"timed out after {seconds:.0f} s waiting for {what}") from None
-
-
 async def _started(daemon: Daemon) -> None:
     """Wait for the daemon to resume or upload its first snapshot, and for the metrics."""
 
     async def ready() -> bool:
-        if daemon.proc.poll() is not None:
-            raise BenchError(
-                f"the daemon exited with {daemon.proc.returncode}\n{log_tail(daemon.log)}"
-            )
+        daemon.check_running(BenchError)
         events = await asyncio.to_thread(log_events, daemon.log)
         return any(e.get("event") in STARTED_EVENTS for e in events)
 
-    await _wait(ready, START_TIMEOUT, "the daemon's start-up")
+    await wait_for_async(
+        ready, START_TIMEOUT, "the daemon's start-up", error=BenchError, interval=0.05
+    )
     await asyncio.sleep(SETTLE)
 
 
@@ -310,11 +274,17 @@ async def _write(bench: Bench, daemon: Daemon, *, rate: float, seconds: float, t
     Returns the writer's commits per second (it may fall behind its schedule).
     """
     count = round(rate * seconds)
-    target = (await daemon.metrics()).value("replicad_replica_txid") + count
+    target = (await _scrape(daemon)).value("replicad_replica_txid") + count
     log = bench.root / f"writer-{tag}.log"
     writer = start_writer(bench.db, log, rate=rate, count=count, row_bytes=ROW_BYTES)
     try:
-        await _wait(lambda: _exited(writer), seconds * 3 + 60, f"the writer's {count} commits")
+        await wait_for_async(
+            lambda: _exited(writer),
+            seconds * 3 + 60,
+            f"the writer's {count} commits",
+            error=BenchError,
+            interval=0.05,
+        )
     finally:
         if writer.poll() is None:
             writer.kill()
@@ -323,9 +293,11 @@ async def _write(bench: Bench, daemon: Daemon, *, rate: float, seconds: float, t
         raise BenchError(f"the writer failed with status {writer.returncode}")
 
     async def shipped() -> bool:
-        return (await daemon.metrics()).value("replicad_replica_txid") >= target
+        return (await _scrape(daemon)).value("replicad_replica_txid") >= target
 
-    await _wait(shipped, CATCH_UP_TIMEOUT, f"replica TXID {target:.0f}")
+    await wait_for_async(
+        shipped, CATCH_UP_TIMEOUT, f"replica TXID {target:.0f}", error=BenchError, interval=0.05
+    )
     commits = read_commits(log)
     return (len(commits) - 1) / ((commits[-1].time_ns - commits[0].time_ns) / 1e9)
 
@@ -357,13 +329,13 @@ async def cost_run(bench: Bench, *, seconds: float) -> list[Phase]:
         idle, _ = await bench.measure("idle", daemon, seconds, lambda: asyncio.sleep(seconds))
         phases += [writes, idle]
         shutdown = bench.proxy.tally()
-        await daemon.stop()
+        await asyncio.to_thread(daemon.stop, error=BenchError)
         phases.append(_proxy_only_phase("shutdown (SIGTERM)", bench.proxy.tally() - shutdown))
         daemon = await bench.start_daemon(2)
         start = bench.proxy.tally()
         await _started(daemon)
         phases.append(await _startup_phase("restart, unchanged WAL", bench, daemon, start))
-        await daemon.stop()
+        await asyncio.to_thread(daemon.stop, error=BenchError)
     finally:
         daemon.kill()
     _check_expectations(phases, restart_log=bench.root / "daemon-2.log")
@@ -371,7 +343,7 @@ async def cost_run(bench: Bench, *, seconds: float) -> list[Phase]:
 
 
 async def _startup_phase(name: str, bench: Bench, daemon: Daemon, start: Tally) -> Phase:
-    metrics = await daemon.metrics()
+    metrics = await _scrape(daemon)
     empty = Metrics({})
     requests = bench.proxy.tally() - start
     return _phase(
@@ -425,8 +397,8 @@ async def high_rate_run(bench: Bench, *, rate: float, seconds: float) -> HighRat
                 seconds,
                 lambda: _write(bench, daemon, rate=rate, seconds=seconds, tag="high"),
             )
-        total = daemon.usage()
-        await daemon.stop()
+        total = proc_usage(daemon.proc.pid)
+        await asyncio.to_thread(daemon.stop, error=BenchError)
     finally:
         daemon.kill()
     return HighRate(phase, achieved, total, wal.peak, bench.db.stat().st_size)

@@ -15,9 +15,9 @@ One run, in a temporary directory:
    daemon's CPU time and peak RSS (VmHWM) then, and its RSS sampled every 0.1 s to tell the
    encoding's memory from the upload's.  Then SIGTERM: the exit status must be 0.
 3. ``replicad restore -o OUT s3://...`` as a child process, twice: with the default full
-   integrity check and with ``--integrity-check none``; wall time, CPU and peak RSS from
-   `wait4` (what ``/usr/bin/time -v`` reports).  The first result must pass
-   ``PRAGMA integrity_check`` here too and hold exactly the source's rows.
+   integrity check and with ``--integrity-check none``; wall time, CPU from `wait4`, peak RSS
+   from the child's own VmHWM sampled every millisecond (`tests.measure.run_measured`).  The
+   first result must pass ``PRAGMA integrity_check`` here too and hold exactly the source's rows.
 4. The baseline: a plain aiobotocore script, also a child process, that streams each object of
    the replica prefix to a local file in 1 MiB reads, one stream per object as the restore
    does.  Reported: restore time / download time.
@@ -32,39 +32,29 @@ import asyncio
 import random
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from aiobotocore.session import AioSession
 from botocore.config import Config
 
-from bench.common import (
-    MeasuredRun,
-    ProcUsage,
-    current_rss,
-    event_time,
-    log_events,
-    log_tail,
-    machine,
-    print_table,
-    proc_usage,
-    read_metrics,
-    run_measured,
-    s3_env,
-    s3_url,
-)
-from tests.procs import start_daemon, stop
-from tests.s3servers import (
+from bench.common import BenchError, event_time, log_events, machine, print_table, s3_env, s3_url
+from tests.measure import MeasuredRun, ProcUsage, current_rss, proc_usage, run_measured
+from tests.procs import (
     HOST,
+    Daemon,
+    log_tail,
+    wait_for,
+)
+from tests.s3servers import (
     REGION,
     S3Server,
     create_bucket,
-    free_port,
+    download,
+    list_sizes,
     raw_client,
     start_rclone,
     unique_bucket,
@@ -82,16 +72,10 @@ TEXT = (b"replicad snapshot benchmark: a line of ordinary, repetitive text. " * 
 ROWS_PER_TRANSACTION = 16_000
 SEED = 20_240_601
 PREFIX = "apps/big"
-#: The raw download reads like the restore does (replicad.clients.s3.CHUNK_SIZE).
-DOWNLOAD_CHUNK = 1 << 20
 POLL_INTERVAL = 0.1
 #: Seconds allowed for the snapshot upload and for each restore or download.
 SNAPSHOT_TIMEOUT = 3600.0
 RESTORE_TIMEOUT = 3600.0
-
-
-class BenchError(SystemExit):
-    """The run went wrong; its numbers would mislead, so none are printed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,21 +150,16 @@ class SnapshotRun:
 
 def snapshot_run(root: Path, db: Path, server: S3Server, url: str) -> SnapshotRun:
     """Start the daemon, wait for its snapshot to be uploaded, measure, SIGTERM."""
-    address = f"{HOST}:{free_port()}"
     log = root / "daemon.log"
     started = time.time()
-    daemon = start_daemon([str(db), url, "--metrics-addr", address], log, env=s3_env(server, root))
+    daemon = Daemon.start([str(db), url], log, env=s3_env(server, root))
     try:
-        samples = _wait_uploaded(daemon, address, log)
-        usage = proc_usage(daemon.pid)
-        metrics = read_metrics(address)
-        status = stop(daemon, timeout=120)
+        samples = _wait_uploaded(daemon)
+        usage = proc_usage(daemon.proc.pid)
+        metrics = daemon.metrics()
+        daemon.stop(timeout=120, error=BenchError)
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-    if status != 0:
-        raise BenchError(f"the daemon exited with status {status}\n{log_tail(log)}")
+        daemon.kill()
     taken = _event(log, "snapshot taken")
     uploaded = _event(log, "snapshot uploaded")
     return SnapshotRun(
@@ -195,24 +174,20 @@ def snapshot_run(root: Path, db: Path, server: S3Server, url: str) -> SnapshotRu
     )
 
 
-def _wait_uploaded(
-    daemon: subprocess.Popen[bytes], address: str, log: Path
-) -> list[tuple[float, int]]:
+def _wait_uploaded(daemon: Daemon) -> list[tuple[float, int]]:
     """Poll the metrics until the replica holds TXID 1; the (time, RSS) samples meanwhile."""
     samples = []
-    deadline = time.monotonic() + SNAPSHOT_TIMEOUT
-    while True:
-        samples.append((time.time(), current_rss(daemon.pid)))
-        if daemon.poll() is not None:
-            raise BenchError(f"the daemon exited with {daemon.returncode}\n{log_tail(log)}")
-        try:
-            if read_metrics(address).value("replicad_replica_txid") >= 1:
-                return samples
-        except OSError:
-            pass  # the metrics endpoint is not up yet
-        if time.monotonic() > deadline:
-            raise BenchError(f"no snapshot after {SNAPSHOT_TIMEOUT:.0f} s\n{log_tail(log)}")
-        time.sleep(POLL_INTERVAL)
+
+    def uploaded() -> bool:
+        samples.append((time.time(), current_rss(daemon.proc.pid)))
+        daemon.check_running(BenchError)
+        return daemon.metric("replicad_replica_txid") >= 1
+
+    what = "the first snapshot in the replica"
+    wait_for(
+        uploaded, SNAPSHOT_TIMEOUT, what, log=daemon.log, error=BenchError, interval=POLL_INTERVAL
+    )
+    return samples
 
 
 def _event(log: Path, name: str) -> float:
@@ -224,15 +199,9 @@ def _event(log: Path, name: str) -> float:
 
 async def _list(server: S3Server, bucket: str) -> list[tuple[str, int]]:
     """(key, size) of every object under the replica prefix, straight from the server."""
+    base = PREFIX + "/"
     async with raw_client(server) as s3:
-        return await _list_keys(s3, bucket, PREFIX + "/")
-
-
-async def _list_keys(s3: Any, bucket: str, prefix: str) -> list[tuple[str, int]]:
-    found: list[tuple[str, int]] = []
-    async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        found.extend((item["Key"], item["Size"]) for item in page.get("Contents", ()))
-    return found
+        return [(base + key, size) for key, size in (await list_sizes(s3, bucket, base)).items()]
 
 
 # -- restore and the raw download ------------------------------------------------------------
@@ -268,19 +237,13 @@ async def download_objects(endpoint: str, bucket: str, prefix: str, out: Path) -
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    total = 0
     session = AioSession()
     async with session.create_client(
         "s3", endpoint_url=endpoint, region_name=REGION, config=config
     ) as s3:
-        for n, (key, _size) in enumerate(await _list_keys(s3, bucket, prefix.rstrip("/") + "/")):
-            response = await s3.get_object(Bucket=bucket, Key=key)
-            body = response["Body"]
-            with (out / f"object-{n}").open("wb") as sink:
-                while chunk := await body.read(DOWNLOAD_CHUNK):
-                    sink.write(chunk)
-                    total += len(chunk)
-    return total
+        base = prefix.rstrip("/") + "/"
+        keys = [base + key for key in await list_sizes(s3, bucket, base)]
+        return await download(s3, bucket, keys, out, concurrency=1)
 
 
 # -- the run ---------------------------------------------------------------------------------

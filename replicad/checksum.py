@@ -64,7 +64,8 @@ def format_checksum(value: int) -> str:
 
 def file_checksum(path: Path, page_size: int, db_pages: int) -> int:
     """The checksum of the database file at `path` (its first `db_pages` pages), read in
-    bounded chunks."""
+    bounded chunks.
+    """
     checksum = 0
     chunk_pages = max(1, (4 << 20) // page_size)
     with path.open("rb", buffering=0) as f:
@@ -124,7 +125,8 @@ class PageHashes:
 
     def set_size(self, db_pages: int) -> None:
         """The database now has `db_pages` pages: pages past it leave the checksum, and new
-        ones enter it as zeros until written."""
+        ones enter it as zeros until written.
+        """
         if db_pages < self.db_pages:
             dropped = self._hashes[db_pages : self.db_pages]
             self.checksum ^= int(np.bitwise_xor.reduce(dropped)) if len(dropped) else 0

@@ -498,7 +498,8 @@ def scrub_credentials(
 ) -> tuple[dict[str, str], list[str]]:
     """`environ` without the AWS credential variables and without any variable whose value is
     one of `secrets` (how `${VAR}` handed a secret to the configuration); also the names
-    removed, sorted (names only: they are not secret)."""
+    removed, sorted (names only: they are not secret).
+    """
     kept = {
         name: value
         for name, value in environ.items()
@@ -650,7 +651,8 @@ async def make_client(
     """The storage client a replica's configuration describes (`max_attempts` per request:
     the S3 client's default when None), behind age encryption (`CryptClient`): it encrypts for
     the replica's `age_recipients` and decrypts with its `age_identity_file` and
-    `identity_files`; with neither it refuses encrypted objects with a clear error."""
+    `identity_files`; with neither it refuses encrypted objects with a clear error.
+    """
     from replicad.clients.crypt import (  # noqa: PLC0415 - pyrage only when a client is made
         CryptClient,
         load_identities,

@@ -100,7 +100,8 @@ class S3Options:
 
 def _default_snapshot_interval() -> float:
     """The replicator's default, imported only when a database is configured: the replicator
-    pulls in the WAL reader and numpy, which a restore from a URL never needs."""
+    pulls in the WAL reader and numpy, which a restore from a URL never needs.
+    """
     from replicad.replicator import DEFAULT_SNAPSHOT_INTERVAL  # noqa: PLC0415
 
     return DEFAULT_SNAPSHOT_INTERVAL
@@ -550,7 +551,8 @@ class _Table:
 
 def _hint(key: str, allowed: frozenset[str]) -> str:
     """What to do about an unknown key: where it belongs if it belongs elsewhere, else the
-    closest accepted key, and always the keys accepted here."""
+    closest accepted key, and always the keys accepted here.
+    """
     accepted = f"keys accepted here: {', '.join(sorted(allowed))}"
     if key in _TOP_KEYS and allowed is not _TOP_KEYS:
         return (
@@ -577,7 +579,8 @@ def redact_url(url: str) -> str:
 
 def _refuse_userinfo(reader: _Reader, key: str, url: str) -> None:
     """A user name or password in a URL would be printed by `config check`, logs and errors,
-    and S3 clients ignore it anyway: credentials belong in their own (masked) keys."""
+    and S3 clients ignore it anyway: credentials belong in their own (masked) keys.
+    """
     if "@" in urlsplit(url).netloc:
         raise reader.error(
             key,

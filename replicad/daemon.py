@@ -185,7 +185,8 @@ class Daemon:
     async def _lock_database(self, replicator: DatabaseReplicator) -> bool:
         """Take the database's host lock (pidfile.py), waiting as a standby while another
         process holds it (or for the database's directory to exist); False if a stop was
-        requested first."""
+        requested first.
+        """
         lock = DatabaseLock(replicator.db.path)
         directory = replicator.db.path.parent
         warned = False

@@ -158,7 +158,8 @@ class Describer:
     def _follow_interior_pages(self, pages: tuple[int, ...]) -> None:
         """Carry each written interior page's tree to its children (parents first: a new
         subtree's pages are all written, and an interior page comes before its children in a
-        b-tree's order, though not always in page numbers, so repeat until nothing changes)."""
+        b-tree's order, though not always in page numbers, so repeat until nothing changes).
+        """
         for _ in range(8):
             changed = False
             for page in pages:

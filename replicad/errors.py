@@ -76,7 +76,8 @@ class ReplicaError(ReplicadError):
     @property
     def failed_write(self) -> bool:
         """Whether a write failed (so "cannot read replica" would mislead: a read-only mount or a
-        read-only key)."""
+        read-only key).
+        """
         return self.operation in _WRITE_OPERATIONS
 
 
@@ -101,7 +102,8 @@ class ReplicaUnavailableError(ReplicaError):
 
 class LeaseError(ReplicaError):
     """Another daemon owns this replica prefix or this database on this host (or a corrupt
-    lease object hides who owns it): this daemon does not start."""
+    lease object hides who owns it): this daemon does not start.
+    """
 
 
 class LeaseLostError(LeaseError):
@@ -120,7 +122,8 @@ class RestoreError(ReplicadError):
 
 class HistoryForkError(RestoreError):
     """No chain reaches the target: where it stops, only objects of another history (their
-    database checksums do not continue it) start.  The message names them."""
+    database checksums do not continue it) start.  The message names them.
+    """
 
 
 class StateError(ReplicadError):

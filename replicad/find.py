@@ -76,7 +76,8 @@ class Query:
 
     def check(self, path: Path) -> Answer:
         """Run once on the first state; `ConfigError` if the statement cannot be a read-only
-        query at all (a syntax error, or something other than reading)."""
+        query at all (a syntax error, or something other than reading).
+        """
         answer = self.run(path)
         if isinstance(answer, str) and ("syntax error" in answer or "not authorized" in answer):
             raise ConfigError(
@@ -138,7 +139,8 @@ async def find_changes(
 
 def answer_json(answer: Answer) -> object:
     """An answer as JSON-ready data: one value for a 1x1 result, else a list of rows; an error
-    as {"error": message}; blobs as hex strings."""
+    as {"error": message}; blobs as hex strings.
+    """
     if isinstance(answer, str):
         return {"error": answer.removeprefix("error: ")}
     rows = [[_value(v) for v in row] for row in answer]

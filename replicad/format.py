@@ -155,7 +155,8 @@ class TxnInfo:
 @dataclass(frozen=True, slots=True)
 class Transaction:
     """A transaction with its pages, `(pgno, page bytes)` in the order they were written, and
-    the database checksum after it (None in an object that records no checksums)."""
+    the database checksum after it (None in an object that records no checksums).
+    """
 
     info: TxnInfo
     pages: list[tuple[int, bytes]]
@@ -561,7 +562,8 @@ class ObjectWriter:
         """Record the database checksum after the last transaction, learnt only once its pages
         were written (a snapshot hashes them as it goes), as that transaction's and the
         header's `post_checksum`.  Returns the header to write again at the object's start,
-        so the sink must be seekable.  The header began with a placeholder checksum."""
+        so the sink must be seekable.  The header began with a placeholder checksum.
+        """
         self._check_open()
         if not self._header.chained or not self._checksums:
             raise ValueError("settle_checksum needs a header that records checksums")
@@ -724,7 +726,8 @@ def read_trailer(tail: bytes | memoryview) -> list[TxnInfo]:
 
 def _decode_footer(tail: bytes | memoryview) -> tuple[int, int, int, int]:
     """(object length, trailer length, trailer CRC, major version) from the last FOOTER_SIZE
-    bytes."""
+    bytes.
+    """
     if len(tail) < FOOTER_SIZE:
         raise FormatError(
             f"truncated object: the footer needs {FOOTER_SIZE} bytes, got {len(tail)}"
@@ -976,7 +979,8 @@ class ObjectDecoder:
 
 def _checked_checksums(index: ObjectIndex, header: ObjectHeader) -> ObjectIndex:
     """The index with its per-transaction checksums, which must agree with the header's (and
-    be absent, all zeros, where the header records none)."""
+    be absent, all zeros, where the header records none).
+    """
     if index.checksums is None:
         return index
     if not header.chained:

@@ -85,7 +85,8 @@ class LogEntry:
 @dataclass(slots=True)
 class LogStats:
     """What a log cost: transactions listed, bytes read for the state before the range (full
-    log only) and for the transactions themselves."""
+    log only) and for the transactions themselves.
+    """
 
     transactions: int = 0
     base_bytes: int = 0

@@ -317,7 +317,8 @@ class Lease:
 
     async def _try_claim(self, epoch: int, *, gap: bool) -> bool:
         """Claim `epoch` (numbering above the old history if `gap`); False if someone else
-        claimed it first, and the caller looks again."""
+        claimed it first, and the caller looks again.
+        """
         try:
             await self._claim(epoch)
         except LeaseLostError:

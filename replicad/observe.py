@@ -158,7 +158,8 @@ class ReplicadCollector(Collector):
 def _from_zero(counts: dict[str, int], known: Sequence[str]) -> dict[str, int]:
     """`counts` with every known label present, at 0 until it happens: a series that appears
     only after its first event breaks `rate()` and `increase()` over the moment it appears,
-    and an alert on errors cannot tell "none yet" from "not exported"."""
+    and an alert on errors cannot tell "none yet" from "not exported".
+    """
     return {**dict.fromkeys(known, 0), **counts}
 
 
@@ -215,7 +216,8 @@ def readiness(replicators: Sequence[DatabaseReplicator], max_lag: float) -> list
 
 class MetricsServer:
     """HTTP endpoint on one address: `/metrics` (Prometheus), `/healthz` (the process is alive:
-    its sync loops run) and `/readyz` (every commit reached every replica within `max_lag`)."""
+    its sync loops run) and `/readyz` (every commit reached every replica within `max_lag`).
+    """
 
     def __init__(
         self,

@@ -114,7 +114,8 @@ def read_pid(path: Path) -> int | None:
 def signalable_daemon(state_dir: Path) -> int | None:
     """The pid of the replicad daemon holding this state directory's lock, proven from `/proc`;
     None if no daemon runs.  Raises `ReplicadError` when the pid file names a process that is
-    not that daemon (another user's, not replicad, or not the lock's holder)."""
+    not that daemon (another user's, not replicad, or not the lock's holder).
+    """
     pid = running_daemon(state_dir)
     if pid is None:
         return None
@@ -151,7 +152,8 @@ def _not_our_daemon(pid: int, pid_path: Path) -> str | None:
 
 def _is_replicad(argv: list[bytes]) -> bool:
     """`replicad ...` (the console script, run directly or by an interpreter) or
-    `python -m replicad ...`."""
+    `python -m replicad ...`.
+    """
     words = [os.path.basename(word) for word in argv[:3]]
     return b"replicad" in words or any(
         flag == b"-m" and module == b"replicad" for flag, module in itertools.pairwise(argv[:4])
@@ -161,7 +163,8 @@ def _is_replicad(argv: list[bytes]) -> bool:
 def _holds_flock(locks: str, pid: int, inode: int) -> bool:
     """Whether `/proc/locks` shows `pid` holding a FLOCK on the file with this inode.
 
-    Lines read `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF` (device and inode)."""
+    Lines read `1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF` (device and inode).
+    """
     for line in locks.splitlines():
         fields = line.split()
         if (

@@ -91,7 +91,8 @@ class ObjectName:
 
     def follows(self, checksum: int) -> bool:
         """Whether this object applies to a state with database checksum `checksum`
-        (`NO_CHECKSUM`: a state of unknown checksum, which anything may follow, unproven)."""
+        (`NO_CHECKSUM`: a state of unknown checksum, which anything may follow, unproven).
+        """
         if self.kind is ObjectKind.SNAPSHOT:
             return True
         return not self.chained or checksum in (NO_CHECKSUM, self.pre)
@@ -111,7 +112,8 @@ class ObjectName:
 
 def snapshot_name(txid: int, time_ms: int, *, post: int = NO_CHECKSUM) -> ObjectName:
     """Name of a snapshot of the database as of `txid`, taken at `time_ms` (Unix ms), whose
-    database checksum is `post`."""
+    database checksum is `post`.
+    """
     _check_txid(txid)
     _check_ms(time_ms)
     _check_checksum(post)
@@ -130,7 +132,8 @@ def segment_name(
     post: int = NO_CHECKSUM,
 ) -> ObjectName:
     """Name of a segment holding transactions `first_txid..last_txid` (inclusive), taking the
-    database from checksum `pre` to `post`."""
+    database from checksum `pre` to `post`.
+    """
     _check_txid(first_txid)
     _check_txid(last_txid)
     _check_ms(min_time_ms)

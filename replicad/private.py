@@ -30,7 +30,8 @@ def unpredictable_name(stem: str, suffix: str = ".tmp") -> str:
 
 def create_private(path: Path, *, read: bool = False) -> BinaryIO:
     """Create `path` (which must not exist, and is never a symlink followed) `0600`, open for
-    writing (and reading with `read`)."""
+    writing (and reading with `read`).
+    """
     access = os.O_RDWR if read else os.O_WRONLY
     fd = os.open(path, access | _CREATE_FLAGS, FILE_MODE)
     return os.fdopen(fd, "w+b" if read else "wb")

@@ -186,7 +186,8 @@ class Rekeyer:
 
     def _open(self, key: str, sealed: IO[bytes], plain: IO[bytes]) -> None:
         """Decrypt (or copy, for a plaintext object) `sealed` into `plain`; check that it is
-        the replicad object its key names (blocking)."""
+        the replicad object its key names (blocking).
+        """
         sealed.seek(0)
         parsed = parse_prefix(sealed.read(MAX_PREFIX), key)
         if parsed is None:
@@ -224,7 +225,8 @@ class Rekeyer:
 
     async def _verify(self, key: str, digest: str) -> None:
         """The stored object is byte for byte what was written, and (when an identity given
-        is a new recipient) it decrypts."""
+        is a new recipient) it decrypts.
+        """
         with self._temp() as (back, _):
             await self._download(key, back)
             back.seek(0)

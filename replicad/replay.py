@@ -205,7 +205,8 @@ async def scratch_replay(
     client: ReplicaClient, base_txid: int, *, parent: Path | None = None
 ) -> AsyncIterator[Replay]:
     """A started `Replay` in a private temporary directory under `parent` (default: the
-    system's), removed on exit."""
+    system's), removed on exit.
+    """
     with tempfile.TemporaryDirectory(prefix="replicad-replay-", dir=parent) as scratch:
         replay = Replay(client, Path(scratch) / "scratch.db")
         await replay.start(base_txid)

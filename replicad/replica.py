@@ -289,7 +289,8 @@ class Replica:
 
     def unshipped_seconds(self) -> float:
         """How long something committed has been waiting to reach this replica (0 if nothing):
-        the oldest queued commit, an offered snapshot, or a replica not reachable since start."""
+        the oldest queued commit, an offered snapshot, or a replica not reachable since start.
+        """
         now = time.monotonic()
         if self.pending:
             return self.lag_seconds()
@@ -356,7 +357,8 @@ class Replica:
         self, batch: list[CapturedTxn], offset: int
     ) -> tuple[ObjectName, int]:
         """Encode a batch holding spooled transactions into a local file and upload that, so a
-        huge transaction costs bounded memory (multipart parts), not its size."""
+        huge transaction costs bounded memory (multipart parts), not its size.
+        """
         name, header = _segment_header(batch, self.page_size, offset)
         path = self.spool_dir / unpredictable_name(f"segment-{name.last_txid:016x}")
         try:
@@ -464,7 +466,8 @@ class Replica:
 
 def _unverified_tip(objects: dict[ObjectName, int], newest: ObjectName) -> str | None:
     """Why the newest object is not the end of the history a restore of the newest state
-    proves, or None when it is."""
+    proves, or None when it is.
+    """
     try:
         plan = plan_restore(objects)
     except RestoreError as exc:

@@ -303,7 +303,8 @@ class DatabaseReplicator:
     def save_hashes(self) -> None:
         """Save the page hashes of the captured state for the next start (blocking); call it
         when every replica holds that state (at a clean stop), so a restart ships only what
-        changes meanwhile."""
+        changes meanwhile.
+        """
         hashes = self.db.state.hashes
         if hashes is None:
             return
@@ -340,7 +341,8 @@ class DatabaseReplicator:
     async def _due_snapshot(self) -> None:
         """A requested or scheduled snapshot, unless one is still waiting to be uploaded to
         every replica: a request then joins it (the pending snapshot and the segments after it
-        restore any later point just as well)."""
+        restore any later point just as well).
+        """
         requested = self._snapshot_requested
         pending = [r.snapshot for r in self.replicas if r.loaded]
         if requested and pending and all(s is not None for s in pending):
@@ -391,7 +393,8 @@ class DatabaseReplicator:
 
     async def snapshot_step(self, *, everyone: bool = False) -> None:
         """Snapshot for every replica that needs one, or for all of them (`everyone`, and after
-        a lost continuity)."""
+        a lost continuity).
+        """
         async with self._lock:
             for attempt in range(1, _SNAPSHOT_ATTEMPTS + 1):
                 try:
@@ -455,7 +458,8 @@ class DatabaseReplicator:
 
     def _write_snapshot(self, source: SnapshotSource, txid: int) -> SnapshotFile:
         """Encode the snapshot, hashing every page on the way: the page hashes it yields are
-        the state's (a fresh start adopts them; otherwise they check the ones kept current)."""
+        the state's (a fresh start adopts them; otherwise they check the ones kept current).
+        """
         header = ObjectHeader(
             kind=ObjectKind.SNAPSHOT,
             page_size=source.page_size,
@@ -537,7 +541,8 @@ class DatabaseReplicator:
     def _pace(self, generation: tuple[int, int] | None, result: CheckpointResult) -> None:
         """Back off while checkpoints copy nothing new (an application reader pins the WAL, or
         another checkpointer is busy): each attempt takes SQLite's checkpoint lock, and another
-        process's checkpoint that meets it fails at once."""
+        process's checkpoint that meets it fails at once.
+        """
         done = self._progress
         self._progress = (generation, result.checkpointed_frames)
         if result.busy:
@@ -678,7 +683,8 @@ class DatabaseReplicator:
 
     async def maintenance_loop(self, replica: Replica, stop: asyncio.Event) -> None:
         """Compaction and retention for `replica`, in a task of their own so that a long merge
-        never holds up an upload; work in progress is cancelled when `stop` is set."""
+        never holds up an upload; work in progress is cancelled when `stop` is set.
+        """
         while not stop.is_set() and replica.fenced is None:
             if await _sleep_unless(stop, _MAINTENANCE_TICK):
                 return
@@ -723,7 +729,8 @@ class DatabaseReplicator:
 
     def _load_failed(self, replica: Replica, exc: ReplicadError) -> None:
         """Log why a replica could not be loaded (a failed write says so: a read-only mount is
-        not a read error) and keep it for the shutdown report."""
+        not a read error) and keep it for the shutdown report.
+        """
         what = "write" if isinstance(exc, ReplicaError) and exc.failed_write else "read"
         replica.log.error(f"cannot {what} replica; will retry", error=str(exc))
         self._load_failures[replica.name] = f"cannot {what} it: {exc}"
@@ -782,7 +789,8 @@ class DatabaseReplicator:
 
     def close(self) -> None:
         """Release the database (blocking): the checkpoint connection first, so it is never the
-        last one to close, then the read holders, then the raw descriptor."""
+        last one to close, then the read holders, then the raw descriptor.
+        """
         self.checkpointer.close()
         self.db.close()
 

@@ -281,7 +281,8 @@ class _Segments:
 
     def following(self, reached: int, checksum: int) -> list[ObjectName]:
         """The segments that continue the state (`reached`, `checksum`); only the live ones
-        (see `prefer_live`) when some are."""
+        (see `prefer_live`) when some are.
+        """
         found = [n for n in self.starting(reached + 1) if n.follows(checksum)]
         if self._live is None or len(found) < 2:
             return found
@@ -304,7 +305,8 @@ class _Segments:
 
     def prefer_live(self, after: int, checksum: int) -> None:
         """Mark the states on a chain from (`after`, `checksum`) to the newest state reachable
-        from it: at a fork, `following` then returns the side that goes on."""
+        from it: at a fork, `following` then returns the side that goes on.
+        """
         self._live = None
         before = self.reachable(after, checksum)
         newest = max(txid for txid, _ in before)
@@ -381,7 +383,8 @@ def _greedy_steps(
     starts: _Segments, after: int, target: int | None, checksum: int
 ) -> Iterator[ObjectName]:
     """From `after`, the segments reaching furthest without passing `target`, in turn, until
-    none continues where the last one ended."""
+    none continues where the last one ended.
+    """
     reached = after
     while target is None or reached < target:
         step = _furthest(starts.following(reached, checksum), target)
@@ -560,7 +563,8 @@ class _Applied:
 
 def _check_size(tmp: Path, applied: _Applied) -> None:
     """The database size the objects claim must be the one the restored header records, so a
-    corrupt or crafted size cannot make a huge sparse file pass (SQLite header bytes 28-31)."""
+    corrupt or crafted size cannot make a huge sparse file pass (SQLite header bytes 28-31).
+    """
     with tmp.open("rb") as f:
         header = f.read(100)
     in_header = int.from_bytes(header[28:32], "big")
@@ -577,7 +581,8 @@ def _check_size(tmp: Path, applied: _Applied) -> None:
 def _prove(tmp: Path, plan: RestorePlan, applied: _Applied) -> int | None:
     """Check the restored file's database checksum against the one the chain ends with: the
     file is then the source's state at the target TXID, byte for byte.  None when the plan
-    holds v1 objects, which record no checksums (logged: such a restore is unproven)."""
+    holds v1 objects, which record no checksums (logged: such a restore is unproven).
+    """
     if not plan.verified or applied.expected is None:
         log.warning(
             "the replica holds format v1 objects, which record no database checksums: this "
@@ -726,7 +731,8 @@ async def _list_for_chain(
 ) -> None:
     """List the segments below level `below` that a chain from (`after`, `checksum`) to
     `target` (None: as far as it goes) can use: each level from where the chain over the levels
-    above it stops, highest level first, and none once the chain reaches the target."""
+    above it stops, highest level first, and none once the chain reaches the target.
+    """
     for level in listing.levels:
         if int(level) >= below:
             continue
@@ -991,7 +997,7 @@ class _Stream:
 
 @contextlib.contextmanager
 def _naming(client: ReplicaClient, name: ObjectName) -> Iterator[None]:
-    """Say which object was bad. (The partial OUT.tmp is removed: no page reaches OUT.)"""
+    """Say which object was bad (the partial OUT.tmp is removed: no page reaches OUT)."""
     try:
         yield
     except FormatError as exc:

@@ -111,7 +111,8 @@ async def verify_replica(
     client: ReplicaClient, *, target_txid: int | None = None, spill_dir: Path | None = None
 ) -> VerifyReport:
     """Prove the chain to `target_txid` (default: the newest state); raises `FormatError`
-    naming the first object that does not verify, `RestoreError` when no chain reaches it."""
+    naming the first object that does not verify, `RestoreError` when no chain reaches it.
+    """
     started = time.monotonic()
     plan = await make_plan(client, target_txid=target_txid)
     chain = _Chain(plan, spill_dir)

@@ -1,0 +1,1 @@
+"""Tests mirroring the replicad package, and the harness the benchmarks share."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from replicad.clients.base import ReplicaClient
 from replicad.clients.file import FileReplicaClient
 from replicad.clients.s3 import S3ReplicaClient
+from replicad.testing import MemoryReplicaClient
 from tests.s3servers import (
     S3_PREFIX,
     ClientFactory,
@@ -26,8 +28,11 @@ from tests.s3servers import (
 # Storage backends: real S3 servers (rclone serve s3, moto) and a `replica_client` per backend
 # =================================================================================================
 
-#: Backends the contract suite runs against; "rclone" and "moto" are real S3 servers.
-BACKENDS = ["file", "rclone", "moto"]
+#: Backends the contract suite runs against; "rclone" and "moto" are real S3 servers, "memory"
+#: is the `replicad.testing.MemoryReplicaClient` shipped for tests of code that uses replicad.
+BACKENDS = ["file", "memory", "rclone", "moto"]
+#: The backends that are S3 servers.
+S3_BACKENDS = ("rclone", "moto")
 #: Settings for test clients: fail fast rather than wait out production timeouts.
 FAST_S3_SETTINGS: dict[str, Any] = {"connect_timeout": 2.0, "read_timeout": 20.0, "max_attempts": 3}
 # Variables that would otherwise steer botocore or aiohttp: credentials, profiles, regions,
@@ -85,8 +90,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def s3_server(backend: str, request: pytest.FixtureRequest) -> S3Server | None:
-    """The running server for an S3 backend (started on first use), None for "file"."""
-    if backend == "file":
+    """The running server for an S3 backend (started on first use), None for the others."""
+    if backend not in S3_BACKENDS:
         return None
     server: S3Server = request.getfixturevalue(f"{backend}_server")
     return server
@@ -103,12 +108,15 @@ async def make_replica_client(
     """
     made: list[ReplicaClient] = []
     bucket = unique_bucket()
+    memory = MemoryReplicaClient()  # one store shared by every client the factory makes
     if s3_server is not None:
         await create_bucket(s3_server, bucket)
 
     async def factory(**s3_settings: Any) -> ReplicaClient:
-        client: FileReplicaClient | S3ReplicaClient
-        if s3_server is None:
+        client: FileReplicaClient | MemoryReplicaClient | S3ReplicaClient
+        if backend == "memory":
+            client = memory
+        elif s3_server is None:
             client = FileReplicaClient(tmp_path / "replica")
         else:
             settings = s3_server.client_kwargs(bucket, S3_PREFIX) | FAST_S3_SETTINGS | s3_settings
@@ -126,3 +134,41 @@ async def make_replica_client(
 async def replica_client(make_replica_client: ClientFactory) -> ReplicaClient:
     """An opened client on a fresh, empty replica of the current `backend`."""
     return await make_replica_client()
+
+
+# =================================================================================================
+# Time: a wall clock the test moves, for schedules measured in wall time (snapshots, retention)
+# =================================================================================================
+
+
+class WallClock:
+    """Stands in for `time.time` and `time.time_ns`; monotonic time (asyncio's) is untouched.
+
+    Snapshot schedules, retention windows and compaction buckets compare object times with the
+    wall clock; a test that moves this clock explicitly drives them without sleeping and
+    without racing a loaded machine.
+    """
+
+    def __init__(self, start_ns: int) -> None:
+        self.ns = start_ns
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward by `seconds`."""
+        self.ns += round(seconds * 1e9)
+
+    def time(self) -> float:
+        """Like `time.time`."""
+        return self.ns / 1e9
+
+    def time_ns(self) -> int:
+        """Like `time.time_ns`."""
+        return self.ns
+
+
+@pytest.fixture
+def wall_clock(monkeypatch: pytest.MonkeyPatch) -> WallClock:
+    """Freeze the wall clock at the current time for the test; it moves only by `advance`."""
+    clock = WallClock(time.time_ns())
+    monkeypatch.setattr(time, "time", clock.time)
+    monkeypatch.setattr(time, "time_ns", clock.time_ns)
+    return clock

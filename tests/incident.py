@@ -40,7 +40,8 @@ def make_incident(
     directory: Path, *, url: str | None = None, env: Mapping[str, str] | None = None
 ) -> Incident:
     """Build the history in `directory` (app.db, daemon.log), replicated to `url` (default: a
-    file replica in directory/replica) by a daemon given `env`."""
+    file replica in directory/replica) by a daemon given `env`.
+    """
     replica = directory / "replica"
     incident = Incident(
         directory / "app.db", replica, directory / "daemon.log", url or replica.as_uri()

@@ -8,10 +8,10 @@ reaches them.  Clients talking to them must be isolated the same way; see
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,8 +27,8 @@ from aiobotocore.session import AioSession
 from botocore.config import Config
 
 from replicad.clients.base import ReplicaClient
+from tests.procs import HOST, free_port
 
-HOST = "127.0.0.1"
 REGION = "us-east-1"
 #: Deliberately not the "minioadmin"-style defaults, so a client silently using anything but
 #: the credentials it was given fails.
@@ -83,7 +83,8 @@ def minimal_env(home: Path) -> dict[str, str]:
 def child_env(server: S3Server, tmp: Path) -> dict[str, str]:
     """Extra environment for a replicad child process using `server` (pass to `procs.clean_env`
     or the `procs` helpers): credentials through the standard variables, no AWS config files,
-    no instance-metadata lookups; nothing else from this machine's AWS setup."""
+    no instance-metadata lookups; nothing else from this machine's AWS setup.
+    """
     return {
         "AWS_ACCESS_KEY_ID": server.access_key_id,
         "AWS_SECRET_ACCESS_KEY": server.secret_access_key,
@@ -102,14 +103,6 @@ def venv_binary(name: str) -> str:
     if found is None:
         raise RuntimeError(f"{name} is not installed (pip install -e '.[test]')")
     return found
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (the server may still lose a race for it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_rclone(workdir: Path) -> S3Server:
@@ -236,3 +229,44 @@ async def create_bucket(server: S3Server, bucket: str) -> None:
     """Create `bucket` on `server`."""
     async with raw_client(server) as s3:
         await s3.create_bucket(Bucket=bucket)
+
+
+# -- raw downloads: the baseline a restore is compared with --------------------------------------
+
+#: Read size of a raw download: what a plain streaming client would use.
+DOWNLOAD_CHUNK = 1 << 20
+
+
+async def list_sizes(s3: Any, bucket: str, prefix: str) -> dict[str, int]:
+    """Key (relative to `prefix`) -> size of every object under `prefix`, in listing order."""
+    found: dict[str, int] = {}
+    async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        found.update((o["Key"][len(prefix) :], o["Size"]) for o in page.get("Contents", ()))
+    return found
+
+
+async def stream_object(s3: Any, bucket: str, key: str, path: Path) -> int:
+    """GET `key` into the file `path` in `DOWNLOAD_CHUNK` reads; bytes written."""
+    response = await s3.get_object(Bucket=bucket, Key=key)
+    written = 0
+    async with response["Body"] as body:
+        with path.open("wb") as sink:
+            while chunk := await body.read(DOWNLOAD_CHUNK):
+                sink.write(chunk)
+                written += len(chunk)
+    return written
+
+
+async def download(s3: Any, bucket: str, keys: list[str], dest: Path, *, concurrency: int) -> int:
+    """Stream `keys` to files ``object-N`` in `dest`, `concurrency` at a time; bytes written."""
+    gate = asyncio.Semaphore(concurrency)
+    sizes: list[int] = []
+
+    async def get(n: int, key: str) -> None:
+        async with gate:
+            sizes.append(await stream_object(s3, bucket, key, dest / f"object-{n}"))
+
+    async with asyncio.TaskGroup() as group:
+        for n, key in enumerate(keys):
+            group.create_task(get(n, key))
+    return sum(sizes)

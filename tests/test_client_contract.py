@@ -25,6 +25,7 @@ from replicad.errors import (
     ReplicaAccessError,
     ReplicaUnavailableError,
 )
+from tests.conftest import S3_BACKENDS
 from tests.s3servers import S3_PREFIX, ClientFactory, S3Server, raw_client
 
 MIB = 1 << 20
@@ -228,7 +229,7 @@ async def test_put_file_large_uses_multipart(
         digest.update(chunk)
     assert digest.hexdigest() == expected
     assert await client.list_objects() == [ObjectInfo("snapshots/big", 12 * MIB + 12_345)]
-    if backend != "file":
+    if backend in S3_BACKENDS:
         requests = client.stats.requests
         assert (requests["CREATE_MULTIPART"], requests["UPLOAD_PART"]) == (1, 3)
         assert requests["COMPLETE_MULTIPART"] == 1
@@ -324,9 +325,11 @@ async def test_use_after_close_is_refused(replica_client: ReplicaClient) -> None
 
 
 async def test_url_names_the_replica_without_secrets(
-    replica_client: ReplicaClient, s3_server: S3Server | None, tmp_path: Path
+    replica_client: ReplicaClient, backend: str, s3_server: S3Server | None, tmp_path: Path
 ) -> None:
-    if s3_server is None:
+    if backend == "memory":
+        assert replica_client.url == "memory://replica"
+    elif s3_server is None:
         assert replica_client.url == (tmp_path / "replica").as_uri()
     else:
         bucket = urlsplit(replica_client.url).netloc

@@ -373,7 +373,8 @@ def test_levels_must_nest_and_jobs_must_be_consecutive() -> None:
 def test_compacting_until_nothing_is_left_keeps_every_txid_restorable() -> None:
     """Two hours of bursty, sometimes quiet history with a lost continuity, compacted round
     after round: it converges, a restore reads a handful of objects, and no restore ever
-    applies a compacted segment partly."""
+    applies a compacted segment partly.
+    """
     rnd = random.Random(7)
     names: list[ObjectName] = [snapshot_name(1, T0_MS)]
     txid, at_ms, lost_at = 2, 0, 0
@@ -417,7 +418,8 @@ def test_compacting_until_nothing_is_left_keeps_every_txid_restorable() -> None:
 
 def l0_segments(count: int, *, new_pages: int = 2) -> list[Decoded]:
     """`count` one-transaction segments of TXIDs 1..count; each adds `new_pages` pages and
-    rewrites page 1."""
+    rewrites page 1.
+    """
     segments = []
     for i in range(count):
         size = (i + 1) * new_pages

@@ -171,7 +171,8 @@ def test_kubernetes_runs_one_writer_with_restore_and_sidecar(tmp_path: Path) -> 
 
 def test_compose_config_has_nothing_for_compose_to_interpolate() -> None:
     """Compose expands ${...} in the whole file, inline configs included, before replicad sees
-    them. Credentials come from replicad.env as AWS_* variables, so the config needs no $."""
+    them. Credentials come from replicad.env as AWS_* variables, so the config needs no $.
+    """
     (compose,) = _yaml_documents(COMPOSE)
     text = compose["configs"]["replicad"]["content"]
     assert "$" not in text
@@ -190,7 +191,8 @@ def test_build_script_parses() -> None:
 @pytest.mark.timeout(1800)
 def test_image_builds_and_runs_with_buildah(tmp_path: Path) -> None:
     """Build the Dockerfile with buildah on a debootstrapped Debian base, then run it. The
-    smoke test in the image also replicates to a moto S3 server on this host's loopback."""
+    smoke test in the image also replicates to a moto S3 server on this host's loopback.
+    """
     if shutil.which("bash") is None:
         pytest.skip("bash is not installed")
     from tests.s3servers import create_bucket, start_moto, unique_bucket

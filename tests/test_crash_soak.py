@@ -1,4 +1,4 @@
-"""Crash-consistency soak: random crashes, checkpoints, readers and S3 faults, then restores.
+r"""Crash-consistency soak: random crashes, checkpoints, readers and S3 faults, then restores.
 
 Each run draws a scenario from its seed and plays it with real parts only: the daemon is a
 `replicad replicate` child process, the application is the deterministic writer of
@@ -31,7 +31,7 @@ Checks (each failure is recorded with the run's seed; the run goes on to check t
 in the default test run); the slow one plays new runs until CRASH_SOAK_SECONDS (default 600)
 have passed:
 
-    CRASH_SOAK_SECONDS=1500 CRASH_SOAK_REPORT=/tmp/crash_soak.json \\
+    CRASH_SOAK_SECONDS=1500 CRASH_SOAK_REPORT=/tmp/crash_soak.json \
         .venv/bin/python -m pytest -m slow tests/test_crash_soak.py -s
 
 CRASH_SOAK_SEED=N replays a whole sequence of scenarios, CRASH_SOAK_RUN_SEED=N one run (each is
@@ -68,17 +68,10 @@ import pytest
 from replicad.position import ObjectKind, ObjectName, parse_key
 from tests import workload
 from tests.faultproxy import FaultProxy
-from tests.procs import CHECKPOINTER, LONG_READER, ROOT, clean_env, replicad
+from tests.procs import CHECKPOINTER, LONG_READER, ROOT, clean_env, free_port, replicad
 from tests.procs import start_daemon as start_daemon_process
 from tests.procs import start_writer as start_writer_process
-from tests.s3servers import (
-    S3Server,
-    child_env,
-    create_bucket,
-    free_port,
-    raw_client,
-    unique_bucket,
-)
+from tests.s3servers import S3Server, child_env, create_bucket, raw_client, unique_bucket
 
 pytestmark = pytest.mark.usefixtures("isolated_aws_environment")
 
@@ -527,7 +520,8 @@ class SoakRun:
 
     async def kill_daemon(self, index: int) -> None:
         """SIGKILL the daemon, then restore the newest state and check it against the
-        confirmed uploads (the comparison with the writer's states is done at the end)."""
+        confirmed uploads (the comparison with the writer's states is done at the end).
+        """
         daemon = self.daemon
         assert daemon is not None
         if daemon.poll() is not None:
@@ -653,7 +647,8 @@ class SoakRun:
 
     async def finish_writing(self) -> None:
         """Stop the writer (SIGKILL: it has no other way to stop) and the checkpointer, then the
-        daemon with SIGTERM: it must ship everything and exit 0."""
+        daemon with SIGTERM: it must ship everything and exit 0.
+        """
         writer = self.writer
         assert writer is not None
         if writer.poll() is not None:
@@ -760,7 +755,8 @@ class SoakRun:
     def plan_restores(self, names: list[ObjectName]) -> list[tuple[str, int | None, int | None]]:
         """(label, TXID, moment) of each restore to make: the newest state, what each kill
         confirmed and restored (and the TXID after it), a moment just before each kill,
-        snapshots, random TXIDs and random moments."""
+        snapshots, random TXIDs and random moments.
+        """
         snapshots = sorted({n.last_txid for n in names if n.kind is ObjectKind.SNAPSHOT})
         newest = max(n.last_txid for n in names)
         rng = random.Random(self.sc.seed * 7919 + 1)
@@ -871,7 +867,8 @@ class SoakRun:
 
     def check_moments(self, restored: list[Restored], logged: list[tuple[int, int]]) -> None:
         """A moment's restore holds no commit begun after the moment (commit k begins after
-        commit k-1 was logged) and every TXID the daemon reported uploaded before it."""
+        commit k-1 was logged) and every TXID the daemon reported uploaded before it.
+        """
         for r in restored:
             if r.at_ns is None:
                 continue

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import random
 import signal
-import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests import workload
-from tests.procs import replicad, start_daemon, start_writer, stop, wait_for
+from tests.procs import Daemon, replicad, start_daemon, start_writer, stop, wait_for
 
 
 def _make_db(path: Path) -> None:
@@ -118,24 +118,29 @@ def test_sigkill_leaves_a_committed_prefix(paths: dict[str, Path]) -> None:
 
 
 def test_metrics_endpoint_counts_requests_and_transactions(paths: dict[str, Path]) -> None:
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     _make_db(paths["db"])
-    args = [str(paths["db"]), paths["replica"].as_uri(), "--metrics-addr", f"127.0.0.1:{port}"]
-    daemon = start_daemon(args, paths["dlog"])
+    daemon = Daemon.start([str(paths["db"]), paths["replica"].as_uri()], paths["dlog"])
     try:
         wait_for(lambda: bool(_snapshots(paths["replica"])), 20, "the first snapshot")
         writer = start_writer(paths["db"], paths["wlog"], seed=14, count=50, rate=200)
         assert writer.wait(timeout=60) == 0
-        time.sleep(1.5)
-        url = f"http://127.0.0.1:{port}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
+
+        def shipped() -> bool:
+            try:
+                metrics = daemon.metrics()
+            except OSError:  # the endpoint is not serving yet
+                return False
+            return (
+                metrics.value("replicad_transactions_total") >= 50
+                and metrics.value("replicad_replication_lag_seconds") == 0
+            )
+
+        wait_for(shipped, 30, "every commit captured and shipped", log=paths["dlog"])
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with no_proxy.open(f"http://{daemon.address}/metrics", timeout=5) as response:
+            text = response.read().decode()
     finally:
-        assert stop(daemon) == 0
+        daemon.stop()
     assert 'replicad_transactions_total{db="app"}' in text
     assert 'replicad_replica_requests_total{db="app",operation="PUT",replica="file0"}' in text
     assert 'replicad_replication_lag_seconds{db="app",replica="file0"} 0.0' in text

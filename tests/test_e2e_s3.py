@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import time
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests import workload
 from tests.faultproxy import FaultProxy
-from tests.procs import replicad, start_daemon, start_writer, stop
+from tests.procs import replicad, start_daemon, start_writer, stop, wait_for_async
 from tests.s3servers import S3Server, child_env, create_bucket, raw_client, unique_bucket
 
 
@@ -33,20 +33,16 @@ async def _count_snapshots(server: S3Server, bucket: str) -> int:
 
 
 async def _wait_snapshot(server: S3Server, bucket: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while await _count_snapshots(server, bucket) == 0:
-        if time.monotonic() > deadline:
-            raise AssertionError("no snapshot appeared")
-        await asyncio.sleep(0.1)
+    async def snapshot() -> bool:
+        return await _count_snapshots(server, bucket) > 0
+
+    await wait_for_async(snapshot, seconds, "a snapshot in the bucket", interval=0.1)
 
 
-async def _wait_process(proc: object, seconds: float) -> int:
-    deadline = time.monotonic() + seconds
-    while (code := proc.poll()) is None:  # type: ignore[attr-defined]
-        if time.monotonic() > deadline:
-            raise AssertionError("process did not finish")
-        await asyncio.sleep(0.05)
-    return int(code)
+async def _wait_process(proc: subprocess.Popen[bytes], seconds: float) -> int:
+    """The exit status, polled without blocking the loop (which runs the fault proxy)."""
+    await wait_for_async(lambda: proc.poll() is not None, seconds, "the process to finish")
+    return proc.returncode
 
 
 async def _restore_equals(url: str, env: dict[str, str], tmp: Path, db: Path) -> None:
@@ -106,10 +102,15 @@ async def test_replication_survives_faults_and_an_outage(
             # More consecutive failures than the client's own attempts: the daemon must retry.
             for kind in ("error", "drop", "drop_after_forward"):
                 proxy.force(kind, method="PUT", times=3)
-            writer = start_writer(db, tmp_path / "w.log", seed=22, count=1800, rate=300)
-            await asyncio.sleep(2.0)
+            wlog = tmp_path / "w.log"
+            writer = start_writer(db, wlog, seed=22, count=1800, rate=300)
+            await wait_for_async(
+                lambda: len(workload.read_log(wlog)) >= 600,
+                60,
+                "600 commits before the outage",
+            )
             proxy.pause()
-            await asyncio.sleep(2.5)
+            await asyncio.sleep(2.5)  # the outage: the server is unreachable this long
             await proxy.resume()
             assert await _wait_process(writer, 60) == 0
         finally:
@@ -150,7 +151,8 @@ async def test_huge_transaction_is_spooled_and_shipped_with_fencing_on(
     moto_server: S3Server, tmp_path: Path
 ) -> None:
     """A 24 MB commit goes through the spool and a create-only multipart upload (moto enforces
-    If-None-Match, so the lease is on); the restore has every row."""
+    If-None-Match, so the lease is on); the restore has every row.
+    """
     bucket = unique_bucket()
     await create_bucket(moto_server, bucket)
     db, env = tmp_path / "app.db", child_env(moto_server, tmp_path)
@@ -167,12 +169,19 @@ async def test_huge_transaction_is_spooled_and_shipped_with_fencing_on(
             conn.execute("INSERT INTO big VALUES (randomblob(100000))")
         conn.execute("COMMIT")
         conn.close()
-        await asyncio.sleep(3)
+
+        async def largest_segment() -> int:
+            async with raw_client(moto_server) as s3:
+                listing = await s3.list_objects_v2(Bucket=bucket, Prefix="apps/app1/segments/00/")
+            return max((o["Size"] for o in listing.get("Contents", [])), default=0)
+
+        async def uploaded() -> bool:
+            return await largest_segment() > 16 << 20
+
+        # Shipped by the upload loop, not by the shutdown's flush.
+        await wait_for_async(uploaded, 60, "the 24 MB segment in the bucket", log=log, interval=0.2)
     finally:
         status = stop(daemon)
     assert status == 0, log.read_text()[-3000:]
     assert "fencing is off" not in log.read_text()
     await _restore_equals(url, env, tmp_path, db)
-    async with raw_client(moto_server) as s3:
-        listing = await s3.list_objects_v2(Bucket=bucket, Prefix="apps/app1/segments/00/")
-    assert max(o["Size"] for o in listing["Contents"]) > 16 << 20

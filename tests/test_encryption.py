@@ -1,6 +1,7 @@
 """Client-side encryption with age: replicate and restore every TXID encrypted, refuse missing
 and wrong identities clearly, never mix plaintext and encrypted objects, and rotate keys in
-place with the daemon running and after a crash in the middle of a rekey."""
+place with the daemon running and after a crash in the middle of a rekey.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from pyrage import x25519
@@ -93,7 +96,8 @@ class Keys:
 @pytest.fixture(scope="module")
 def encrypted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Keys, Path]:
     """A replica encrypted for key A and an SSH key by a daemon; the database; the keys; the
-    writer's log."""
+    writer's log.
+    """
     tmp = tmp_path_factory.mktemp("encrypted")
     keys = Keys(tmp)
     db, rep = tmp / "app.db", tmp / "replica"
@@ -103,7 +107,8 @@ def encrypted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Key
 
 def _replicate_history(config: Path, db: Path, rep: Path, *, count: int, rate: float) -> None:
     """A new database, replicated by a daemon with `config` while the writer commits `count`
-    transactions; the daemon stopped cleanly."""
+    transactions; the daemon stopped cleanly.
+    """
     conn = sqlite3.connect(db)
     workload.setup(conn)
     conn.close()
@@ -154,8 +159,8 @@ async def test_restore_every_txid_encrypted(
     ks = {int(v.split(":")[0]) for v in states.values()}
     expected = workload.replays(SEED, ks, tmp_path / "replay.db", view=workload.digest)
     for txid, value in states.items():
-        k, digest = value.split(":")
-        assert expected[int(k)] == digest, f"TXID {txid}"
+        seq, digest = value.split(":")
+        assert expected[int(seq)] == digest, f"TXID {txid}"
     assert max(ks) == 120
     assert len(ks) == 121, "every transaction of the writer is a restorable TXID"
     assert workload.dump(db)  # the source is still readable
@@ -229,7 +234,8 @@ async def test_mixing_plain_and_encrypted_objects_is_refused(tmp_path: Path) -> 
 
 async def test_streamed_decryption_checks_every_chunk(tmp_path: Path) -> None:
     """A 3 MB object streams through in pieces; one altered byte deep inside is reported as
-    damage (not as a wrong key), and a reader that stops early leaves nothing running."""
+    damage (not as a wrong key), and a reader that stops early leaves nothing running.
+    """
     recipient = parse_recipient(_x25519_key(tmp_path / "k"))
     client = CryptClient(
         FileReplicaClient(tmp_path / "rep"),
@@ -241,7 +247,8 @@ async def test_streamed_decryption_checks_every_chunk(tmp_path: Path) -> None:
     chunks = [c async for c in client.iter_object("snapshots/big", chunk_size=100_000)]
     assert b"".join(chunks) == payload
     assert max(map(len, chunks)) == 100_000
-    async with contextlib.aclosing(client.iter_object("snapshots/big", chunk_size=1000)) as it:
+    pieces = cast(AsyncGenerator[bytes, None], client.iter_object("snapshots/big", chunk_size=1000))
+    async with contextlib.aclosing(pieces) as it:
         async for _ in it:
             break  # abandoned after the first piece
     assert not [t for t in threading.enumerate() if t.name == DECRYPT_THREAD]
@@ -301,7 +308,8 @@ class _LandsThenFails:
 
 async def test_a_retried_put_sends_the_same_ciphertext(tmp_path: Path) -> None:
     """Encryption is randomized: without remembering the failed put's bytes, the create-only
-    retry of a put that did land would look like another writer."""
+    retry of a put that did land would look like another writer.
+    """
     recipient = parse_recipient(_x25519_key(tmp_path / "k"))
     async with FileReplicaClient(tmp_path / "rep") as raw:
         client = CryptClient(_LandsThenFails(raw), recipients=[recipient])  # type: ignore[arg-type]
@@ -377,7 +385,8 @@ def test_rekey_rotates_and_the_old_key_no_longer_opens(
 @pytest.fixture(scope="module")
 def many_objects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Keys]:
     """A replica of about 150 small objects encrypted for key A: a 20 ms sync interval makes
-    nearly every transaction its own segment."""
+    nearly every transaction its own segment.
+    """
     tmp = tmp_path_factory.mktemp("many")
     keys = Keys(tmp)
     db, rep = tmp / "app.db", tmp / "replica"
@@ -388,13 +397,15 @@ def many_objects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
 
 def _wchan(pid: int) -> str:
     """Where the process sleeps in the kernel: `anon_pipe_write`, `pipe_write` or (older
-    kernels) `pipe_wait` when blocked writing to a full pipe."""
+    kernels) `pipe_wait` when blocked writing to a full pipe.
+    """
     return Path(f"/proc/{pid}/wchan").read_text()
 
 
 def test_rekey_resumes_after_a_crash(many_objects: tuple[Path, Path, Keys], tmp_path: Path) -> None:
     """SIGKILL while rekey is stuck half-way (its progress output fills a pipe nobody reads:
-    a deterministic place to crash), then the same command again."""
+    a deterministic place to crash), then the same command again.
+    """
     source, db, keys = many_objects
     rep = _copy_replica(source, tmp_path / "rep")
     total = len(_objects(rep))
@@ -431,7 +442,8 @@ def test_rekey_resumes_after_a_crash(many_objects: tuple[Path, Path, Keys], tmp_
 
 def test_rekey_with_the_daemon_running(tmp_path: Path) -> None:
     """Rotation as the runbook says: the daemon gets the new recipient (and, holding no key,
-    snapshots on restart), then rekey rewrites the history while the writer and daemon go on."""
+    snapshots on restart), then rekey rewrites the history while the writer and daemon go on.
+    """
     keys = Keys(tmp_path)
     db, rep = tmp_path / "app.db", tmp_path / "rep"
     _replicate_history(_config(tmp_path, db, rep, [keys.a]), db, rep, count=60, rate=100)

@@ -113,7 +113,8 @@ async def test_lost_response_to_complete_multipart_is_success(
     server_name: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """moto completes the retried request again; rclone answers NoSuchUpload to the retry,
-    and the client recognises its object by the ETag (rclone's is the whole file's MD5)."""
+    and the client recognises its object by the ETag (rclone's is the whole file's MD5).
+    """
     server: S3Server = request.getfixturevalue(f"{server_name}_server")
     bucket = unique_bucket()
     await create_bucket(server, bucket)

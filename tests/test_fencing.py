@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,17 @@ from typing import Any
 import pytest
 
 from tests import workload
-from tests.procs import ROOT, clean_env, replicad, start_daemon, start_writer, stop, wait_for
-from tests.s3servers import S3Server, create_bucket, free_port, unique_bucket
+from tests.procs import (
+    ROOT,
+    clean_env,
+    free_port,
+    replicad,
+    start_daemon,
+    start_writer,
+    stop,
+    wait_for,
+)
+from tests.s3servers import S3Server, create_bucket, unique_bucket
 
 
 def _env(server: S3Server, tmp: Path) -> dict[str, str]:
@@ -153,7 +163,8 @@ def _get(url: str) -> tuple[int, str]:
 def test_rolling_deploy_on_one_host_hands_over_within_a_second(tmp_path: Path) -> None:
     """Two daemons for one database with their own state_dirs: the second waits as a standby
     (alive, not ready), the first stops, the second takes over and the replica holds every
-    commit; never both writing."""
+    commit; never both writing.
+    """
     db = _db(tmp_path / "app.db")
     url = (tmp_path / "rep").as_uri()
     a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
@@ -252,7 +263,8 @@ async def test_lapsed_lease_taken_over_fences_the_idle_daemon(
 ) -> None:
     """The rolling-deploy bug: A idle past its lease, B takes over and stops cleanly, then A
     commits.  A must stop writing, name the holder and exit 4; the newest restore is B's state,
-    never A's commit spliced onto it."""
+    never A's commit spliced onto it.
+    """
     bucket = unique_bucket()
     await create_bucket(moto_server, bucket)
     url, env = _s3(moto_server, tmp_path, bucket)
@@ -375,7 +387,8 @@ def test_standby_on_another_host_takes_the_lease_within_a_second_of_release(
     tmp_path: Path,
 ) -> None:
     """Two hosts (two database files) on one replica: the second waits on the lease, reading one
-    key a second, and starts within about a second of the first's clean stop."""
+    key a second, and starts within about a second of the first's clean stop.
+    """
     url = (tmp_path / "rep").as_uri()
     a, b = _db(tmp_path / "a.db"), _db(tmp_path / "b.db")
     a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
@@ -404,17 +417,22 @@ def test_standby_on_another_host_takes_the_lease_within_a_second_of_release(
     assert workload.dump(out) == workload.dump(b)
 
 
+def _uploads_at_least(log: Path, count: int) -> Callable[[], bool]:
+    return lambda: log.read_text().count("snapshot uploaded") >= count
+
+
 def test_snapshot_of_an_unchanged_database_is_not_refused_by_create_only(tmp_path: Path) -> None:
     """Snapshots are written create-only now: asking twice with no commit in between names the
     same object with the same bytes, which must count as done rather than block the replica.
-    (Found here too: the second request, before the first snapshot was uploaded, used the same
-    spool file, which releasing the first deleted; the daemon died with a traceback.)"""
+    Found here too: the second request, before the first snapshot was uploaded, used the same
+    spool file, which releasing the first deleted; the daemon died with a traceback.
+    """
     db, url, daemon = _first_daemon(tmp_path)
     log = tmp_path / "a.log"
     try:
         for n in (2, 3):  # each after the one before was uploaded (else it joins that one)
             assert replicad("snapshot", str(db)).returncode == 0
-            wait_for(lambda n=n: log.read_text().count("snapshot uploaded") >= n, 30, "snapshot")
+            wait_for(_uploads_at_least(log, n), 30, f"upload {n}")
         _write(db, 1, 2)
     finally:
         status = stop(daemon)

@@ -1,5 +1,6 @@
 """Files only their owner can read: under umask 022, everything replicad creates is 0600/0700,
-and `restore --force` leaves the replaced database's owner and mode as they were."""
+and `restore --force` leaves the replaced database's owner and mode as they were.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def _all_private(root: Path) -> None:
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 0600 database replicated by a daemon started under umask 022, with a transaction big
-    enough to go through the on-disk spool."""
+    enough to go through the on-disk spool.
+    """
     old = os.umask(0o022)
     try:
         tmp = tmp_path_factory.mktemp("modes")

@@ -83,7 +83,8 @@ def test_find_sees_a_dropped_table_as_an_error_answer(incident: Incident) -> Non
 
 async def test_find_and_log_through_s3(rclone_server: S3Server, tmp_path: Path) -> None:
     """The same bad write, replicated to a real S3 server: find names it; the brief log reads
-    trailers with ranged GETs."""
+    trailers with ranged GETs.
+    """
     bucket = unique_bucket()
     await create_bucket(rclone_server, bucket)
     url = f"s3://{bucket}/app?endpoint={rclone_server.endpoint_url}&path_style=true&region=auto"

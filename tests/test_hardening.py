@@ -1,5 +1,6 @@
 """Inputs that cannot hurt: non-finite settings, forged pid files, missing directories and
-read-only replicas each end in a clear message, never in a wedged or misdirected daemon."""
+read-only replicas each end in a clear message, never in a wedged or misdirected daemon.
+"""
 
 from __future__ import annotations
 
@@ -113,7 +114,8 @@ def _process(cmd: list[str]) -> Iterator[subprocess.Popen[str]]:
 @contextlib.contextmanager
 def _lock_holder(db: Path, named_pid: int | None = None) -> Iterator[subprocess.Popen[str]]:
     """A non-replicad process that holds the database's state lock and writes `named_pid` (its
-    own pid if None) into the pid file."""
+    own pid if None) into the pid file.
+    """
     state = db.with_name(f".{db.name}-replicad")
     state.mkdir(mode=0o700, exist_ok=True)
     cmd = [sys.executable, "-c", _HOLDER, str(state / "replicad.pid")]
@@ -137,7 +139,8 @@ def test_snapshot_refuses_a_pid_that_is_not_replicad(tmp_path: Path) -> None:
 
 def test_snapshot_refuses_a_replicad_that_does_not_hold_the_lock(tmp_path: Path) -> None:
     """The pid file names a real replicad process, but of another database: it holds another
-    lock, not this one."""
+    lock, not this one.
+    """
     other_db, other_rep = tmp_path / "other.db", tmp_path / "other-rep"
     sqlite3.connect(other_db).execute("PRAGMA journal_mode=WAL").close()
     other = start_daemon([str(other_db), other_rep.as_uri()], tmp_path / "other.log")

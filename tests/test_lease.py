@@ -114,7 +114,8 @@ async def test_lapsed_lease_is_continued_only_while_its_epoch_is_the_newest(
 
 async def test_standby_takes_a_lapsed_lease_and_the_old_holder_stops(tmp_path: Path) -> None:
     """The rolling-deploy bug: A idle past its lease, B takes over, A's next write must fail
-    (before the fix, A's `ensure` re-acquired over B's newer epoch)."""
+    (before the fix, A's `ensure` re-acquired over B's newer epoch).
+    """
     client, clock_a, a = await _held(tmp_path)
     clock_b = Clock()
     b = _lease(client, "/b.db", clock_b)
@@ -298,7 +299,8 @@ async def test_a_holder_back_after_many_renewals_of_its_successor_has_lost(
     tmp_path: Path,
 ) -> None:
     """The successor renewed past the old holder's next epoch and deleted it as old: creating
-    that key would succeed, so a lapsed holder looks for newer epochs first."""
+    that key would succeed, so a lapsed holder looks for newer epochs first.
+    """
     client, clock_a, a = await _held(tmp_path)
     clock_b = Clock()
     b = _lease(client, "/b.db", clock_b)

@@ -58,7 +58,8 @@ def test_page_hashes_track_the_checksum_of_the_whole_database(
     steps: list[tuple[int, int, int]],
 ) -> None:
     """After any sequence of page writes and resizes, the running checksum equals the XOR of
-    the hashes of every page (zeros where never written), computed from scratch."""
+    the hashes of every page (zeros where never written), computed from scratch.
+    """
     table = PageHashes(PAGE)
     model: dict[int, bytes] = {}
     size = 0
@@ -168,7 +169,8 @@ def _branch_objects(
 def _restorable(objects: dict[ObjectName, int]) -> set[int]:
     """Every TXID some verified chain reaches, by brute force: states are (TXID, checksum), an
     object leads from the state before it to every state inside it (partial application of a
-    level-0 segment) and to the one after it."""
+    level-0 segment) and to the one after it.
+    """
     states = {(n.last_txid, n.post) for n in objects if n.kind is ObjectKind.SNAPSHOT}
     txids = {txid for txid, _ in states}
     grew = True
@@ -201,7 +203,8 @@ def _assert_verified_chain(chain: tuple[ObjectName, ...]) -> None:
 def test_a_plan_never_splices_two_histories(seed: int, fork: int, a_len: int, b_len: int) -> None:
     """Two branches (two daemons, a lapsed lease) interleave under one prefix, each with its
     own snapshot somewhere and some objects missing.  Every plan is one verified chain, and
-    every TXID one branch alone can restore is restorable."""
+    every TXID one branch alone can restore is restorable.
+    """
     rng = random.Random(seed)
     objects: dict[ObjectName, int] = {}
     for branch, length in (("a", a_len), ("b", b_len)):
@@ -343,7 +346,8 @@ def _restore(root: Path, out: Path, **kwargs: Any) -> RestoreResult:
 
 def test_restore_is_proven_and_skips_a_stale_branch(tmp_path: Path) -> None:
     """Daemon B's snapshot, daemon A's stale segments at the same TXIDs (states that never
-    followed B's), B's own segments: the newest restore is B's, proven; never A's on top."""
+    followed B's), B's own segments: the newest restore is B's, proven; never A's on top.
+    """
     root = tmp_path / "replica"
     w = _Writer(root)
     states = [_db_pages(n) for n in range(1, 12)]
@@ -366,7 +370,8 @@ def test_restore_is_proven_and_skips_a_stale_branch(tmp_path: Path) -> None:
 
 def test_restore_refuses_objects_that_do_not_add_up(tmp_path: Path) -> None:
     """A segment whose names and headers chain but whose pages belong to another state (a
-    writer bug, or a forged object): the restored file's checksum gives it away."""
+    writer bug, or a forged object): the restored file's checksum gives it away.
+    """
     root = tmp_path / "replica"
     w = _Writer(root)
     states = [_db_pages(n) for n in (1, 2, 3)]
@@ -409,7 +414,8 @@ def test_restart_after_writes_and_a_checkpoint_ships_only_the_changed_pages(tmp_
     """The daemon stops cleanly; the application writes and checkpoints (TRUNCATE: the WAL
     restarts, so resuming from the WAL is impossible); the restarted daemon uploads one segment
     of the changed pages instead of a snapshot, and every TXID before and after restores
-    exactly."""
+    exactly.
+    """
     from tests import workload
     from tests.procs import start_daemon, start_writer, stop, wait_for
 

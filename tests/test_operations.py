@@ -19,7 +19,7 @@ import pytest
 
 from tests import workload
 from tests.faultproxy import FaultProxy
-from tests.procs import ROOT, WORKLOAD, replicad, start_daemon, stop
+from tests.procs import ROOT, WORKLOAD, free_port, replicad, start_daemon, stop
 from tests.s3servers import S3Server, create_bucket, unique_bucket
 
 
@@ -27,12 +27,6 @@ def _make_db(path: Path) -> None:
     conn = sqlite3.connect(path)
     workload.setup(conn)
     conn.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_exec_runs_the_app_flushes_and_passes_its_exit_code(tmp_path: Path) -> None:
@@ -182,7 +176,7 @@ async def test_readiness_follows_the_s3_server(rclone_server: S3Server, tmp_path
     await create_bucket(rclone_server, bucket)
     db = tmp_path / "app.db"
     _make_db(db)
-    port = _free_port()
+    port = free_port()
     env = {
         "AWS_ACCESS_KEY_ID": rclone_server.access_key_id,
         "AWS_SECRET_ACCESS_KEY": rclone_server.secret_access_key,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import sqlite3
 import subprocess
@@ -13,69 +14,15 @@ from pathlib import Path
 import pytest
 
 from replicad.clients.file import FileReplicaClient
-from replicad.db import DEFAULT_SPILL_BYTES, CapturedTxn, Database
-from replicad.errors import DatabaseError, ReplicaUnavailableError, StateError
+from replicad.db import CapturedTxn, Database
+from replicad.errors import ReplicaUnavailableError, StateError
 from replicad.pidfile import IDENTITY_NAME
 from replicad.position import WalPosition, parse_key
 from replicad.replica import Replica
 from replicad.replicator import DatabaseReplicator
-from replicad.restore import restore
+from replicad.testing import ReplicatorHarness as Harness
 from tests import workload
-from tests.procs import clean_env
-
-
-class Harness:
-    """One database, one file replica, and a replicator driven by explicit steps."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        #: Transactions above this are captured into a spool file (see replicad.spool).
-        self.spill_bytes = DEFAULT_SPILL_BYTES
-        self.db_path = tmp / "app.db"
-        self.replica_dir = tmp / "replica"
-        self.rep: DatabaseReplicator | None = None
-        self.restores = 0
-
-    def app(self, *, autocheckpoint: int = 0) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=10)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint}")
-        conn.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
-        return conn
-
-    async def start(self) -> DatabaseReplicator:
-        replica = Replica("r", FileReplicaClient(self.replica_dir))
-        self.rep = DatabaseReplicator(
-            Database(self.db_path, spill_dir=self.tmp / "state", spill_bytes=self.spill_bytes),
-            [replica],
-            name="app",
-            state_dir=self.tmp / "state",
-            sync_interval=0,
-        )
-        await self.rep.start()
-        await replica.upload()
-        return self.rep
-
-    async def step(self) -> None:
-        assert self.rep is not None
-        await self.rep.sync_step()
-        for replica in self.rep.replicas:
-            await replica.upload()
-
-    def stop(self) -> None:
-        assert self.rep is not None
-        self.rep.close()
-        self.rep = None
-
-    async def restored(self) -> Path:
-        self.restores += 1
-        out = self.tmp / f"restored{self.restores}.db"
-        await restore(FileReplicaClient(self.replica_dir), out)
-        assert workload.integrity(out) == "ok"
-        return out
-
-    def snapshots(self) -> int:
-        return len(list((self.replica_dir / "snapshots").glob("*.snap")))
+from tests.procs import clean_env, wait_for_async
 
 
 def insert(conn: sqlite3.Connection, n: int, size: int = 200) -> None:
@@ -316,23 +263,6 @@ async def test_resume_over_a_large_transaction_takes_no_snapshot(h: Harness) -> 
     assert workload.dump(await h.restored()) == workload.dump(h.db_path)
 
 
-async def test_not_wal_mode_is_refused_with_guidance(tmp_path: Path) -> None:
-    path = tmp_path / "rollback.db"
-    sqlite3.connect(path).execute("CREATE TABLE t(x)").connection.commit()
-    with pytest.raises(DatabaseError, match="not in WAL mode") as info:
-        Database(path).open()
-    assert "journal_mode=WAL" in (info.value.hint or "")
-
-
-async def test_not_a_database_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "notes.txt"
-    path.write_text("hello " * 100)
-    with pytest.raises(DatabaseError, match="not a SQLite database"):
-        Database(path).open()
-    with pytest.raises(DatabaseError, match="does not exist"):
-        Database(tmp_path / "missing.db").open()
-
-
 async def test_failing_replica_never_blocks_another(h: Harness) -> None:
     """Two replicas; one breaks. The other keeps receiving everything, in its own loop."""
     app = h.app()
@@ -349,22 +279,31 @@ async def test_failing_replica_never_blocks_another(h: Harness) -> None:
         tg.create_task(rep.sync_loop(stop))
         tg.create_task(rep.upload_loop(good, stop))
         tg.create_task(rep.upload_loop(bad, stop))
-        await asyncio.sleep(0.3)
+        await wait_for_async(
+            lambda: good.shipped_txid >= 1 and bad.shipped_txid >= 1, 10, "both first snapshots"
+        )
         bad_dir.rename(h.tmp / "bad-moved")
         bad_dir.write_text("now a file: every write fails")
-        for _ in range(10):
+        base = good.shipped_txid
+        for batch in range(1, 11):
             insert(app, 3)
             rep.wake.set()
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
+            target = base + 3 * batch
+            # The good replica ships each batch while the bad one fails beside it.
+            await wait_for_async(functools.partial(_shipped, good, target), 10, f"TXID {target}")
         assert not good.has_work
         assert bad.has_work
+        assert bad.shipped_txid == base
         stop.set()
         rep.interrupt()
     problems = await rep.flush(asyncio.get_running_loop().time() + 0.5)
     assert problems == ["app -> bad: 30 transactions not uploaded"]
     rep.close()
     assert workload.dump(await h.restored()) == workload.dump(h.db_path)
+
+
+def _shipped(replica: Replica, txid: int) -> bool:
+    return replica.shipped_txid >= txid
 
 
 class _GatedClient(FileReplicaClient):
@@ -423,7 +362,8 @@ class _LostResponseClient(FileReplicaClient):
 
 async def test_failed_upload_is_retried_as_the_same_segment(tmp_path: Path) -> None:
     """A retry that re-batched would write a second segment starting at the same TXID; restores
-    stopping inside the longer one found a dead end at the shorter one (crash soak, 897481133)."""
+    stopping inside the longer one found a dead end at the shorter one (crash soak, 897481133).
+    """
     client = _LostResponseClient(tmp_path / "replica")
     replica = Replica("r", client)
     await replica.load_tip()
@@ -435,3 +375,24 @@ async def test_failed_upload_is_retried_as_the_same_segment(tmp_path: Path) -> N
     assert await replica.upload() == 2
     keys = [info.key for info in await client.list_objects("segments/")]
     assert [(n.first_txid, n.last_txid) for n in map(parse_key, keys) if n] == [(1, 2), (3, 4)]
+
+
+async def test_snapshot_requested_before_the_first_one_is_uploaded(h: Harness) -> None:
+    """A second snapshot for a replica still holding an un-uploaded one gets the same replica
+    TXID.  When spool paths were named by TXID it overwrote the first, and offering it released
+    the first, deleting the new file: the sync step failed (replica down for longer than
+    `snapshot_interval`, or `replicad snapshot` while it was down).
+    """
+    app = h.app()
+    insert(app, 3)
+    replica = Replica("r", FileReplicaClient(h.replica_dir))
+    rep = DatabaseReplicator(
+        Database(h.db_path), [replica], name="app", state_dir=h.tmp / "state", sync_interval=0
+    )
+    await rep.start()  # the first snapshot is spooled; the replica has not taken it yet
+    insert(app, 2)
+    rep.request_snapshot()
+    await rep.sync_step()
+    assert await replica.upload() >= 1
+    rep.close()
+    assert workload.dump(await h.restored()) == workload.dump(h.db_path)

@@ -1,5 +1,6 @@
 """Applying a plan: objects go newest first and each page is written once, yet the file must be
-exactly what applying every transaction in order would give."""
+exactly what applying every transaction in order would give.
+"""
 
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def _name(level: int, txns: list[Transaction]) -> ObjectName:
 
 def _compacted(txns: list[Transaction]) -> list[Transaction]:
     """What compaction makes of consecutive transactions: every record, all pages (newest
-    version, ascending, none past the final size) on the last one."""
+    version, ascending, none past the final size) on the last one.
+    """
     merged: dict[int, bytes] = {}
     for txn in txns:
         merged.update(txn.pages)

@@ -1,5 +1,6 @@
 """The restore planner: newest snapshot at or before the target, then a gap-free chain; and
-the bounded planner (`make_plan`), which must choose what it would from a full listing."""
+the bounded planner (`make_plan`), which must choose what it would from a full listing.
+"""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def test_gap_is_an_error_naming_the_last_good_txid() -> None:
 
 def test_dead_end_beside_a_longer_segment_is_routed_around() -> None:
     """A retried upload once left 6-10 beside 6-20 (crash soak, seed 897481133): the furthest
-    segment within a target of 15 is 6-10, and nothing starts at 11."""
+    segment within a target of 15 is 6-10, and nothing starts at 11.
+    """
     names = [snapshot_name(1, 0), seg(2, 5), seg(6, 10), seg(6, 20), seg(21, 30)]
     assert plan(names, target=15) == ["S1-1", "L02-5", "L06-20"]
     assert plan(names, target=8) == ["S1-1", "L02-5", "L06-10"]
@@ -251,7 +253,8 @@ async def test_bounded_plan_lists_a_fraction_of_a_long_history() -> None:
 @pytest.mark.parametrize("seed", range(200))
 async def test_bounded_plan_on_arbitrary_replicas_is_a_valid_chain(seed: int) -> None:
     """Random names with no structure: where the plans differ, the bounded one still goes
-    from the same snapshot to the same target through a gap-free chain of real segments."""
+    from the same snapshot to the same target through a gap-free chain of real segments.
+    """
     rng = random.Random(seed)
     top = rng.randint(5, 60)
     names: dict[ObjectName, int] = {}

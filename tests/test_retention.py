@@ -6,6 +6,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from replicad.clients.file import FileReplicaClient
 from replicad.db import Database
 from replicad.position import ObjectKind, ObjectName, segment_name, snapshot_name
@@ -14,6 +16,7 @@ from replicad.replicator import DatabaseReplicator
 from replicad.restore import names_from_listing, plan_restore, restore
 from replicad.retention import plan_retention
 from tests import workload
+from tests.conftest import WallClock
 
 HOUR = 3600_000
 
@@ -63,7 +66,9 @@ def test_grace_keeps_what_a_recent_plan_could_need() -> None:
     assert len(plan_retention(names, now_ms=now, retention=24 * 3600, grace=0)) == 2
 
 
-async def test_scheduled_snapshots_and_retention_keep_the_window_restorable(tmp_path: Path) -> None:
+async def test_scheduled_snapshots_and_retention_keep_the_window_restorable(
+    tmp_path: Path, wall_clock: WallClock
+) -> None:
     db_path = tmp_path / "app.db"
     app = sqlite3.connect(db_path, isolation_level=None)
     app.execute("PRAGMA journal_mode=WAL")
@@ -79,29 +84,31 @@ async def test_scheduled_snapshots_and_retention_keep_the_window_restorable(tmp_
         snapshot_interval=0.2,
     )
     await rep.start()
-    import asyncio
-
+    await replica.upload()  # the first snapshot, as the upload loop would ship it at once
     for _ in range(6):
+        wall_clock.advance(0.25)  # each step: one snapshot interval and a bit
         app.execute("INSERT INTO t(b) VALUES (?)", (os.urandom(500),))
         await rep.sync_step()
         await replica.upload()
         await replica.enforce_retention()
-        await asyncio.sleep(0.25)
     rep.close()
     listed = names_from_listing(await client.list_objects())
     assert set(listed) == set(replica.objects), "the inventory matches the bucket"
-    snapshots = [n for n in listed if n.kind is ObjectKind.SNAPSHOT]
-    assert rep.stats.snapshots >= 4
-    assert len(snapshots) <= 3, "old snapshots were deleted"
-    oldest = min(n.first_txid for n in listed)
-    assert oldest > 1
+    snapshots = sorted(n for n in listed if n.kind is ObjectKind.SNAPSHOT)
+    assert rep.stats.snapshots == 7, "the first one, then one per step"
+    # Snapshot k+1 was taken at step k (0.25 s apart).  The window is 0.3 s: its base is the
+    # newest snapshot at least 0.3 s old, taken two steps (0.5 s) ago; it, the one after it and
+    # the newest are kept, every older one is deleted.
+    assert [n.last_txid for n in snapshots] == [5, 6, 7]
+    segments = [n for n in listed if n.kind is ObjectKind.SEGMENT]
+    assert min(n.first_txid for n in segments) > 5, "segments up to the base were deleted"
     await restore(client, tmp_path / "out.db")
     assert workload.dump(tmp_path / "out.db") == workload.dump(db_path)
 
 
-async def test_compaction_in_the_replica_keeps_every_txid_restorable(tmp_path: Path) -> None:
-    import asyncio
-
+async def test_compaction_in_the_replica_keeps_every_txid_restorable(
+    tmp_path: Path, wall_clock: WallClock
+) -> None:
     db_path = tmp_path / "app.db"
     app = sqlite3.connect(db_path, isolation_level=None)
     app.execute("PRAGMA journal_mode=WAL")
@@ -119,10 +126,10 @@ async def test_compaction_in_the_replica_keeps_every_txid_restorable(tmp_path: P
         await rep.sync_step()
         await replica.upload()
         states[replica.shipped_txid] = workload.dump(db_path)
-        await asyncio.sleep(0.05)
+        wall_clock.advance(0.05)
         if i % 6 == 5:
             await replica.compact()
-    await asyncio.sleep(0.7)
+    wall_clock.advance(0.7)  # every bucket of both levels has closed and settled
     await replica.compact()
     await replica.compact()
     rep.close()
@@ -138,7 +145,9 @@ async def test_compaction_in_the_replica_keeps_every_txid_restorable(tmp_path: P
         assert workload.dump(out) == state, txid
 
 
-async def test_restore_streams_large_objects(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+async def test_restore_streams_large_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Objects above STREAM_ABOVE are streamed rather than held whole; the result is the same."""
     import replicad.restore as restore_module
 

@@ -14,8 +14,7 @@ import pytest
 
 from replicad.config import load_config
 from replicad.errors import ConfigError
-from tests.procs import ROOT, replicad, start_daemon, stop, wait_for
-from tests.s3servers import free_port
+from tests.procs import ROOT, free_port, replicad, start_daemon, stop, wait_for
 
 
 def _make_db(path: Path) -> None:

@@ -73,7 +73,8 @@ systemctl() {{ echo "$*" >> {calls}; }}
 
 def _leave_a_wal(db: Path) -> None:
     """An application that committed one more customer and died before any checkpoint: the
-    commit is only in app.db-wal."""
+    commit is only in app.db-wal.
+    """
     script = (
         "import os, signal, sqlite3, sys\n"
         "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"

@@ -1,5 +1,6 @@
 """How S3ReplicaClient reports what goes wrong: the right error class, a message naming the
-bucket and endpoint (never a secret), and quickly when the endpoint is unreachable."""
+bucket and endpoint (never a secret), and quickly when the endpoint is unreachable.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from replicad.clients.s3 import S3ReplicaClient
 from replicad.errors import ConfigError, ReplicaAccessError, ReplicaUnavailableError
-from tests.s3servers import S3Server, create_bucket, free_port, unique_bucket
+from tests.procs import free_port
+from tests.s3servers import S3Server, create_bucket, unique_bucket
 
 pytestmark = pytest.mark.usefixtures("isolated_aws_environment")
 

@@ -1,5 +1,6 @@
 """Secrets never echoed: not by `config check`, not in configuration errors, not to the child
-process of `replicad exec`."""
+process of `replicad exec`.
+"""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tests import workload
-from tests.procs import ROOT, replicad, start_daemon, stop, wait_for
+from tests.procs import ROOT, Daemon, replicad, start_daemon, stop, wait_for
 
 
 def _setup(tmp_path: Path, shutdown_timeout: float) -> tuple[Path, Path, Path, Path]:
@@ -40,15 +40,25 @@ def _commit(db: Path, n: int) -> None:
     conn.close()
 
 
+def _captured(daemon: Daemon, count: int) -> None:
+    """Wait until the daemon has read `count` transactions (they are then its to ship)."""
+    wait_for(
+        lambda: daemon.metric("replicad_transactions_total") >= count,
+        20,
+        f"{count} transactions captured",
+        log=daemon.log,
+    )
+
+
 def test_unshippable_data_exits_nonzero_after_deadline(tmp_path: Path) -> None:
     db, rep, log, config = _setup(tmp_path, shutdown_timeout=2)
-    daemon = start_daemon(["-c", str(config)], log)
+    daemon = Daemon.start(["-c", str(config)], log)
     wait_for(lambda: any((rep / "snapshots").glob("*.snap")), 20, "first snapshot")
     _break_replica(rep)
     _commit(db, 5)
-    time.sleep(0.3)
+    _captured(daemon, 5)
     started = time.monotonic()
-    status = stop(daemon)
+    status = stop(daemon.proc)
     elapsed = time.monotonic() - started
     text = log.read_text()
     assert status == 3, text[-2000:]
@@ -59,21 +69,22 @@ def test_unshippable_data_exits_nonzero_after_deadline(tmp_path: Path) -> None:
 
 def test_second_signal_forces_exit(tmp_path: Path) -> None:
     db, rep, log, config = _setup(tmp_path, shutdown_timeout=60)
-    daemon = start_daemon(["-c", str(config)], log)
+    daemon = Daemon.start(["-c", str(config)], log)
     wait_for(lambda: any((rep / "snapshots").glob("*.snap")), 20, "first snapshot")
     _break_replica(rep)
     _commit(db, 3)
-    time.sleep(0.3)
-    daemon.send_signal(signal.SIGTERM)
+    _captured(daemon, 3)
+    daemon.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: "stopping" in log.read_text(), 10, "graceful stop to begin")
     started = time.monotonic()
-    assert stop(daemon, signal.SIGTERM, timeout=10) == 130
+    assert stop(daemon.proc, signal.SIGTERM, timeout=10) == 130
     assert time.monotonic() - started < 5
 
 
 def _handler_window() -> float:
     """Longest of a few measured times from exec to `replicad.launch` imported (its handlers
-    installed): before that, a SIGTERM takes its default action (docs/design.md)."""
+    installed): before that, a SIGTERM takes its default action (docs/design.md).
+    """
     code = "import time, replicad.launch; print(time.monotonic())"
     longest = 0.0
     for _ in range(5):
@@ -87,7 +98,8 @@ def _handler_window() -> float:
 
 def test_sigterm_in_the_first_200_ms_is_a_clean_stop(tmp_path: Path) -> None:
     """A stop at any moment of start-up ships what was committed and exits 0, or exits non-zero
-    saying what was not shipped; death by the signal only inside the interpreter's own start-up."""
+    saying what was not shipped; death by the signal only inside the interpreter's own start-up.
+    """
     db, rep, log, config = _setup(tmp_path, shutdown_timeout=20)
     window = _handler_window()
     outcomes = []

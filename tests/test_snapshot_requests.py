@@ -12,8 +12,8 @@ from pathlib import Path
 from structlog.testing import capture_logs
 
 from replicad.replica import spool_path
+from replicad.testing import ReplicatorHarness as Harness
 from tests.procs import replicad, start_daemon, stop, wait_for
-from tests.test_replicator import Harness
 
 
 def _events(log: Path) -> list[str]:

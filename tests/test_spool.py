@@ -61,7 +61,8 @@ def test_wrong_page_size_and_use_after_close_are_refused(tmp_path: Path) -> None
 
 def test_close_from_another_thread_waits_for_the_write_in_progress(tmp_path: Path) -> None:
     """A cancelled task closes the spool while its worker thread may still be writing: the
-    worker must then fail cleanly, never write to a descriptor number reused meanwhile."""
+    worker must then fail cleanly, never write to a descriptor number reused meanwhile.
+    """
     spool = PageSpool(tmp_path, PAGE)
     errors: list[BaseException] = []
 

@@ -162,7 +162,8 @@ def scan_all(wal: bytes) -> WalScan:
 
 def scan_in_chunks(wal: bytes, chunk: int) -> list[WalTransaction]:
     """Scan like the daemon: bounded reads resumed from scan.end, growing a read that finds
-    no whole transaction (one larger than the chunk)."""
+    no whole transaction (one larger than the chunk).
+    """
     header = parse_wal_header(wal)
     position, found, size = header.initial_position(), [], chunk
     while True:

@@ -1,0 +1,1 @@
+"""Storage backends: the ReplicaClient protocol (base.py) and one module per backend."""

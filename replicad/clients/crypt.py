@@ -1,4 +1,4 @@
-"""Client-side encryption with age: a `ReplicaClient` that encrypts whole objects on the way in
+r"""Client-side encryption with age: a `ReplicaClient` that encrypts whole objects on the way in
 and decrypts them on the way out, so replication, compaction and restore never see ciphertext.
 
 Every object is first encoded (and compressed) by `replicad.format`, then encrypted as one age
@@ -84,7 +84,8 @@ class AgeIdentity:
 
 def parse_recipient(text: str) -> AgeRecipient:
     """An `age1...` X25519 key or an `ssh-ed25519`/`ssh-rsa` public key line; `ValueError` if
-    neither (the message never repeats the text, which is public anyway, beyond its kind)."""
+    neither (the message never repeats the text, which is public anyway, beyond its kind).
+    """
     text = text.strip()
     try:
         if text.startswith("age1"):
@@ -101,7 +102,8 @@ def parse_recipient(text: str) -> AgeRecipient:
 
 def load_identities(path: Path) -> list[AgeIdentity]:
     """The identities in an age identity file (`AGE-SECRET-KEY-1...` lines) or an unencrypted
-    OpenSSH private key.  Raises `ConfigError` naming the file, never showing its content."""
+    OpenSSH private key.  Raises `ConfigError` naming the file, never showing its content.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -140,7 +142,8 @@ def encryption_prefix(recipients: Sequence[AgeRecipient]) -> bytes:
 
 def parse_prefix(head: bytes, key: str) -> tuple[list[str], int] | None:
     """(recipient labels, prefix length) of an encrypted object starting with `head`; None if
-    the object is plaintext.  `head` must hold the whole prefix (`MAX_PREFIX` bytes suffice)."""
+    the object is plaintext.  `head` must hold the whole prefix (`MAX_PREFIX` bytes suffice).
+    """
     if not head.startswith(MAGIC):
         return None
     end = head.find(b"\n\n", len(MAGIC) - 1)
@@ -270,7 +273,8 @@ class CryptClient:
     def _resend(self, key: str, fingerprint: bytes) -> bytes | Path | None:
         """The ciphertext of an earlier failed put of the same content under `key`: a retry
         must send the same bytes, or a create-only retry of a put that did land would look
-        like another writer."""
+        like another writer.
+        """
         earlier = self._unsent.pop(key, None)
         if earlier is None:
             return None
@@ -315,7 +319,8 @@ class CryptClient:
 
     async def iter_object(self, key: str, *, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object's plaintext in chunks of at most `chunk_size`; an encrypted object is
-        decrypted as it streams (`_DecryptPipe`), each piece only once age has verified it."""
+        decrypted as it streams (`_DecryptPipe`), each piece only once age has verified it.
+        """
         chunks = self.inner.iter_object(key, chunk_size=chunk_size)
         head = b""
         if not is_lease_key(key):
@@ -516,7 +521,8 @@ async def _next(chunks: AsyncIterator[bytes]) -> bytes | None:
 
 def recipients_of_head(head: bytes, key: str) -> list[str] | None:
     """The recipient labels an object starting with `head` was encrypted for; None if it is
-    plaintext."""
+    plaintext.
+    """
     parsed = parse_prefix(head, key)
     return None if parsed is None else parsed[0]
 
@@ -529,7 +535,8 @@ def _ssh_label(kind: str, blob: bytes) -> str:
 
 def _ssh_private_label(data: bytes) -> str | None:
     """The label of an OpenSSH private key's public half, read from the key file's header
-    (stored there unencrypted), or None if the layout is not the one expected."""
+    (stored there unencrypted), or None if the layout is not the one expected.
+    """
     try:
         body = b"".join(
             line.strip()

@@ -105,7 +105,8 @@ class FileReplicaClient:
         self, prefix: str = "", *, start_after: str | None = None, end_before: str | None = None
     ) -> list[ObjectInfo]:
         """Every object whose key starts with `prefix` strictly between the bounds, sorted; a
-        missing root lists as empty."""
+        missing root lists as empty.
+        """
         self._check_open()
         self._stats.count("LIST")
         objects = await self._run(
@@ -191,7 +192,8 @@ class FileReplicaClient:
 
     def _scan(self, prefix: str, start_after: str, end_before: str | None) -> list[ObjectInfo]:
         """Walk only the directories that can hold keys starting with `prefix`; stat only the
-        files between the bounds (a bounded listing of a large directory stays cheap)."""
+        files between the bounds (a bounded listing of a large directory stays cheap).
+        """
         start_dir = prefix.rpartition("/")[0]
         found: list[ObjectInfo] = []
         pending = [start_dir]

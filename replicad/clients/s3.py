@@ -294,7 +294,8 @@ class S3ReplicaClient:
         self, prefix: str = "", *, start_after: str | None = None, end_before: str | None = None
     ) -> list[ObjectInfo]:
         """Every object under `prefix` strictly between the bounds, sorted, following
-        ListObjectsV2 continuation tokens until a page reaches `end_before`."""
+        ListObjectsV2 continuation tokens until a page reaches `end_before`.
+        """
         found: list[ObjectInfo] = []
         params: dict[str, Any] = {
             "Bucket": self._bucket,
