@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ls(sub)
     _add_log(sub)
     _add_verify(sub)
+    _add_promote(sub)
     _add_config(sub)
     return parser
 
@@ -257,7 +258,32 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default="full",
         help="check run on the result before it is moved into place (default: full)",
     )
+    _add_follow_options(p)
     _add_logging(p)
+
+
+def _add_follow_options(p: argparse.ArgumentParser) -> None:
+    from replicad.follow import DEFAULT_FOLLOW_INTERVAL  # noqa: PLC0415 - see the imports
+
+    group = p.add_argument_group("follow mode (a live read replica, or a warm standby)")
+    group.add_argument(
+        "--follow",
+        action="store_true",
+        help="after restoring, keep applying new objects (each proven by its checksums) until "
+        "SIGTERM; readers may open OUT at any time and always see a committed state",
+    )
+    group.add_argument(
+        "--follow-interval",
+        type=float,
+        default=DEFAULT_FOLLOW_INTERVAL,
+        metavar="SECONDS",
+        help=f"seconds between polls of the replica's tip (default {DEFAULT_FOLLOW_INTERVAL})",
+    )
+    group.add_argument(
+        "--promote",
+        action="store_true",
+        help="with --follow: catch up once, then leave OUT for an application to write and exit",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -452,6 +478,8 @@ async def make_client(config: ReplicaConfig, *, max_attempts: int | None = None)
 
 def _restore(args: argparse.Namespace) -> int:
     replica_config = _source_replica(args)
+    if args.follow or args.promote:
+        return _follow(replica_config, args)
     if args.if_db_not_exists and args.output.exists():
         print(json.dumps({"skipped": f"{args.output} exists (--if-db-not-exists)"}))
         return 0
@@ -535,6 +563,82 @@ def _plan_json(plan: RestorePlan) -> dict[str, object]:
             for name, size in zip(plan.objects, plan.sizes, strict=True)
         ],
     }
+
+
+# -- follow mode ---------------------------------------------------------------------------
+
+
+def _add_promote(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "promote",
+        help="stop a follower and leave its database for an application to write",
+        description="Tell the follower writing OUT (restore --follow) to catch up once and stop, "
+        "and wait for it; OUT is then checkpointed and never followed again. With no follower "
+        "running, finish OUT the same way.",
+    )
+    p.add_argument("output", type=Path, metavar="OUT", help="the follower's database")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    _add_logging(p)
+
+
+def _follow(config: ReplicaConfig, args: argparse.Namespace) -> int:
+    if not args.follow:
+        raise ConfigError("--promote is a follow-mode option", hint="add --follow")
+    if args.txid is not None or args.timestamp or args.dry_run:
+        raise ConfigError("--follow restores the newest state: drop --txid/--timestamp/--dry-run")
+    if args.follow_interval <= 0:
+        raise ConfigError(f"--follow-interval must be positive, got {args.follow_interval}")
+    return asyncio.run(_run_follow(config, args))
+
+
+async def _run_follow(config: ReplicaConfig, args: argparse.Namespace) -> int:
+    from replicad.follow import Follower  # noqa: PLC0415 - see the imports
+
+    stop = asyncio.Event()
+    promote = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _set_both, promote, stop)
+    if args.promote:
+        promote.set()
+        stop.set()
+    client = await make_client(config)
+    follower = Follower(
+        client,
+        args.output,
+        interval=args.follow_interval,
+        force=args.force,
+        integrity=args.integrity_check,
+    )
+    try:
+        await follower.start()
+        await follower.run(stop)
+        if promote.is_set():
+            await follower.step()  # the newest state at the moment of promotion
+            await follower.promote()
+    finally:
+        await follower.close()
+        await client.close()
+    print(
+        json.dumps(
+            {"followed": str(args.output), "txid": follower.txid, "promoted": promote.is_set()}
+        )
+    )
+    return 0
+
+
+def _set_both(first: asyncio.Event, second: asyncio.Event) -> None:
+    first.set()
+    second.set()
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from replicad.follow import promote_output  # noqa: PLC0415 - see the imports
+
+    txid = promote_output(args.output, timeout=args.timeout)
+    print(json.dumps({"promoted": str(args.output), "txid": txid}))
+    return 0
 
 
 # -- snapshot, ls, log -----------------------------------------------------------------------
@@ -671,6 +775,7 @@ def _plain(value: object) -> object:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "replicate": _replicate,
     "exec": _exec,
+    "promote": _promote,
     "config": _config,
     "restore": _restore,
     "snapshot": _snapshot,

@@ -23,7 +23,7 @@ import structlog
 from replicad.clients.base import ReplicaClient
 from replicad.compaction import DEFAULT_LEVELS, DEFAULT_SETTLE_MS, compact, plan_compaction
 from replicad.db import CapturedTxn
-from replicad.errors import FormatError, ObjectNotFoundError, RestoreError
+from replicad.errors import FormatError, ObjectNotFoundError, ReplicaError, RestoreError
 from replicad.format import (
     HEADER_SIZE,
     ObjectHeader,
@@ -36,6 +36,7 @@ from replicad.lease import Lease, is_lease_key
 from replicad.position import ObjectKind, ObjectName, WalPosition, parse_key
 from replicad.restore import plan_restore
 from replicad.retention import DEFAULT_RETENTION, DEFAULT_RETENTION_GRACE, plan_retention
+from replicad.tip import TIP_KEY, TIP_KEYS, encode_tip
 
 #: Raw page bytes per segment object; a backlog is split into objects of about this size.
 DEFAULT_SEGMENT_MAX_BYTES = 32 << 20
@@ -141,6 +142,8 @@ class Replica:
         self.objects: dict[ObjectName, int] = {}
         self._created = time.monotonic()
         self._snapshot_offered = 0.0
+        #: Keys of the newest objects uploaded, for the tip that followers read (tip.py).
+        self._tip_keys: deque[str] = deque(maxlen=TIP_KEYS)
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -156,7 +159,7 @@ class Replica:
         for info in objects:
             name = parse_key(info.key)
             if name is None:
-                foreign += not is_lease_key(info.key)
+                foreign += not is_lease_key(info.key) and info.key != TIP_KEY
             else:
                 names.append(name)
                 self.objects[name] = info.size
@@ -301,8 +304,18 @@ class Replica:
             elif self.snapshot is not None:
                 await self._upload_snapshot(self.snapshot)
             else:
+                if written:
+                    await self._put_tip()
                 return written
             written += 1
+
+    async def _put_tip(self) -> None:
+        """Name the newest objects in the tip, once per upload step (tip.py: followers find
+        new objects without LIST).  Advice only, so a failure is logged, never raised."""
+        try:
+            await self.client.put_object(TIP_KEY, encode_tip(self._tip_keys))
+        except ReplicaError as exc:
+            self.log.warning("cannot update the tip for followers", error=str(exc))
 
     async def _upload_segment(self, limit: int) -> None:
         assert self.offset is not None
@@ -320,6 +333,7 @@ class Replica:
             if self.compaction_levels:
                 self._remember(name, data)
         self.objects[name] = size
+        self._tip_keys.append(name.key)
         self.shipped_txid = name.last_txid
         self._retry_upto = None
         if self.offset is None:
@@ -352,6 +366,7 @@ class Replica:
         await self._ensure_lease()
         await self.client.put_file(snapshot.name.key, snapshot.path)
         self.objects[snapshot.name] = snapshot.size
+        self._tip_keys.append(snapshot.name.key)
         self.snapshot = None
         snapshot.release()
         self.offset = snapshot.name.last_txid - snapshot.db_txid
