@@ -622,7 +622,13 @@ async def _run_follow(config: ReplicaConfig, args: argparse.Namespace) -> int:
         await client.close()
     print(
         json.dumps(
-            {"followed": str(args.output), "txid": follower.txid, "promoted": promote.is_set()}
+            {
+                "followed": str(args.output),
+                "txid": follower.txid,
+                "promoted": promote.is_set(),
+                # Requests this run made, by operation (LIST stays 0 in steady state).
+                "requests": dict(client.stats.requests),
+            }
         )
     )
     return 0

@@ -81,6 +81,11 @@ def state_path(output: Path) -> Path:
     return output.with_name(output.name + ".replicad-follow")
 
 
+def promoted_path(output: Path) -> Path:
+    """Where a promoted copy's last follow state is kept, as a record."""
+    return output.with_name(output.name + ".replicad-promoted")
+
+
 @dataclass(frozen=True, slots=True)
 class FollowState:
     """Where a follower's OUT stands, saved after each applied object (owner-only file)."""
@@ -496,7 +501,8 @@ class Follower:
         if self.out is not None:
             await asyncio.to_thread(self.out.checkpoint)
         await self.close()
-        state_path(self.output).unlink(missing_ok=True)
+        # Kept as a record of where the copy was promoted; a follower never resumes from it.
+        state_path(self.output).replace(promoted_path(self.output))
         self.log.info("promoted: OUT is no longer a follower's copy", txid=self.txid)
 
     def lag_seconds(self) -> float:
@@ -561,16 +567,14 @@ def promote_output(output: Path, *, timeout: float) -> int:
                     hint="see its log; promote again with a longer --timeout",
                 )
             time.sleep(0.05)
-        final = FollowState.load(path)
-        if final is None:
-            return state.txid if not path.exists() else 0
-        state = final
+        if (promoted := FollowState.load(promoted_path(output))) is not None:
+            return promoted.txid
     out = OutputDatabase(output)
     try:
         out.checkpoint()
     finally:
         out.close()
-    path.unlink(missing_ok=True)
+    path.replace(promoted_path(output))
     return state.txid
 
 
