@@ -96,7 +96,27 @@ def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--txid", type=int, help="verify the history up to this TXID")
     p.add_argument("--db", type=Path, help="the live database, to compare with the replica")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_drill_options(p)
     _add_logging(p)
+
+
+def _add_drill_options(p: argparse.ArgumentParser) -> None:
+    drill = p.add_argument_group("drills")
+    drill.add_argument(
+        "--restore",
+        action="store_true",
+        help="also restore the state to a temporary file (checksum and integrity_check "
+        "proven), then remove it",
+    )
+    drill.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="verify the history up to N random TXIDs of the retention window instead",
+    )
+    drill.add_argument(
+        "--work-dir", type=Path, help="where a drill's temporary files go (default: TMPDIR)"
+    )
 
 
 def _add_exec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -715,10 +735,21 @@ def _log(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from replicad.verify import VerifyReport, compare_live, verify_replica  # noqa: PLC0415
+    from replicad.verify import (  # noqa: PLC0415 - see the imports
+        VerifyReport,
+        compare_live,
+        drill_restore,
+        verify_replica,
+    )
+
+    if args.sample is not None:
+        return _verify_sample(args)
 
     async def run(client: ReplicaClient) -> VerifyReport:
-        report = await verify_replica(client, target_txid=args.txid)
+        if args.restore:
+            report = await drill_restore(client, target_txid=args.txid, work_dir=args.work_dir)
+        else:
+            report = await verify_replica(client, target_txid=args.txid, spill_dir=args.work_dir)
         if args.db is not None:
             report = await compare_live(report, args.db)
         return report
@@ -737,6 +768,8 @@ def _verify(args: argparse.Namespace) -> int:
             f"{report.seconds:.2f} s"
         )
         print(f"checksum  {report.checksum:016x}")
+        if report.restored:
+            print("restored  to a temporary file: checksum and integrity_check proven, removed")
         if report.unproven:
             print(
                 f"unproven  {len(report.unproven)} format v1 objects record no checksums: their "
@@ -749,6 +782,36 @@ def _verify(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"FAILED    {problem}")
     return 0 if report.ok else 1
+
+
+def _verify_sample(args: argparse.Namespace) -> int:
+    from replicad.verify import SampleResult, verify_sample  # noqa: PLC0415 - see the imports
+
+    if args.sample < 1 or args.txid is not None or args.restore:
+        raise ConfigError("--sample N takes a positive N, without --txid or --restore")
+
+    async def run(client: ReplicaClient) -> list[SampleResult]:
+        return await verify_sample(client, args.sample, spill_dir=args.work_dir)
+
+    results = asyncio.run(_with_client(_source_replica(args), run))
+    failed = [r for r in results if r.error is not None]
+    if args.json:
+        rows = [
+            {
+                "txid": r.txid,
+                "ok": r.error is None,
+                "error": r.error,
+                "checksum": None if r.report is None else f"{r.report.checksum:016x}",
+            }
+            for r in results
+        ]
+        print(json.dumps({"samples": rows, "ok": not failed}, indent=2))
+    else:
+        for r in results:
+            state = "verified" if r.report is not None else "FAILED  "
+            detail = f"checksum {r.report.checksum:016x}" if r.report is not None else r.error
+            print(f"{state}  TXID {r.txid}: {detail}")
+    return 1 if failed or not results else 0
 
 
 async def _with_client(config: ReplicaConfig, action: Callable[[ReplicaClient], Awaitable[T]]) -> T:
