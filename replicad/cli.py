@@ -45,7 +45,9 @@ from replicad.restore import (
 )
 
 if TYPE_CHECKING:
+    from replicad.drill import Drill
     from replicad.inspect import LogEntry
+    from replicad.replica import Replica
     from replicad.replicator import DatabaseReplicator
 
 # The daemon's modules (replicator, database, WAL reader with numpy, file watching, inspection)
@@ -393,7 +395,13 @@ async def _serve(
     metrics = None
     if metrics_addr:
         host, port = parse_address(metrics_addr)
-        metrics = MetricsServer(replicators, host=host, port=port, max_lag=config.ready_max_lag)
+        metrics = MetricsServer(
+            replicators,
+            host=host,
+            port=port,
+            max_lag=config.ready_max_lag,
+            max_verify_age=config.ready_max_verify_age,
+        )
     daemon = Daemon(
         replicators,
         clients,
@@ -448,7 +456,7 @@ async def _replicator(
                 log=replica_log,
             )
         )
-    return DatabaseReplicator(
+    replicator = DatabaseReplicator(
         Database(db_config.path, spill_dir=db_config.state_dir),
         replicas,
         name=db_config.name,
@@ -459,6 +467,20 @@ async def _replicator(
         snapshot_interval=db_config.snapshot_interval,
         log=db_log,
     )
+    replicator.drills = _drills(db_config, replicas)
+    return replicator
+
+
+def _drills(db_config: DatabaseConfig, replicas: list[Replica]) -> list[Drill]:
+    """Restore drills of each replica when `verify_interval` turns them on."""
+    from replicad.drill import Drill  # noqa: PLC0415 - see the imports
+
+    if not db_config.verify_interval:
+        return []
+    return [
+        Drill(r, interval=db_config.verify_interval, spill_dir=db_config.state_dir, log=r.log)
+        for r in replicas
+    ]
 
 
 async def make_client(config: ReplicaConfig, *, max_attempts: int | None = None) -> ReplicaClient:

@@ -29,6 +29,7 @@ from replicad.checkpoint import (
     CheckpointPolicy,
 )
 from replicad.compaction import DEFAULT_LEVELS
+from replicad.drill import DEFAULT_READY_MAX_VERIFY_AGE, DEFAULT_VERIFY_INTERVAL
 from replicad.errors import ConfigError
 from replicad.lease import DEFAULT_LEASE_DURATION
 from replicad.observe import DEFAULT_READY_MAX_LAG
@@ -129,6 +130,8 @@ class DatabaseConfig:
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     snapshot_interval: float = field(default_factory=_default_snapshot_interval)
+    #: Seconds between restore drills of each replica (drill.py); 0 turns them off.
+    verify_interval: float = DEFAULT_VERIFY_INTERVAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,8 @@ class Config:
     metrics_addr: str | None = None
     #: /readyz fails when a commit has waited longer than this (seconds) to reach a replica.
     ready_max_lag: float = DEFAULT_READY_MAX_LAG
+    #: /readyz fails when no restore drill passed within this many seconds (0: not required).
+    ready_max_verify_age: float = DEFAULT_READY_MAX_VERIFY_AGE
 
     def database(self, path_or_name: str) -> DatabaseConfig:
         """The database configured under this path or name; ConfigError if none."""
@@ -208,11 +213,15 @@ class _Reader:
         shutdown_timeout = t.positive_float("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT)
         metrics_addr = t.optional("metrics_addr")
         ready_max_lag = t.positive_float("ready_max_lag", DEFAULT_READY_MAX_LAG)
+        ready_max_verify_age = t.non_negative_float(
+            "ready_max_verify_age", DEFAULT_READY_MAX_VERIFY_AGE
+        )
         dbs = t.list_of_tables("databases", required=True)
         if not dbs:
             raise self.error("databases", "at least one database is required")
         databases = tuple(self.database(db, f"databases[{i}]") for i, db in enumerate(dbs))
         self._check_unique([db.path for db in databases], "databases", "path")
+        self._check_drills(databases, ready_max_verify_age)
         return Config(
             databases=databases,
             source=self.source,
@@ -221,7 +230,22 @@ class _Reader:
             shutdown_timeout=shutdown_timeout,
             metrics_addr=metrics_addr,
             ready_max_lag=ready_max_lag,
+            ready_max_verify_age=ready_max_verify_age,
         )
+
+    def _check_drills(self, databases: tuple[DatabaseConfig, ...], max_age: float) -> None:
+        """A readiness window on drills needs drills that run more often than it."""
+        if not max_age:
+            return
+        for i, db in enumerate(databases):
+            if not 0 < db.verify_interval < max_age:
+                raise self.error(
+                    f"databases[{i}].verify_interval",
+                    f"ready_max_verify_age = {max_age:g} needs drills more often than that, "
+                    f"but verify_interval is {db.verify_interval:g}",
+                    hint="set verify_interval below ready_max_verify_age (e.g. a third of it), "
+                    "or ready_max_verify_age = 0",
+                )
 
     def database(self, raw: dict[str, Any], where: str) -> DatabaseConfig:
         t = _Table(self, raw, where, _DB_KEYS)
@@ -244,6 +268,7 @@ class _Reader:
             snapshot_interval=t.non_negative_float(
                 "snapshot_interval", _default_snapshot_interval()
             ),
+            verify_interval=t.non_negative_float("verify_interval", DEFAULT_VERIFY_INTERVAL),
             checkpoints=CheckpointPolicy(
                 checkpoint_pages=t.non_negative_int("checkpoint_pages", DEFAULT_CHECKPOINT_PAGES),
                 checkpoint_interval=t.positive_float(
@@ -490,6 +515,7 @@ _TOP_KEYS = frozenset(
         "shutdown_timeout",
         "metrics_addr",
         "ready_max_lag",
+        "ready_max_verify_age",
     }
 )
 _DB_KEYS = frozenset(
@@ -505,6 +531,7 @@ _DB_KEYS = frozenset(
         "truncate_pages",
         "checkpoint_timeout",
         "snapshot_interval",
+        "verify_interval",
     }
 )
 _COMMON_REPLICA_KEYS = frozenset(

@@ -156,6 +156,8 @@ class Daemon:
             for replica in replicator.replicas:
                 tg.create_task(replicator.upload_loop(replica, self.stop))
                 tg.create_task(replicator.maintenance_loop(replica, self.stop))
+            for drill in replicator.drills:
+                tg.create_task(drill.loop(self.stop))
 
     async def _start(self, replicator: DatabaseReplicator) -> bool:
         """Start one database; while its file does not exist yet, wait for it."""

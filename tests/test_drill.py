@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import sqlite3
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -92,3 +96,69 @@ def test_drills_fail_naming_the_damage(replica: Path, how: str) -> None:
     failed = [line for line in sampled.stdout.splitlines() if line.startswith("FAILED")]
     assert len(failed) >= 3, sampled.stdout
     assert all(expected in line for line in failed), sampled.stdout
+
+
+# -- drills in the daemon ----------------------------------------------------------------------
+
+
+def _metric(port: int, name: str) -> float | None:
+    text = _http(port, "/metrics")[1]
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{")]
+    return values[0] if values else None
+
+
+def _http(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError:
+        return 0, ""  # not listening yet
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_daemon_drills_export_metrics_and_gate_readiness(tmp_path: Path) -> None:
+    """verify_interval runs drills; a passing one sets the success time, a damaged segment
+    counts a failure naming it, and /readyz fails once no drill passed within the window."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    conn = sqlite3.connect(db)
+    workload.setup(conn)
+    conn.close()
+    port = _free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f"metrics_addr = '127.0.0.1:{port}'\nready_max_verify_age = 4\n"
+        f"[[databases]]\npath = '{db}'\nverify_interval = 0.5\n"
+        f"[[databases.replicas]]\nurl = '{replica.as_uri()}'\n"
+    )
+    log = tmp_path / "daemon.log"
+    daemon = start_daemon(["-c", str(config)], log)
+    success = "replicad_verify_last_success_timestamp_seconds"
+    failures = "replicad_verify_failures_total"
+    try:
+        wait_for((replica / "snapshots").exists, 20, "the first snapshot")
+        writer = start_writer(db, tmp_path / "writer.log", seed=52, count=100, rate=200)
+        assert writer.wait(timeout=60) == 0
+        wait_for(lambda: any(replica.rglob("*.seg")), 30, "a segment")
+        shipped = time.time()
+        wait_for(lambda: (_metric(port, success) or 0) > shipped, 30, "a passing drill")
+        assert _http(port, "/readyz")[0] == 200
+        assert _metric(port, failures) == 0
+        victim = _first_segment(replica)
+        _damage(victim, "corrupted")
+        wait_for(lambda: (_metric(port, failures) or 0) >= 1, 30, "a failed drill")
+        assert "restore drill FAILED" in log.read_text()
+        assert str(victim.relative_to(replica)) in log.read_text()
+        wait_for(lambda: _http(port, "/readyz")[0] == 503, 30, "/readyz to fail")
+        assert (
+            "no restore drill" in _http(port, "/readyz")[1]
+            or "last drill" in _http(port, "/readyz")[1]
+        )
+    finally:
+        stop(daemon)
