@@ -18,6 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from replicad.clients.file import FileReplicaClient
+from replicad.errors import FormatError
+from replicad.follow import Follower
+from replicad.format import Transaction, decode_object, encode_object
+from replicad.position import ObjectName, parse_key
+from replicad.tip import TIP_KEY, encode_tip
 from tests import workload
 from tests.procs import ROOT, clean_env, replicad, start_daemon, start_writer, stop, wait_for
 
@@ -243,3 +249,59 @@ def test_promote_stops_the_follower_and_leaves_a_writable_database(
     again = replicad("restore", "--follow", "-o", str(paths["out"]), url, timeout=30)
     assert again.returncode == 1
     assert "is not a follower's copy" in again.stderr
+
+
+# -- one step at a time ----------------------------------------------------------------------
+
+
+def _level0(replica: Path) -> list[ObjectName]:
+    names = (parse_key(str(p.relative_to(replica))) for p in replica.rglob("*.seg"))
+    return sorted((n for n in names if n is not None and n.level == 0), key=lambda n: n.first_txid)
+
+
+async def test_a_forged_segment_is_never_committed_and_the_real_one_is(tmp_path: Path) -> None:
+    """The follower's proof per step: a segment with the right name and pre checksum but other
+    pages is refused naming it, and OUT (and the follower's state) stay as they were."""
+    db, replica = tmp_path / "app.db", tmp_path / "replica"
+    _make_db(db)
+    daemon = start_daemon([str(db), replica.as_uri()], tmp_path / "d.log")
+    try:
+        wait_for((replica / "snapshots").exists, 20, "the first snapshot")
+        for uploads in (1, 2):  # two uploads at least: two level-0 segments
+            writer = start_writer(db, tmp_path / "w.log", seed=60 + uploads, count=40, rate=0)
+            assert writer.wait(timeout=60) == 0
+            wait_for(lambda n=uploads: len(_level0(replica)) >= n, 30, "an upload")
+    finally:
+        assert stop(daemon) == 0
+    first, second = _level0(replica)[:2]
+    held = (replica / second.key).read_bytes()
+    for later in _level0(replica)[1:]:
+        (replica / later.key).unlink()
+    (replica / TIP_KEY).write_bytes(encode_tip([first.key]))
+    out = tmp_path / "out.db"
+    client = FileReplicaClient(replica)
+    follower = Follower(client, out)
+    try:
+        await follower.start()
+        assert follower.txid == first.last_txid
+        before = workload.digest(out)
+        lists = client.stats.requests.get("LIST", 0)  # the first restore's planning
+        header, txns = decode_object(held, expected=second)
+        forged = [
+            Transaction(t.info, [(p, bytes(reversed(d))) for p, d in t.pages], t.checksum)
+            for t in txns
+        ]
+        (replica / second.key).write_bytes(encode_object(header, forged))
+        (replica / TIP_KEY).write_bytes(encode_tip([first.key, second.key]))
+        with pytest.raises(FormatError, match=second.key):
+            await follower.step()
+        assert follower.txid == first.last_txid
+        assert workload.digest(out) == before
+        (replica / second.key).write_bytes(held)
+        assert await follower.step() == 1
+        assert follower.txid == second.last_txid
+        assert client.stats.requests.get("LIST", 0) == lists  # found by the tip alone
+    finally:
+        await follower.close()
+        await client.close()
+    assert workload.integrity(out) == "ok"
