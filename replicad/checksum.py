@@ -22,7 +22,6 @@ two different states collide with probability 2**-64.  Measured here: 3.8 us per
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import tempfile
 from collections.abc import Iterable
@@ -34,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from replicad.errors import StateError
+from replicad.files import write_private
 
 #: Bytes of hashes held in memory; a larger table lives in an unlinked file (memory-mapped).
 MEMORY_LIMIT: Final = 32 << 20
@@ -172,17 +172,9 @@ class PageHashes:
     def save(self, path: Path) -> None:
         """Write the table to `path` atomically (owner-only), for the next start."""
         head = _FILE_HEAD.pack(_FILE_MAGIC, self.page_size, 0, self.db_pages, self.checksum)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(head)
-                f.write(self.hashes().astype("<u8").tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_private(path, (head, self.hashes().astype("<u8").tobytes()))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StateError(f"cannot save page hashes to {path}: {exc.strerror}") from exc
 
     @classmethod

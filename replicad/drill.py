@@ -17,6 +17,7 @@ the segments after it (an idle database that drills still costs those requests).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -104,8 +105,10 @@ class Drill:
     async def loop(self, stop: asyncio.Event) -> None:
         """A drill every `interval` seconds until `stop` is set."""
         delay = min(self.interval, _FIRST_DELAY)
-        while not await _stopped_within(stop, delay):
-            if self.replica.loaded and self.replica.shipped_txid:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            if not stop.is_set() and self.replica.loaded and self.replica.shipped_txid:
                 await self.run_once()
             delay = self.interval
 
@@ -127,11 +130,3 @@ def _captured_checksum(objects: dict[ObjectName, int], txid: int) -> int | None:
         if name.last_txid == txid and name.chained and name.level == 0:
             return name.post
     return None
-
-
-async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        return False
-    return True

@@ -56,6 +56,7 @@ from replicad.errors import (
     RestoreError,
     StateError,
 )
+from replicad.files import write_private
 from replicad.format import Transaction, decode_object
 from replicad.position import SEGMENT_PREFIX, SNAPSHOT_PREFIX, ObjectKind, ObjectName
 from replicad.restore import make_plan, restore
@@ -101,17 +102,10 @@ class FollowState:
 
     def save(self, path: Path) -> None:
         """Write atomically: a crash leaves the old state or the new one."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         doc = asdict(self) | {"version": _STATE_VERSION, "checksum": f"{self.checksum:016x}"}
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_private(path, [json.dumps(doc).encode()])
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StateError(f"cannot save the follow state {path}: {exc.strerror}") from exc
 
     @classmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import socket
 import sqlite3
 import time
@@ -17,25 +16,20 @@ import pytest
 
 from replicad.position import ObjectKind, parse_key
 from tests import workload
-from tests.procs import replicad, start_daemon, start_writer, stop, wait_for
+from tests.procs import (
+    replicad,
+    replicated_history,
+    start_daemon,
+    start_writer,
+    stop,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A replica of 300 transactions, shipped by a daemon that was then stopped."""
-    tmp = tmp_path_factory.mktemp("drill")
-    db, replica = tmp / "app.db", tmp / "replica"
-    conn = sqlite3.connect(db)
-    workload.setup(conn)
-    conn.close()
-    daemon = start_daemon([str(db), replica.as_uri()], tmp / "daemon.log")
-    try:
-        wait_for((replica / "snapshots").exists, 20, "the first snapshot")
-        writer = start_writer(db, tmp / "writer.log", seed=51, count=300, rate=150)
-        assert writer.wait(timeout=60) == 0
-    finally:
-        assert stop(daemon, signal.SIGTERM) == 0
-    return replica
+    return replicated_history(tmp_path_factory.mktemp("drill"), seed=51, count=300, rate=150)
 
 
 @pytest.fixture
