@@ -151,6 +151,7 @@ class OutputDatabase:
                 hint="pip install sqlean.py",
             ) from exc
         self.path = path
+        self._sqlite_error: type[Exception] = sqlean.Error
         conn: sqlite3.Connection = sqlean.connect(
             str(path), isolation_level=None, timeout=30, check_same_thread=False
         )
@@ -169,7 +170,10 @@ class OutputDatabase:
     def write(self, pages: Iterable[tuple[int, bytes]], *, truncate_to: int | None) -> None:
         """Cut the database to `truncate_to` pages (if given), then write `pages`: one commit."""
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except self._sqlite_error as exc:
+            raise self._error(exc) from exc
         try:
             if truncate_to is not None:
                 # Inserting NULL at page N drops page N and every page after it.
@@ -178,9 +182,18 @@ class OutputDatabase:
                 )
             conn.executemany("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?, ?)", pages)
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             conn.execute("ROLLBACK")
+            if isinstance(exc, self._sqlite_error):
+                raise self._error(exc) from exc
             raise
+
+    def _error(self, exc: Exception) -> RestoreError:
+        return RestoreError(
+            f"cannot write {self.path} through SQLite: {exc}",
+            hint="nothing else may write the follower's copy (readers are fine); the step is "
+            "retried",
+        )
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database file and empty it (waits for readers)."""
@@ -189,6 +202,15 @@ class OutputDatabase:
     def close(self) -> None:
         """Close the connection (SQLite checkpoints if no other connection is open)."""
         self.conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Restored:
+    """A state restored to a file: its TXID, page hashes and page-1 stamps."""
+
+    txid: int
+    table: PageHashes
+    stamped: bytes
 
 
 class _Changes:
@@ -275,14 +297,32 @@ class Follower:
         await self._restore_newest("replacing OUT with the replica's newest state")
 
     async def _first_restore(self) -> None:
-        result = await restore(self.client, self.output, integrity=self.integrity)
-        table, stamped = await asyncio.to_thread(
-            _table_of_file, self.output, result.page_size, result.db_pages
-        )
-        self._adopt(table, stamped, result.txid, result.checksum)
+        """Restore beside OUT, save the follow state, then move the file into place: a kill at
+        any point leaves no OUT (a fresh start) or an OUT with its state (a resume)."""
+        tmp = self._beside()
+        try:
+            self._adopt(await self._restore_to(tmp))
+            self._save_state()
+            # A -wal left from an earlier file of that name must not be applied to this one.
+            _remove_database(self.output)
+            await asyncio.to_thread(os.replace, tmp, self.output)
+        finally:
+            _remove_database(tmp)
         self.out = await asyncio.to_thread(OutputDatabase, self.output)
-        self._save_state()
-        self.log.info("restored; following", txid=self.txid, checksum=f"{self.checksum:016x}")
+        self.log.info("restored; following", txid=self.txid, checksum=_hex(self.checksum))
+
+    def _beside(self) -> Path:
+        return self.output.with_name(f".{self.output.name}.follow-restore")
+
+    async def _restore_to(self, path: Path) -> _Restored:
+        """Restore the newest state to `path`; its page hashes, proven equal to the source's."""
+        result = await restore(self.client, path, force=True, integrity=self.integrity)
+        table, stamped = await asyncio.to_thread(
+            _table_of_file, path, result.page_size, result.db_pages
+        )
+        restored = _Restored(result.txid, table, stamped)
+        self._check_proven(restored, result.checksum)
+        return restored
 
     def _resume(self, state: FollowState) -> bool:
         assert self.out is not None
@@ -295,40 +335,45 @@ class Follower:
         self.table, self.stamped, self.txid = table, stamped, state.txid
         return True
 
-    def _adopt(self, table: PageHashes, stamped: bytes, txid: int, proven: int | None) -> None:
-        if proven is not None and table.checksum != proven:
+    def _adopt(self, restored: _Restored) -> None:
+        self.table, self.stamped, self.txid = restored.table, restored.stamped, restored.txid
+
+    def _check_proven(self, restored: _Restored, proven: int | None) -> None:
+        table = restored.table
+        if proven is None:
+            raise RestoreError(
+                f"{self.client.url} records no database checksums (format v1), so following it "
+                "could not prove each step",
+                hint="upgrade the replicating daemon (format v2); a plain restore still works",
+            )
+        if table.checksum != proven:
             raise RestoreError(
                 f"{self.output}: the restored file's checksum {table.checksum:016x} is not the "
                 f"source's {proven:016x}",
                 hint="the file was changed while restoring; run the follower again",
             )
-        self.table, self.stamped, self.txid = table, stamped, txid
 
     async def _restore_newest(self, why: str) -> None:
         """Restore the newest state beside OUT, then copy it into OUT in one transaction."""
         self.log.warning(why, txid=self.txid)
-        tmp = self.output.with_name(f".{self.output.name}.follow-restore")
+        old_pages = self.table.db_pages if self.table is not None else None
+        tmp = self._beside()
         try:
-            result = await restore(self.client, tmp, force=True, integrity=self.integrity)
-            table, stamped = await asyncio.to_thread(
-                self._replace_from, tmp, result.page_size, result.db_pages
-            )
-            self._adopt(table, stamped, result.txid, result.checksum)
+            restored = await self._restore_to(tmp)
+            await asyncio.to_thread(self._copy_into_out, tmp, restored.table, old_pages)
+            self._adopt(restored)
         finally:
-            for path in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
-                path.unlink(missing_ok=True)
+            _remove_database(tmp)
         self._save_state()
         self.log.warning(
             "now following a new lineage", txid=self.txid, checksum=f"{self.checksum:016x}"
         )
 
-    def _replace_from(
-        self, source: Path, page_size: int, db_pages: int
-    ) -> tuple[PageHashes, bytes]:
-        """Copy a restored file into OUT in one write transaction; its table and stamps."""
+    def _copy_into_out(self, source: Path, table: PageHashes, old_pages: int | None) -> None:
+        """Copy a restored file into OUT in one write transaction."""
         assert self.out is not None
-        table, stamped = _table_of_file(source, page_size, db_pages)
-        current = self.table.db_pages if self.table is not None else _page_count(self.out)
+        page_size, db_pages = table.page_size, table.db_pages
+        current = old_pages if old_pages is not None else _page_count(self.out)
         out_size = self.out.conn.execute("PRAGMA page_size").fetchone()[0]
         if out_size != page_size:
             raise RestoreError(
@@ -339,7 +384,6 @@ class Follower:
             _file_pages(source, page_size, db_pages),
             truncate_to=db_pages if db_pages < current else None,
         )
-        return table, stamped
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -372,7 +416,7 @@ class Follower:
         except ObjectNotFoundError:
             if not self._warned_no_tip:
                 self.log.warning(
-                    "the replica has no tip.json (written by replicad 0.3+ daemons); "
+                    "the replica has no tip.json (its daemon predates follow mode); "
                     "following by listing, one LIST per poll"
                 )
                 self._warned_no_tip = True
@@ -444,15 +488,12 @@ class Follower:
         """Newer objects exist that do not continue our state: restore the newest if the
         replica's newest state is not ours."""
         plan = await make_plan(self.client)
-        end = plan.objects[-1]
-        if plan.target_txid == self.txid and end.post in (self.checksum, -1):
-            return 0
-        if not plan.segments and plan.snapshot.last_txid <= self.txid and self._at(plan.snapshot):
+        if self._at(plan.objects[-1]):
             return 0
         await self._restore_newest(
             f"the replica's history does not continue this copy at TXID {self.txid} (a takeover, "
-            f"a replaced database, or objects it needed were deleted): restoring TXID "
-            f"{plan.target_txid} (new lineage)"
+            "a replaced database, a daemon restart that had to snapshot, or objects this copy "
+            f"needed were deleted): restoring TXID {plan.target_txid} (new lineage)"
         )
         return 1
 
@@ -535,6 +576,11 @@ def _table_of_file(path: Path, page_size: int, db_pages: int) -> tuple[PageHashe
             stamped = stamped_bytes(data)
     table.set_size(db_pages)
     return table, stamped
+
+
+def _remove_database(path: Path) -> None:
+    for each in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        each.unlink(missing_ok=True)
 
 
 def _page_count(out: OutputDatabase) -> int:
