@@ -654,6 +654,8 @@ async def _run_follow(config: ReplicaConfig, args: argparse.Namespace) -> int:
         integrity=args.integrity_check,
     )
     try:
+        if not await follower.wait_for_replica(stop):
+            return 0
         await follower.start()
         await follower.run(stop)
         if promote.is_set():

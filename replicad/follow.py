@@ -269,6 +269,23 @@ class Follower:
 
     # -- start ------------------------------------------------------------------------------
 
+    async def wait_for_replica(self, stop: asyncio.Event) -> bool:
+        """Wait until the replica holds a snapshot (a standby may start before the primary's
+        first upload); False when `stop` was set first.  One LIST per second meanwhile; none
+        when OUT exists already (a restart resumes from it)."""
+        if self.output.exists():
+            return True
+        warned = False
+        while not await self.client.list_objects(SNAPSHOT_PREFIX):
+            if not warned:
+                self.log.info("the replica is empty; waiting for its first snapshot")
+                warned = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=max(self.interval, 1.0))
+            if stop.is_set():
+                return False
+        return True
+
     async def start(self) -> None:
         """Restore OUT, or resume from its follow state when that proves OUT's content."""
         state_file = state_path(self.output)

@@ -26,6 +26,7 @@ from replicad.position import ObjectName, parse_key
 from replicad.tip import TIP_KEY, encode_tip
 from tests import workload
 from tests.procs import ROOT, clean_env, replicad, start_daemon, start_writer, stop, wait_for
+from tests.s3servers import S3Server, child_env, create_bucket, unique_bucket
 
 #: Reader process: loops read transactions on OUT until SIGTERM, one line per read:
 #: "k digest check".  Arguments: OUT LOG.
@@ -56,13 +57,15 @@ conn.close()
 _FOLLOW = [sys.executable, "-m", "replicad", "restore", "--follow"]
 
 
-def start_follower(url: str, out: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+def start_follower(
+    url: str, out: Path, log: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     with log.open("ab") as f:
         return subprocess.Popen(
             [*_FOLLOW, "-o", str(out), url, "--log-format", "json", *extra],
             stdout=f,
             stderr=subprocess.STDOUT,
-            env=clean_env(),
+            env=clean_env(env),
             cwd=ROOT,
         )
 
@@ -305,3 +308,41 @@ async def test_a_forged_segment_is_never_committed_and_the_real_one_is(tmp_path:
         await follower.close()
         await client.close()
     assert workload.integrity(out) == "ok"
+
+
+@pytest.mark.parametrize("backend", ["rclone", "moto"])
+async def test_follow_through_s3_with_a_config_file(
+    backend: str, request: pytest.FixtureRequest, paths: dict[str, Path]
+) -> None:
+    """`restore --follow -c CONFIG DB` on real S3 servers: started before the daemon, it waits
+    for the first snapshot; once resumed, it keeps up by reading the tip, with no LIST at all."""
+    server: S3Server = request.getfixturevalue(f"{backend}_server")
+    bucket = unique_bucket()
+    await create_bucket(server, bucket)
+    tmp = paths["db"].parent
+    env = child_env(server, tmp)
+    url = f"s3://{bucket}/app?endpoint={server.endpoint_url}&path_style=true&region=us-east-1"
+    config = tmp / "c.toml"
+    config.write_text(
+        f"[[databases]]\npath = '{paths['db']}'\n[[databases.replicas]]\nurl = '{url}'\n"
+    )
+    _make_db(paths["db"])
+    source = (str(paths["db"]), paths["out"], paths["flog"], "-c", str(config))
+    follower = start_follower(*source, env=env)  # a standby may start before the primary
+    wait_for(lambda: "first snapshot" in paths["flog"].read_text(), 30, "the follower to wait")
+    daemon = start_daemon(["-c", str(config)], paths["dlog"], env=env)
+    try:
+        writer = start_writer(paths["db"], paths["wlog"], seed=71, count=400, rate=100)
+        wait_for(lambda: seq(paths["out"]) >= 100, 60, "the follower to pass 100")
+        assert stop(follower) == 0
+        follower = start_follower(*source, env=env)
+        assert writer.wait(timeout=60) == 0
+        wait_for(lambda: seq(paths["out"]) == 400, 60, "the follower to catch up")
+    finally:
+        status = stop(follower)
+        stop(daemon)
+    assert status == 0, paths["flog"].read_text()[-3000:]
+    assert "resumed following" in paths["flog"].read_text()
+    requests = final_output(paths["flog"])["requests"]
+    assert set(requests) == {"GET"}, requests  # type: ignore[arg-type]  # no LIST at all
+    assert workload.digest(paths["out"]) == workload.digest(paths["db"])
