@@ -450,6 +450,7 @@ async def _replicator(
                 max_pending_bytes=replica_config.max_pending_bytes,
                 retention=replica_config.retention,
                 compaction_levels=replica_config.compaction_levels,
+                follow_tip=replica_config.follow_tip,
                 spool_dir=db_config.state_dir,
                 lease=lease,
                 takeover=takeover,

@@ -116,6 +116,8 @@ class ReplicaConfig:
     compaction_levels: tuple[float, ...] = DEFAULT_LEVELS
     #: Seconds a fencing lease lasts without renewal (see lease.py).
     lease_duration: float = DEFAULT_LEASE_DURATION
+    #: Keep `tip.json` (the newest keys) for followers: one small PUT per upload step.
+    follow_tip: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,6 +316,7 @@ class _Reader:
             retention=t.positive_float("retention", DEFAULT_RETENTION),
             compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
             lease_duration=t.positive_float("lease_duration", DEFAULT_LEASE_DURATION),
+            follow_tip=t.boolean("follow_tip", True),
         )
 
     def _s3_replica(self, raw: dict[str, Any], where: str, index: int, url: str) -> ReplicaConfig:
@@ -363,6 +366,7 @@ class _Reader:
             retention=t.positive_float("retention", DEFAULT_RETENTION),
             compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
             lease_duration=t.positive_float("lease_duration", DEFAULT_LEASE_DURATION),
+            follow_tip=t.boolean("follow_tip", True),
         )
 
     def expand(self, value: str, key: str) -> str:
@@ -535,7 +539,15 @@ _DB_KEYS = frozenset(
     }
 )
 _COMMON_REPLICA_KEYS = frozenset(
-    {"url", "name", "max_pending_bytes", "retention", "compaction_levels", "lease_duration"}
+    {
+        "url",
+        "name",
+        "max_pending_bytes",
+        "retention",
+        "compaction_levels",
+        "lease_duration",
+        "follow_tip",
+    }
 )
 _S3_URL_KEYS = frozenset({"endpoint", "region", "path_style", "verify_tls", "storage_class"})
 _S3_KEYS = _S3_URL_KEYS | frozenset(

@@ -92,6 +92,7 @@ class Replica:
         compaction_levels: Sequence[float] = DEFAULT_LEVELS,
         compaction_settle_ms: int = DEFAULT_SETTLE_MS,
         spool_dir: Path | None = None,
+        follow_tip: bool = True,
         lease: Lease | None = None,
         takeover: bool = False,
         log: structlog.typing.FilteringBoundLogger | None = None,
@@ -144,6 +145,7 @@ class Replica:
         self._snapshot_offered = 0.0
         #: Keys of the newest objects uploaded, for the tip that followers read (tip.py).
         self._tip_keys: deque[str] = deque(maxlen=TIP_KEYS)
+        self.follow_tip = follow_tip
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -304,7 +306,7 @@ class Replica:
             elif self.snapshot is not None:
                 await self._upload_snapshot(self.snapshot)
             else:
-                if written:
+                if written and self.follow_tip:
                     await self._put_tip()
                 return written
             written += 1

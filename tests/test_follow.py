@@ -346,3 +346,28 @@ async def test_follow_through_s3_with_a_config_file(
     requests = final_output(paths["flog"])["requests"]
     assert set(requests) == {"GET"}, requests  # type: ignore[arg-type]  # no LIST at all
     assert workload.digest(paths["out"]) == workload.digest(paths["db"])
+
+
+def test_without_a_tip_the_follower_lists(paths: dict[str, Path]) -> None:
+    """`follow_tip = false`: the daemon writes no tip.json; a follower still keeps up, by
+    listing (and says so once)."""
+    _make_db(paths["db"])
+    url = paths["replica"].as_uri()
+    config = paths["db"].with_name("c.toml")
+    config.write_text(
+        f"[[databases]]\npath = '{paths['db']}'\n"
+        f"[[databases.replicas]]\nurl = '{url}'\nfollow_tip = false\n"
+    )
+    daemon = start_daemon(["-c", str(config)], paths["dlog"])
+    follower = start_follower(url, paths["out"], paths["flog"])
+    try:
+        writer = start_writer(paths["db"], paths["wlog"], seed=81, count=200, rate=100)
+        assert writer.wait(timeout=60) == 0
+        wait_for(lambda: seq(paths["out"]) == 200, 60, "the follower to catch up")
+    finally:
+        status = stop(follower)
+        stop(daemon)
+    assert status == 0
+    assert not (paths["replica"] / TIP_KEY).exists()
+    assert paths["flog"].read_text().count("no tip.json") == 1
+    assert final_output(paths["flog"])["requests"]["LIST"] > 10  # type: ignore[index]
