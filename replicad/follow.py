@@ -67,6 +67,8 @@ if TYPE_CHECKING:
 
 #: Seconds between polls of the replica's tip (one GET each).
 DEFAULT_FOLLOW_INTERVAL: Final = 0.25
+#: Seconds between the follower's "following" log lines (TXID, lag, requests).
+_REPORT_EVERY: Final = 60.0
 #: Most seconds between retries after a failed step.
 _MAX_BACKOFF: Final = 10.0
 #: Page 1 byte ranges SQLite rewrites at each commit (change counter; version-valid-for and
@@ -531,6 +533,7 @@ class Follower:
     async def run(self, stop: asyncio.Event) -> None:
         """Step every `interval` until `stop` is set; failures are logged and retried."""
         failures = 0
+        next_report = time.monotonic() + _REPORT_EVERY
         while not stop.is_set():
             try:
                 await self.step()
@@ -538,9 +541,23 @@ class Follower:
             except (ReplicaError, FormatError, RestoreError) as exc:
                 failures += 1
                 self.log.error("follow step failed; retrying", error=str(exc), failures=failures)
+            if time.monotonic() >= next_report:
+                next_report += _REPORT_EVERY
+                self._report()
             delay = self.interval if not failures else min(_MAX_BACKOFF, 0.5 * 2**failures)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    def _report(self) -> None:
+        """A periodic line: where the copy stands and what following has cost so far."""
+        self.log.info(
+            "following",
+            txid=self.txid,
+            # Grows while the source is idle too: compare it with the source's commit rate.
+            newest_commit_age_seconds=round(self.newest_commit_age(), 3),
+            objects_applied=self.applied_objects,
+            requests=dict(self.client.stats.requests),
+        )
 
     async def close(self) -> None:
         """Stop following: OUT stays at the last committed state, its follow state saved."""
@@ -557,8 +574,8 @@ class Follower:
         state_path(self.output).replace(promoted_path(self.output))
         self.log.info("promoted: OUT is no longer a follower's copy", txid=self.txid)
 
-    def lag_seconds(self) -> float:
-        """Seconds since the commit of the newest transaction applied (0 before any)."""
+    def newest_commit_age(self) -> float:
+        """Seconds since the source committed the newest transaction applied (0 before any)."""
         if not self.applied_time_ns:
             return 0.0
         return max(0.0, (time.time_ns() - self.applied_time_ns) / 1e9)
