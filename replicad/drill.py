@@ -8,9 +8,9 @@ more than a separate `verify` run could: the database checksum it computed *when
 that TXID from the WAL.  The drill compares the two, so a passing drill proves the replica holds
 exactly the state the live database had, not only a self-consistent history.
 
-Low priority: a drill awaits storage between chunks, so the event loop keeps syncing; page
-hashing releases the GIL (hashlib does for buffers of 2 KiB and more); and only one drill per
-replica runs at a time.  Drills are off by default: each one downloads the newest snapshot and
+Low priority: a drill awaits storage between chunks of at most 1 MiB, so the event loop keeps
+syncing and no step holds it for more than one chunk's decoding and hashing (milliseconds); and
+only one drill per replica runs at a time.  Drills are off by default: each one downloads the newest snapshot and
 the segments after it (an idle database that drills still costs those requests).
 """
 
