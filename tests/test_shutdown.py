@@ -8,6 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from replicad.tip import TIP_KEY
 from tests import workload
 from tests.procs import start_daemon, stop, wait_for
 
@@ -41,7 +42,8 @@ def _commit(db: Path, n: int) -> None:
 def test_unshippable_data_exits_nonzero_after_deadline(tmp_path: Path) -> None:
     db, rep, log, config = _setup(tmp_path, shutdown_timeout=2)
     daemon = start_daemon(["-c", str(config)], log)
-    wait_for(lambda: any((rep / "snapshots").glob("*.snap")), 20, "first snapshot")
+    # The tip follows the snapshot in the same upload step: then nothing is being written.
+    wait_for((rep / TIP_KEY).exists, 20, "first snapshot and its tip")
     _break_replica(rep)
     _commit(db, 5)
     time.sleep(0.3)
@@ -58,7 +60,8 @@ def test_unshippable_data_exits_nonzero_after_deadline(tmp_path: Path) -> None:
 def test_second_signal_forces_exit(tmp_path: Path) -> None:
     db, rep, log, config = _setup(tmp_path, shutdown_timeout=60)
     daemon = start_daemon(["-c", str(config)], log)
-    wait_for(lambda: any((rep / "snapshots").glob("*.snap")), 20, "first snapshot")
+    # The tip follows the snapshot in the same upload step: then nothing is being written.
+    wait_for((rep / TIP_KEY).exists, 20, "first snapshot and its tip")
     _break_replica(rep)
     _commit(db, 3)
     time.sleep(0.3)
