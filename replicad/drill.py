@@ -10,8 +10,9 @@ exactly the state the live database had, not only a self-consistent history.
 
 Low priority: a drill awaits storage between chunks of at most 1 MiB, so the event loop keeps
 syncing and no step holds it for more than one chunk's decoding and hashing (milliseconds); and
-only one drill per replica runs at a time.  Drills are off by default: each one downloads the newest snapshot and
-the segments after it (an idle database that drills still costs those requests).
+only one drill per replica runs at a time.  Drills are off by default: each one downloads the
+newest snapshot and the segments after it (an idle database that drills still costs those
+requests).
 """
 
 from __future__ import annotations
