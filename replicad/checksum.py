@@ -25,7 +25,6 @@ machine), and the checksum cost 5-10% of the daemon's CPU at 500 txn/s with it.
 
 from __future__ import annotations
 
-import os
 import struct
 import tempfile
 from collections.abc import Iterable
@@ -38,7 +37,7 @@ import numpy.typing as npt
 import xxhash
 
 from replicad.errors import StateError
-from replicad.private import create_private, unpredictable_name
+from replicad.private import write_private
 
 #: Bytes of hashes held in memory; a larger table lives in an unlinked file (memory-mapped).
 MEMORY_LIMIT: Final = 32 << 20
@@ -178,16 +177,9 @@ class PageHashes:
     def save(self, path: Path) -> None:
         """Write the table to `path` atomically (owner-only), for the next start."""
         head = _FILE_HEAD.pack(_FILE_MAGIC, self.page_size, 0, self.db_pages, self.checksum)
-        tmp = path.with_name(unpredictable_name(f".{path.name}"))
         try:
-            with create_private(tmp) as f:
-                f.write(head)
-                f.write(self.hashes().astype("<u8").tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_private(path, (head, self.hashes().astype("<u8").tobytes()))
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StateError(f"cannot save page hashes to {path}: {exc.strerror}") from exc
 
     @classmethod

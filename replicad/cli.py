@@ -47,10 +47,12 @@ from replicad.restore import (
 )
 
 if TYPE_CHECKING:
+    from replicad.drill import Drill
     from replicad.find import FindStats, Query
     from replicad.inspect import LogEntry, LogStats
     from replicad.rekey import RekeyResult
     from replicad.replay import TxidRange
+    from replicad.replica import Replica
     from replicad.replicator import DatabaseReplicator
 
 # The daemon's modules (replicator, database, WAL reader with numpy, file watching, inspection)
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_find(sub)
     _add_rekey(sub)
+    _add_promote(sub)
     _add_config(sub)
     return parser
 
@@ -103,6 +106,7 @@ def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--db", type=Path, help="the live database, to compare with the replica")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_identity(p)
+    _add_drill_options(p)
     _add_logging(p)
 
 
@@ -151,6 +155,25 @@ def _add_rekey(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="objects rewritten at once (default 4)",
     )
     _add_logging(p)
+
+
+def _add_drill_options(p: argparse.ArgumentParser) -> None:
+    drill = p.add_argument_group("drills")
+    drill.add_argument(
+        "--restore",
+        action="store_true",
+        help="also restore the state to a temporary file (checksum and integrity_check "
+        "proven), then remove it",
+    )
+    drill.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="verify the history up to N random TXIDs of the retention window instead",
+    )
+    drill.add_argument(
+        "--work-dir", type=Path, help="where a drill's temporary files go (default: TMPDIR)"
+    )
 
 
 def _add_exec(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -380,7 +403,32 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "default): none when the checksum chain proves the result equal to the source, full "
         "when it cannot (format v1 replicas)",
     )
+    _add_follow_options(p)
     _add_logging(p)
+
+
+def _add_follow_options(p: argparse.ArgumentParser) -> None:
+    from replicad.follow import DEFAULT_FOLLOW_INTERVAL  # noqa: PLC0415 - see the imports
+
+    group = p.add_argument_group("follow mode (a live read replica, or a warm standby)")
+    group.add_argument(
+        "--follow",
+        action="store_true",
+        help="after restoring, keep applying new objects (each proven by its checksums) until "
+        "SIGTERM; readers may open OUT at any time and always see a committed state",
+    )
+    group.add_argument(
+        "--follow-interval",
+        type=float,
+        default=DEFAULT_FOLLOW_INTERVAL,
+        metavar="SECONDS",
+        help=f"seconds between polls of the replica's tip (default {DEFAULT_FOLLOW_INTERVAL})",
+    )
+    group.add_argument(
+        "--promote",
+        action="store_true",
+        help="with --follow: catch up once, then leave OUT for an application to write and exit",
+    )
 
 
 def main(
@@ -560,7 +608,13 @@ async def _serve(
     metrics = None
     if options.metrics_addr:
         host, port = parse_address(options.metrics_addr)
-        metrics = MetricsServer(replicators, host=host, port=port, max_lag=config.ready_max_lag)
+        metrics = MetricsServer(
+            replicators,
+            host=host,
+            port=port,
+            max_lag=config.ready_max_lag,
+            max_verify_age=config.ready_max_verify_age,
+        )
     daemon = Daemon(
         replicators,
         clients,
@@ -621,6 +675,7 @@ async def _replicator(
                 max_pending_bytes=replica_config.max_pending_bytes,
                 retention=replica_config.retention,
                 compaction_levels=compaction_levels,
+                follow_tip=replica_config.follow_tip,
                 spool_dir=db_config.state_dir,
                 lease=lease,
                 takeover=options.takeover,
@@ -628,7 +683,7 @@ async def _replicator(
                 log=replica_log,
             )
         )
-    return DatabaseReplicator(
+    replicator = DatabaseReplicator(
         Database(db_config.path, spill_dir=db_config.state_dir),
         replicas,
         name=db_config.name,
@@ -639,6 +694,20 @@ async def _replicator(
         snapshot_interval=db_config.snapshot_interval,
         log=db_log,
     )
+    replicator.drills = _drills(db_config, replicas)
+    return replicator
+
+
+def _drills(db_config: DatabaseConfig, replicas: list[Replica]) -> list[Drill]:
+    """Restore drills of each replica when `verify_interval` turns them on."""
+    from replicad.drill import Drill  # noqa: PLC0415 - see the imports
+
+    if not db_config.verify_interval:
+        return []
+    return [
+        Drill(r, interval=db_config.verify_interval, spill_dir=db_config.state_dir, log=r.log)
+        for r in replicas
+    ]
 
 
 async def make_client(
@@ -705,6 +774,8 @@ async def _storage_client(config: ReplicaConfig, *, max_attempts: int | None) ->
 
 def _restore(args: argparse.Namespace) -> int:
     replica_config = _source_replica(args)
+    if args.follow or args.promote:
+        return _follow(replica_config, args)
     if args.output is None and not args.dry_run:
         raise ConfigError(
             "restore needs -o OUT: where to write the restored database",
@@ -798,6 +869,90 @@ def _plan_json(plan: RestorePlan) -> dict[str, object]:
     }
 
 
+# -- follow mode ---------------------------------------------------------------------------
+
+
+def _add_promote(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "promote",
+        help="stop a follower and leave its database for an application to write",
+        description="Tell the follower writing OUT (restore --follow) to catch up once and stop, "
+        "and wait for it; OUT is then checkpointed and never followed again. With no follower "
+        "running, finish OUT the same way.",
+    )
+    p.add_argument("output", type=Path, metavar="OUT", help="the follower's database")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    _add_logging(p)
+
+
+def _follow(config: ReplicaConfig, args: argparse.Namespace) -> int:
+    if not args.follow:
+        raise ConfigError("--promote is a follow-mode option", hint="add --follow")
+    if args.txid is not None or args.timestamp or args.dry_run:
+        raise ConfigError("--follow restores the newest state: drop --txid/--timestamp/--dry-run")
+    if args.follow_interval <= 0:
+        raise ConfigError(f"--follow-interval must be positive, got {args.follow_interval}")
+    return asyncio.run(_run_follow(config, args))
+
+
+async def _run_follow(config: ReplicaConfig, args: argparse.Namespace) -> int:
+    from replicad.follow import Follower  # noqa: PLC0415 - see the imports
+
+    stop = asyncio.Event()
+    promote = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _set_both, promote, stop)
+    if args.promote:
+        promote.set()
+        stop.set()
+    client = await make_client(config)
+    follower = Follower(
+        client,
+        args.output,
+        interval=args.follow_interval,
+        force=args.force,
+        integrity=args.integrity_check,
+    )
+    try:
+        if not await follower.wait_for_replica(stop):
+            return 0
+        await follower.start()
+        await follower.run(stop)
+        if promote.is_set():
+            await follower.step()  # the newest state at the moment of promotion
+            await follower.promote()
+    finally:
+        await follower.close()
+        await client.close()
+    print(
+        json.dumps(
+            {
+                "followed": str(args.output),
+                "txid": follower.txid,
+                "promoted": promote.is_set(),
+                # Requests this run made, by operation (LIST stays 0 in steady state).
+                "requests": dict(client.stats.requests),
+            }
+        )
+    )
+    return 0
+
+
+def _set_both(first: asyncio.Event, second: asyncio.Event) -> None:
+    first.set()
+    second.set()
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from replicad.follow import promote_output  # noqa: PLC0415 - see the imports
+
+    txid = promote_output(args.output, timeout=args.timeout)
+    print(json.dumps({"promoted": str(args.output), "txid": txid}))
+    return 0
+
+
 # -- snapshot, ls, log -----------------------------------------------------------------------
 
 
@@ -874,10 +1029,21 @@ def _log(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from replicad.verify import VerifyReport, compare_live, verify_replica  # noqa: PLC0415
+    from replicad.verify import (  # noqa: PLC0415 - see the imports
+        VerifyReport,
+        compare_live,
+        drill_restore,
+        verify_replica,
+    )
+
+    if args.sample is not None:
+        return _verify_sample(args)
 
     async def run(client: ReplicaClient) -> VerifyReport:
-        report = await verify_replica(client, target_txid=args.txid)
+        if args.restore:
+            report = await drill_restore(client, target_txid=args.txid, work_dir=args.work_dir)
+        else:
+            report = await verify_replica(client, target_txid=args.txid, spill_dir=args.work_dir)
         if args.db is not None:
             report = await compare_live(report, args.db)
         return report
@@ -896,6 +1062,8 @@ def _verify(args: argparse.Namespace) -> int:
             f"{report.seconds:.2f} s"
         )
         print(f"checksum  {report.checksum:016x}")
+        if report.restored:
+            print("restored  to a temporary file: checksum and integrity_check proven, removed")
         if report.unproven:
             print(
                 f"unproven  {len(report.unproven)} format v1 objects record no checksums: their "
@@ -1013,6 +1181,36 @@ def _restore_command(args: argparse.Namespace, txid: int) -> str:
     return shlex.join(words)
 
 
+def _verify_sample(args: argparse.Namespace) -> int:
+    from replicad.verify import SampleResult, verify_sample  # noqa: PLC0415 - see the imports
+
+    if args.sample < 1 or args.txid is not None or args.restore:
+        raise ConfigError("--sample N takes a positive N, without --txid or --restore")
+
+    async def run(client: ReplicaClient) -> list[SampleResult]:
+        return await verify_sample(client, args.sample, spill_dir=args.work_dir)
+
+    results = asyncio.run(_with_client(_source_replica(args), run, args.age_identity_file))
+    failed = [r for r in results if r.error is not None]
+    if args.json:
+        rows = [
+            {
+                "txid": r.txid,
+                "ok": r.error is None,
+                "error": r.error,
+                "checksum": None if r.report is None else f"{r.report.checksum:016x}",
+            }
+            for r in results
+        ]
+        print(json.dumps({"samples": rows, "ok": not failed}, indent=2))
+    else:
+        for r in results:
+            state = "verified" if r.report is not None else "FAILED  "
+            detail = f"checksum {r.report.checksum:016x}" if r.report is not None else r.error
+            print(f"{state}  TXID {r.txid}: {detail}")
+    return 1 if failed or not results else 0
+
+
 async def _with_client(
     config: ReplicaConfig,
     action: Callable[[ReplicaClient], Awaitable[T]],
@@ -1112,6 +1310,7 @@ _DAEMON_COMMANDS = frozenset({"replicate", "exec"})
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "replicate": _replicate,
     "exec": _exec,
+    "promote": _promote,
     "config": _config,
     "restore": _restore,
     "snapshot": _snapshot,

@@ -30,6 +30,7 @@ from replicad.checkpoint import (
     CheckpointPolicy,
 )
 from replicad.compaction import DEFAULT_LEVELS
+from replicad.drill import DEFAULT_READY_MAX_VERIFY_AGE, DEFAULT_VERIFY_INTERVAL
 from replicad.errors import ConfigError
 from replicad.lease import DEFAULT_LEASE_DURATION
 from replicad.observe import DEFAULT_READY_MAX_LAG, parse_address
@@ -127,6 +128,8 @@ class ReplicaConfig:
     age_recipients: tuple[str, ...] = ()
     #: Private key file for reading this replica's encrypted objects (restore, log, ...).
     age_identity_file: Path | None = None
+    #: Keep `tip.json` (the newest keys) for followers: one small PUT per upload step.
+    follow_tip: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +144,8 @@ class DatabaseConfig:
     sync_interval: float = DEFAULT_SYNC_INTERVAL
     checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     snapshot_interval: float = field(default_factory=_default_snapshot_interval)
+    #: Seconds between restore drills of each replica (drill.py); 0 turns them off.
+    verify_interval: float = DEFAULT_VERIFY_INTERVAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +164,8 @@ class Config:
     #: While another daemon replicates a database (its host lock, or a live lease on a
     #: replica), wait for it as a standby; False: exit with an error instead (--no-standby).
     standby: bool = True
+    #: /readyz fails when no restore drill passed within this many seconds (0: not required).
+    ready_max_verify_age: float = DEFAULT_READY_MAX_VERIFY_AGE
 
     def database(self, path_or_name: str) -> DatabaseConfig:
         """The database configured under this path or name; ConfigError if none."""
@@ -233,11 +240,15 @@ class _Reader:
                 raise self.error("metrics_addr", exc.message, hint=exc.hint) from None
         ready_max_lag = t.positive_float("ready_max_lag", DEFAULT_READY_MAX_LAG)
         standby = t.boolean("standby", True)
+        ready_max_verify_age = t.non_negative_float(
+            "ready_max_verify_age", DEFAULT_READY_MAX_VERIFY_AGE
+        )
         dbs = t.list_of_tables("databases", required=True)
         if not dbs:
             raise self.error("databases", "at least one database is required")
         databases = tuple(self.database(db, f"databases[{i}]") for i, db in enumerate(dbs))
         self._check_unique([db.path for db in databases], "databases", "path")
+        self._check_drills(databases, ready_max_verify_age)
         return Config(
             databases=databases,
             source=self.source,
@@ -247,7 +258,22 @@ class _Reader:
             metrics_addr=metrics_addr,
             ready_max_lag=ready_max_lag,
             standby=standby,
+            ready_max_verify_age=ready_max_verify_age,
         )
+
+    def _check_drills(self, databases: tuple[DatabaseConfig, ...], max_age: float) -> None:
+        """A readiness window on drills needs drills that run more often than it."""
+        if not max_age:
+            return
+        for i, db in enumerate(databases):
+            if not 0 < db.verify_interval < max_age:
+                raise self.error(
+                    f"databases[{i}].verify_interval",
+                    f"ready_max_verify_age = {max_age:g} needs drills more often than that, "
+                    f"but verify_interval is {db.verify_interval:g}",
+                    hint="set verify_interval below ready_max_verify_age (e.g. a third of it), "
+                    "or ready_max_verify_age = 0",
+                )
 
     def database(self, raw: dict[str, Any], where: str) -> DatabaseConfig:
         t = _Table(self, raw, where, _DB_KEYS)
@@ -272,6 +298,7 @@ class _Reader:
             snapshot_interval=t.non_negative_float(
                 "snapshot_interval", _default_snapshot_interval()
             ),
+            verify_interval=t.non_negative_float("verify_interval", DEFAULT_VERIFY_INTERVAL),
             checkpoints=CheckpointPolicy(
                 checkpoint_pages=t.non_negative_int("checkpoint_pages", DEFAULT_CHECKPOINT_PAGES),
                 checkpoint_interval=t.positive_float(
@@ -320,6 +347,7 @@ class _Reader:
             compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
             lease_duration=t.positive_float("lease_duration", DEFAULT_LEASE_DURATION),
             **t.age_settings(),
+            follow_tip=t.boolean("follow_tip", True),
         )
 
     def _s3_replica(self, raw: dict[str, Any], where: str, index: int, url: str) -> ReplicaConfig:
@@ -373,6 +401,7 @@ class _Reader:
             compaction_levels=t.levels("compaction_levels", DEFAULT_LEVELS),
             lease_duration=t.positive_float("lease_duration", DEFAULT_LEASE_DURATION),
             **t.age_settings(),
+            follow_tip=t.boolean("follow_tip", True),
         )
 
     def expand(self, value: str, key: str) -> str:
@@ -618,6 +647,7 @@ _TOP_KEYS = frozenset(
         "metrics_addr",
         "ready_max_lag",
         "standby",
+        "ready_max_verify_age",
     }
 )
 _DB_KEYS = frozenset(
@@ -633,6 +663,7 @@ _DB_KEYS = frozenset(
         "truncate_pages",
         "checkpoint_timeout",
         "snapshot_interval",
+        "verify_interval",
     }
 )
 _COMMON_REPLICA_KEYS = frozenset(
@@ -645,6 +676,7 @@ _COMMON_REPLICA_KEYS = frozenset(
         "lease_duration",
         "age_recipients",
         "age_identity_file",
+        "follow_tip",
     }
 )
 _S3_URL_KEYS = frozenset({"endpoint", "region", "path_style", "verify_tls", "storage_class"})

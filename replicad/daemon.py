@@ -181,6 +181,8 @@ class Daemon:
             for replica in replicator.replicas:
                 tg.create_task(replicator.upload_loop(replica, self.stop))
                 tg.create_task(replicator.maintenance_loop(replica, self.stop))
+            for drill in replicator.drills:
+                tg.create_task(drill.loop(self.stop))
 
     async def _lock_database(self, replicator: DatabaseReplicator) -> bool:
         """Take the database's host lock (pidfile.py), waiting as a standby while another

@@ -82,6 +82,13 @@ class FencedWriter:
         await self.check()
         await self.client.put_file(key, path, create_only=self.create_only)
 
+    async def replace_pointer(self, key: str, data: bytes) -> None:
+        """Overwrite `key`, a hint that is replaced on every upload step (the followers' tip):
+        the only write that is not create-only, and still only while the lease holds.
+        """
+        await self.check()
+        await self.client.put_object(key, data)
+
     async def delete_objects(self, keys: Sequence[str]) -> None:
         """Delete `keys` (retention): only while this daemon still owns the replica."""
         await self.check()

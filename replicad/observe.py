@@ -153,6 +153,29 @@ class ReplicadCollector(Collector):
                 pending.add_metric(key, replica.pending_bytes)
                 lease_lost.add_metric(key, replica.writer.lost_total)
         yield from (requests, errors, uploaded, downloaded, lag, shipped, pending, lease_lost)
+        yield from self._drill_metrics()
+
+    def _drill_metrics(self) -> Iterator[Metric]:
+        labels = ["db", "replica"]
+        success = GaugeMetricFamily(
+            "replicad_verify_last_success_timestamp_seconds",
+            "Unix time of the last restore drill that passed (0: none yet)",
+            labels=labels,
+        )
+        failures = CounterMetricFamily(
+            "replicad_verify_failures",
+            "Restore drills that found the replica damaged or not the captured state",
+            labels=labels,
+        )
+        runs = CounterMetricFamily("replicad_verify_runs", "Restore drills run", labels=labels)
+        for r in self.replicators:
+            for drill in r.drills:
+                key = [r.name, drill.replica.name]
+                success.add_metric(key, drill.last_success_time)
+                failures.add_metric(key, drill.failures)
+                runs.add_metric(key, drill.runs)
+        if any(r.drills for r in self.replicators):
+            yield from (success, failures, runs)
 
 
 def _from_zero(counts: dict[str, int], known: Sequence[str]) -> dict[str, int]:
@@ -214,6 +237,16 @@ def readiness(replicators: Sequence[DatabaseReplicator], max_lag: float) -> list
     return problems
 
 
+def drill_readiness(replicators: Sequence[DatabaseReplicator], max_age: float) -> list[str]:
+    """Problems that mean the backups are not proven restorable lately (empty when ready)."""
+    problems = []
+    for r in replicators:
+        for drill in r.drills:
+            if (problem := drill.readiness_problem(max_age)) is not None:
+                problems.append(f"{r.name} -> {drill.replica.name}: {problem}")
+    return problems
+
+
 class MetricsServer:
     """HTTP endpoint on one address: `/metrics` (Prometheus), `/healthz` (the process is alive:
     its sync loops run) and `/readyz` (every commit reached every replica within `max_lag`).
@@ -226,6 +259,7 @@ class MetricsServer:
         host: str,
         port: int,
         max_lag: float = DEFAULT_READY_MAX_LAG,
+        max_verify_age: float = 0.0,
     ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(ReplicadCollector(replicators))
@@ -233,6 +267,7 @@ class MetricsServer:
         self.host = host
         self.port = port
         self.max_lag = max_lag
+        self.max_verify_age = max_verify_age
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -271,7 +306,10 @@ class MetricsServer:
         return _status(liveness(self.replicators))
 
     async def _readyz(self, _request: web.Request) -> web.Response:
-        return _status(readiness(self.replicators, self.max_lag))
+        problems = readiness(self.replicators, self.max_lag)
+        if self.max_verify_age:
+            problems += drill_readiness(self.replicators, self.max_verify_age)
+        return _status(problems)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         from aiohttp import web  # noqa: PLC0415 - see MetricsServer.start

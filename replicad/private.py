@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -81,3 +82,21 @@ def adopt_owner_and_mode(new: Path, replaced: Path) -> None:
             ) from exc
     # After chown, which clears set-id bits: the replaced file's bits, exactly.
     os.chmod(new, stat.S_IMODE(want.st_mode))
+
+
+def write_private(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write `chunks` to `path` atomically, readable by the owner only: a crash leaves the old
+    file or the new one, never a mix.  The temporary file beside it is created exclusively
+    under an unpredictable name.  Raises `OSError` (the temporary file is removed).
+    """
+    tmp = path.with_name(unpredictable_name(f".{path.name}"))
+    try:
+        with create_private(tmp) as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise

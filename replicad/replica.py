@@ -22,7 +22,13 @@ import structlog
 from replicad.clients.base import ReplicaClient
 from replicad.compaction import DEFAULT_LEVELS, DEFAULT_SETTLE_MS, compact, plan_compaction
 from replicad.db import CapturedTxn
-from replicad.errors import FormatError, ObjectLockedError, ObjectNotFoundError, RestoreError
+from replicad.errors import (
+    FormatError,
+    ObjectLockedError,
+    ObjectNotFoundError,
+    ReplicaError,
+    RestoreError,
+)
 from replicad.fence import FencedWriter
 from replicad.format import (
     HEADER_SIZE,
@@ -32,11 +38,12 @@ from replicad.format import (
     decode_header,
     object_name,
 )
-from replicad.lease import Lease, is_lease_key
+from replicad.lease import Lease, LeaseLostError, is_lease_key
 from replicad.position import ObjectKind, ObjectName, WalPosition, parse_key
 from replicad.private import create_private, make_private_dir, unpredictable_name
 from replicad.restore import plan_restore
 from replicad.retention import DEFAULT_RETENTION, DEFAULT_RETENTION_GRACE, plan_retention
+from replicad.tip import TIP_KEY, TIP_KEYS, encode_tip
 
 #: Raw page bytes per segment object; a backlog is split into objects of about this size.
 DEFAULT_SEGMENT_MAX_BYTES = 32 << 20
@@ -92,6 +99,7 @@ class Replica:
         compaction_levels: Sequence[float] = DEFAULT_LEVELS,
         compaction_settle_ms: int = DEFAULT_SETTLE_MS,
         spool_dir: Path | None = None,
+        follow_tip: bool = True,
         lease: Lease | None = None,
         takeover: bool = False,
         standby: bool = False,
@@ -145,6 +153,9 @@ class Replica:
         self.objects: dict[ObjectName, int] = {}
         self._created = time.monotonic()
         self._snapshot_offered = 0.0
+        #: Keys of the newest objects uploaded, for the tip that followers read (tip.py).
+        self._tip_keys: deque[str] = deque(maxlen=TIP_KEYS)
+        self.follow_tip = follow_tip
 
     @property
     def fenced(self) -> str | None:
@@ -169,7 +180,7 @@ class Replica:
         for info in objects:
             name = parse_key(info.key)
             if name is None:
-                foreign += not is_lease_key(info.key)
+                foreign += not is_lease_key(info.key) and info.key != TIP_KEY
             else:
                 names.append(name)
                 self.objects[name] = info.size
@@ -326,8 +337,22 @@ class Replica:
             elif self.snapshot is not None:
                 await self._upload_snapshot(self.snapshot)
             else:
+                if written and self.follow_tip:
+                    await self._put_tip()
                 return written
             written += 1
+
+    async def _put_tip(self) -> None:
+        """Name the newest objects in the tip, once per upload step (tip.py: followers find
+        new objects without LIST).  Advice only: a failure is logged, not raised (a lost lease
+        is, as for every write).
+        """
+        try:
+            await self.writer.replace_pointer(TIP_KEY, encode_tip(self._tip_keys))
+        except LeaseLostError:
+            raise
+        except ReplicaError as exc:
+            self.log.warning("cannot update the tip for followers", error=str(exc))
 
     async def _upload_segment(self, limit: int) -> None:
         assert self.offset is not None
@@ -344,6 +369,7 @@ class Replica:
             if self.compaction_levels:
                 self._remember(name, data)
         self.objects[name] = size
+        self._tip_keys.append(name.key)
         self.shipped_txid = name.last_txid
         self._retry_upto = None
         if self.offset is None:
@@ -371,6 +397,7 @@ class Replica:
     async def _upload_snapshot(self, snapshot: SnapshotFile) -> None:
         await self.writer.put_file(snapshot.name.key, snapshot.path)
         self.objects[snapshot.name] = snapshot.size
+        self._tip_keys.append(snapshot.name.key)
         self.snapshot = None
         snapshot.release()
         self.offset = snapshot.name.last_txid - snapshot.db_txid

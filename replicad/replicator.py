@@ -23,6 +23,7 @@ import structlog
 from replicad.checkpoint import Checkpointer, CheckpointPolicy, CheckpointResult
 from replicad.checksum import PageHashes, format_checksum
 from replicad.db import CapturedTxn, Database, SnapshotRetry, SnapshotSource, SyncResult
+from replicad.drill import Drill
 from replicad.errors import ReplicadError, ReplicaError
 from replicad.format import ObjectHeader, ObjectWriter, object_name
 from replicad.lease import LeaseError, LeaseLostError
@@ -151,6 +152,8 @@ class DatabaseReplicator:
         self.last_sync_monotonic = 0.0
         self._snapshot_requested = False
         self._last_snapshot_ms = 0
+        #: Restore drills of its replicas (drill.py), run by the daemon; empty when off.
+        self.drills: list[Drill] = []
 
     # -- start-up ---------------------------------------------------------------------------
 

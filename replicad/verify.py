@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from replicad.checksum import PageHashes
 from replicad.clients.base import ReplicaClient
-from replicad.errors import FormatError
+from replicad.errors import FormatError, RestoreError
 from replicad.format import EndEvent, ObjectDecoder, ObjectHeader, PageEvent, TxnEndEvent
-from replicad.position import ObjectKind, ObjectName
-from replicad.restore import RestorePlan, make_plan
+from replicad.position import ObjectKind, ObjectName, parse_key
+from replicad.restore import RestorePlan, make_plan, restore
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +46,8 @@ class VerifyReport:
     #: The live database's checksum, when one was compared (see `compare_live`).
     live_checksum: int | None = None
     problems: list[str] = field(default_factory=list)
+    #: True when the drill also restored the state to a file (`drill_restore`).
+    restored: bool = False
 
     @property
     def ok(self) -> bool:
@@ -181,3 +185,81 @@ async def compare_live(report: VerifyReport, db_path: Path) -> VerifyReport:
             "daemon ships it within a second), or the replica does not hold what it wrote"
         )
     return dataclasses.replace(report, live_checksum=checksum, problems=problems)
+
+
+# -- drills -----------------------------------------------------------------------------------
+
+
+async def drill_restore(
+    client: ReplicaClient, *, target_txid: int | None = None, work_dir: Path | None = None
+) -> VerifyReport:
+    """Prove the chain to `target_txid`, then restore it for real to a temporary file (the
+    restored file's checksum must equal the source's, and `PRAGMA integrity_check` must pass)
+    and remove it.  Raises like `verify_replica`, and `RestoreError` for a failed restore.
+    """
+    report = await verify_replica(client, target_txid=target_txid, spill_dir=work_dir)
+    with tempfile.TemporaryDirectory(prefix="replicad-drill-", dir=work_dir) as tmp:
+        restored = await restore(
+            client, Path(tmp) / "drill.db", target_txid=report.target_txid, integrity="full"
+        )
+    problems = list(report.problems)
+    if restored.checksum is not None and restored.checksum != report.checksum:
+        problems.append(
+            f"the restored file's checksum {restored.checksum:016x} differs from the verified "
+            f"chain's {report.checksum:016x} at TXID {report.target_txid}"
+        )
+    return dataclasses.replace(
+        report, seconds=report.seconds + restored.seconds, restored=True, problems=problems
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SampleResult:
+    """One sampled TXID: the report, or why it did not verify."""
+
+    txid: int
+    report: VerifyReport | None
+    error: str | None
+
+
+async def sample_txids(
+    client: ReplicaClient, count: int, *, rng: random.Random | None = None
+) -> list[int]:
+    """Up to `count` distinct TXIDs drawn at random from the replica's level-0 history (every
+    transaction a restore can stop at, within the retention window), sorted.
+    """
+    rng = rng or random.Random()
+    names = [n for info in await client.list_objects() if (n := parse_key(info.key))]
+    ranges = sorted(
+        (n.first_txid, n.last_txid) for n in names if n.kind is ObjectKind.SNAPSHOT or n.level == 0
+    )
+    total = sum(last - first + 1 for first, last in ranges)
+    return sorted({_nth_txid(ranges, i) for i in rng.sample(range(total), min(count, total))})
+
+
+def _nth_txid(ranges: list[tuple[int, int]], index: int) -> int:
+    """The `index`-th TXID (from 0) of the inclusive `ranges`, counted in order."""
+    for first, last in ranges:
+        if index <= last - first:
+            return first + index
+        index -= last - first + 1
+    raise IndexError(index)
+
+
+async def verify_sample(
+    client: ReplicaClient,
+    count: int,
+    *,
+    rng: random.Random | None = None,
+    spill_dir: Path | None = None,
+) -> list[SampleResult]:
+    """Verify the chain to each of `count` random TXIDs (`sample_txids`)."""
+    results = []
+    for txid in await sample_txids(client, count, rng=rng):
+        try:
+            report = await verify_replica(client, target_txid=txid, spill_dir=spill_dir)
+        except (FormatError, RestoreError) as exc:
+            results.append(SampleResult(txid, None, str(exc)))
+        else:
+            results.append(SampleResult(txid, report, None))
+    return results

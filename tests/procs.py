@@ -300,3 +300,25 @@ def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=False)
+
+
+def replicated_history(tmp: Path, *, seed: int, count: int, rate: float) -> Path:
+    """A replica in `tmp` of `count` workload commits at `rate`, shipped by a daemon that was
+    then stopped cleanly; the database is `tmp/app.db`, the writer's log `tmp/writer.log`.
+    """
+    import sqlite3
+
+    from tests import workload
+
+    db, replica = tmp / "app.db", tmp / "replica"
+    conn = sqlite3.connect(db)
+    workload.setup(conn)
+    conn.close()
+    daemon = start_daemon([str(db), replica.as_uri()], tmp / "daemon.log")
+    try:
+        wait_for(lambda: any((replica / "snapshots").glob("*.snap")), 20, "the first snapshot")
+        writer = start_writer(db, tmp / "writer.log", seed=seed, count=count, rate=rate)
+        assert writer.wait(timeout=60) == 0
+    finally:
+        assert stop(daemon) == 0
+    return replica

@@ -62,6 +62,16 @@ def test_example_config_is_valid_and_masks_secrets() -> None:
         ("shutdown_timeout = 'soon'\n[[databases]]\n", "shutdown_timeout: expected a number"),
         ("this is not toml", "invalid TOML"),
         (
+            "ready_max_verify_age = 600\n[[databases]]\npath='a.db'\n"
+            "[[databases.replicas]]\nurl='file:///x'\n",
+            "databases[0].verify_interval: ready_max_verify_age = 600 needs drills",
+        ),
+        (
+            "[[databases]]\npath='a.db'\nverify_interval=-5\n[[databases.replicas]]\n"
+            "url='file:///x'\n",
+            "databases[0].verify_interval: must not be negative",
+        ),
+        (
             "[[databases]]\npath='a.db'\n[[databases.replicas]]\nurl='file:///x'\n"
             "[[databases.replicas]]\nurl='file:///y'\nname='file0'\n",
             "duplicate name 'file0'",

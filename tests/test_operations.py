@@ -114,17 +114,18 @@ def test_systemd_notifications(tmp_path: Path) -> None:
     assert "STOPPING=1" in rest
 
 
-def test_systemd_unit_verifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["replicad.service", "replicad-follow.service"])
+def test_systemd_unit_verifies(tmp_path: Path, name: str) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed on this machine")
-    unit = (ROOT / "deploy" / "replicad.service").read_text()
+    unit = (ROOT / "deploy" / name).read_text()
     assert "/usr/local/bin/replicad" in unit
     # Point ExecStart at the installed command, since verify checks that it exists.
     here = Path(sys.executable).with_name("replicad")
-    (tmp_path / "replicad.service").write_text(unit.replace("/usr/local/bin/replicad", str(here)))
+    (tmp_path / name).write_text(unit.replace("/usr/local/bin/replicad", str(here)))
     result = subprocess.run(
-        [analyze, "verify", str(tmp_path / "replicad.service")],
+        [analyze, "verify", str(tmp_path / name)],
         capture_output=True,
         text=True,
         check=False,

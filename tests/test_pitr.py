@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests import workload
-from tests.procs import replicad, start_daemon, start_writer, stop, wait_for
+from tests.procs import replicad, replicated_history, start_daemon, stop, wait_for
 
 SEED = 41
 
@@ -19,18 +19,8 @@ SEED = 41
 def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[int, int]]]:
     """A replica of 300 commits made 20 ms apart, and the writer's (k, commit time) log."""
     tmp = tmp_path_factory.mktemp("pitr")
-    db, rep = tmp / "app.db", tmp / "replica"
-    conn = sqlite3.connect(db)
-    workload.setup(conn)
-    conn.close()
-    daemon = start_daemon([str(db), rep.as_uri()], tmp / "d.log")
-    try:
-        wait_for(lambda: any((rep / "snapshots").glob("*.snap")), 20, "first snapshot")
-        writer = start_writer(db, tmp / "w.log", seed=SEED, count=300, rate=50)
-        assert writer.wait(timeout=60) == 0
-    finally:
-        assert stop(daemon) == 0
-    return rep, workload.read_log(tmp / "w.log")
+    rep = replicated_history(tmp, seed=SEED, count=300, rate=50)
+    return rep, workload.read_log(tmp / "writer.log")
 
 
 def _iso(ns: int) -> str:

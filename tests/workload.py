@@ -89,21 +89,26 @@ def dump(path: Path) -> dict[str, Any]:
 
 def digest(path: Path) -> str:
     """SHA-256 of the logical content `dump` reads, computed row by row (bounded memory)."""
-    sha = hashlib.sha256()
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        schema = sorted(
-            conn.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
-        )
-        sha.update(repr(schema).encode())
-        for kind, name, _ in schema:
-            if kind == "table":
-                sha.update(repr(name).encode())
-                for row in conn.execute(f'SELECT * FROM "{name}" ORDER BY rowid'):
-                    sha.update(repr(row).encode())
-        return sha.hexdigest()
+        return digest_of(conn)
     finally:
         conn.close()
+
+
+def digest_of(conn: sqlite3.Connection) -> str:
+    """`digest` of what an open connection sees (inside its current read transaction)."""
+    sha = hashlib.sha256()
+    schema = sorted(
+        conn.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+    )
+    sha.update(repr(schema).encode())
+    for kind, name, _ in schema:
+        if kind == "table":
+            sha.update(repr(name).encode())
+            for row in conn.execute(f'SELECT * FROM "{name}" ORDER BY rowid'):
+                sha.update(repr(row).encode())
+    return sha.hexdigest()
 
 
 def seq_of(path: Path) -> int:
