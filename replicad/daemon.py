@@ -98,6 +98,7 @@ class Daemon:
         if self.metrics is not None:
             await self.metrics.start()
         failure: ReplicadError | None = None
+        problems: list[str] = []
         try:
             async with asyncio.TaskGroup() as tg:
                 for replicator in self.replicators:
@@ -111,7 +112,9 @@ class Daemon:
         except* ReplicadError as group:
             failure = group.exceptions[0]  # type: ignore[assignment]
             log.error("stopping after a fatal error", error=str(failure))
-        problems = await self.shutdown()
+        finally:
+            # Also after a bug or a cancellation: flush what can be, release leases, close.
+            problems = await self.shutdown()
         if failure is not None:
             raise failure
         if fenced := [r.fenced for d in self.replicators for r in d.replicas if r.fenced]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from replicad.checksum import PageHashes
-from replicad.errors import DatabaseError, WalError
+from replicad.errors import DatabaseError, SnapshotRetry, WalError
 from replicad.position import WalPosition
 from replicad.spool import PageSpool
 from replicad.wal import (
@@ -122,10 +122,6 @@ class DatabaseState:
     #: Page hashes of the database as of `txid`, kept current by each capture; None between a
     #: fresh start and the snapshot that reads every page (`adopt_hashes`).
     hashes: PageHashes | None = None
-
-
-class SnapshotRetry(DatabaseError):
-    """The WAL restarted while a snapshot read it; take the snapshot again."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
     ReplicadError                 base; carries a message and a hint (what to do next)
     ├── ConfigError               the configuration file or command line is wrong
     ├── DatabaseError             the SQLite database cannot be replicated as it is
+    │   └── SnapshotRetry         the WAL restarted while a snapshot read it: take it again
     ├── WalError                  the -wal header is unusable (a torn tail is *not* an error)
     ├── FormatError               an object in a replica is corrupt, truncated, foreign or too new
     │   └── ObjectLockedError     an encrypted object that no identity given can open
@@ -52,6 +53,10 @@ class ConfigError(ReplicadError):
 
 class DatabaseError(ReplicadError):
     """The database cannot be replicated: missing, not SQLite, not in WAL mode, unreadable."""
+
+
+class SnapshotRetry(DatabaseError):
+    """The WAL restarted while a snapshot read it; take the snapshot again."""
 
 
 class WalError(ReplicadError):

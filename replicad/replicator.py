@@ -22,9 +22,9 @@ import structlog
 
 from replicad.checkpoint import Checkpointer, CheckpointPolicy, CheckpointResult
 from replicad.checksum import PageHashes, format_checksum
-from replicad.db import CapturedTxn, Database, SnapshotRetry, SnapshotSource, SyncResult
+from replicad.db import CapturedTxn, Database, SnapshotSource, SyncResult
 from replicad.drill import Drill
-from replicad.errors import ReplicadError, ReplicaError
+from replicad.errors import ReplicadError, ReplicaError, SnapshotRetry
 from replicad.format import ObjectHeader, ObjectWriter, object_name
 from replicad.lease import LeaseError, LeaseLostError
 from replicad.pidfile import database_replaced
