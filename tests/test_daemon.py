@@ -62,6 +62,7 @@ def _daemon(
     watch: bool = False,
     on_ready: Callable[[], None] | None = None,
     child: list[str] | None = None,
+    standby: bool = True,
 ) -> Daemon:
     replicator = DatabaseReplicator(
         Database(tmp_path / "app.db"),
@@ -79,6 +80,7 @@ def _daemon(
         watch=watch,
         on_ready=on_ready,
         child=child,
+        standby=standby,
     )
 
 
@@ -188,9 +190,10 @@ async def test_unshippable_data_fails_the_shutdown_with_a_reason(tmp_path: Path)
 
 
 async def test_a_second_daemon_on_the_same_state_directory_is_refused(tmp_path: Path) -> None:
+    """With --no-standby (a standby would wait for the first: tests/test_fencing.py)."""
     _app(tmp_path / "app.db").close()
     first, serving = await _serving(tmp_path, MemoryReplicaClient(), watch=False)
-    second = _daemon(tmp_path, MemoryReplicaClient(), watch=False)
+    second = _daemon(tmp_path, MemoryReplicaClient(), watch=False, standby=False)
     with pytest.raises(ReplicadError, match="already replicating"):
         await second.serve()
     first.request_stop()
