@@ -385,4 +385,6 @@ def test_without_a_tip_the_follower_lists(paths: dict[str, Path]) -> None:
     assert status == 0
     assert not (paths["replica"] / TIP_KEY).exists()
     assert paths["flog"].read_text().count("no tip.json") == 1
-    assert final_output(paths["flog"])["requests"]["LIST"] > 10  # type: ignore[index]
+    # More than the initial restore's two: it found the new objects by listing (how many
+    # depends on how fast the writer went, so only "some" is asserted).
+    assert final_output(paths["flog"])["requests"]["LIST"] > 2  # type: ignore[index]
