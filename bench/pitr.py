@@ -75,7 +75,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, print_table, s3_env, s3_url
-from replicad import restore as restore_module
 from replicad.clients.s3 import S3ReplicaClient
 from replicad.compaction import (
     DEFAULT_LEVELS,
@@ -93,6 +92,7 @@ from replicad.position import (
     segment_name,
     snapshot_name,
 )
+from replicad.restore import download as restore_download
 from tests.procs import ROOT, clean_env
 from tests.s3servers import S3Server, create_bucket, raw_client, start_rclone, unique_bucket
 
@@ -755,9 +755,9 @@ def _sha256(path: Path) -> str:
 def restore_schedule() -> tuple[int, int | None, int | None]:
     """How `replicad.restore` fetches segments: objects ahead, bytes ahead, streaming size."""
     return (
-        restore_module.DEFAULT_PREFETCH,
-        getattr(restore_module, "PREFETCH_BYTES", None),
-        getattr(restore_module, "STREAM_ABOVE", None),
+        restore_download.DEFAULT_PREFETCH,
+        restore_download.PREFETCH_BYTES,
+        restore_download.STREAM_ABOVE,
     )
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import replicad.restore as restore_module
+import replicad.restore.download as download_module
+import replicad.restore.writer as writer_module
 from replicad.clients.file import FileReplicaClient
 from replicad.format import ObjectHeader, Transaction, TxnInfo, encode_object
 from replicad.position import ObjectKind, ObjectName, segment_name, snapshot_name
@@ -126,12 +127,12 @@ async def test_every_target_is_the_in_order_result(
         history.commit()
     _write_replica(tmp_path / "replica", history, rng, snapshot)
     if variant == "untracked":  # page numbers beyond the bitmaps: applied again oldest first
-        monkeypatch.setattr(restore_module, "_TRACKED_PAGES", 8)
+        monkeypatch.setattr(writer_module, "TRACKED_PAGES", 8)
     if variant == "streamed":  # every object through the streaming path, in odd chunk sizes
-        monkeypatch.setattr(restore_module, "STREAM_ABOVE", 1)
-        monkeypatch.setattr(restore_module, "STREAM_QUEUE", 1)
-        monkeypatch.setattr(restore_module, "_FEED_BYTES", 333)
-        monkeypatch.setattr(restore_module, "_TOUCHED_MAX", 1)  # and whole-bitmap merges
+        monkeypatch.setattr(download_module, "STREAM_ABOVE", 1)
+        monkeypatch.setattr(download_module, "STREAM_QUEUE", 1)
+        monkeypatch.setattr(download_module, "FEED_BYTES", 333)
+        monkeypatch.setattr(writer_module, "TOUCHED_MAX", 1)  # and whole-bitmap merges
     async with FileReplicaClient(tmp_path / "replica") as client:
         for txid, expected in history.states.items():
             out = tmp_path / f"out-{txid}.db"

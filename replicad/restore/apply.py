@@ -1,0 +1,274 @@
+"""Apply a plan: download, decode and write OUT.tmp, prove it, move it into place.
+
+Stream each object through the verifying decoder, newest object first, and write each page at
+its offset in ``OUT.tmp`` unless a newer object already did (so every page is written once),
+skip transactions after the target, truncate to the target's database size, fsync, prove the
+checksum (format v2) and/or run ``PRAGMA integrity_check``, move the file into place, remove
+stale ``OUT-wal``/``OUT-shm``, then fsync the directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from replicad.checksum import file_checksum
+from replicad.clients.base import ReplicaClient
+from replicad.errors import FormatError, RestoreError
+from replicad.format import ObjectDecoder
+from replicad.position import ObjectName
+from replicad.restore.download import DEFAULT_PREFETCH, Downloads, root_cause
+from replicad.restore.listing import make_plan
+from replicad.restore.plan import RestorePlan
+from replicad.restore.writer import PageWriter, UntrackedPage
+
+INTEGRITY_MODES = ("full", "quick", "none")
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreResult:
+    """What a restore produced."""
+
+    path: Path
+    txid: int
+    page_size: int
+    db_pages: int
+    objects: int
+    bytes_downloaded: int
+    seconds: float
+    #: The database checksum the restored file was proven to have (None: format v1, unproven).
+    checksum: int | None = None
+    warnings: tuple[str, ...] = ()
+
+
+async def restore(
+    client: ReplicaClient,
+    output: Path,
+    *,
+    target_txid: int | None = None,
+    at_ns: int | None = None,
+    force: bool = False,
+    integrity: str = "full",
+    prefetch: int = DEFAULT_PREFETCH,
+) -> RestoreResult:
+    """Restore the replica's database as of `target_txid` (default: newest) to `output`.
+
+    Raises `RestoreError` for a target that exists (without `force`), an empty replica, a gap,
+    a failed integrity check; `FormatError` for a corrupt object; `ReplicaError` for storage.
+    """
+    started = time.monotonic()
+    output, tmp = await asyncio.to_thread(_prepare_target, output, force)
+    plan = await make_plan(client, target_txid=target_txid, at_ns=at_ns)
+    for warning in plan.warnings:
+        log.warning(warning)
+    try:
+        applied = await _apply(client, plan, tmp, prefetch)
+        await asyncio.to_thread(_check_size, tmp, applied)
+        checksum = await asyncio.to_thread(_prove, tmp, plan, applied)
+        await asyncio.to_thread(_check_integrity, tmp, integrity)
+        await asyncio.to_thread(_move_into_place, tmp, output, force)
+    except BaseException:
+        _remove_quietly(tmp, _sidecar(tmp, "-wal"), _sidecar(tmp, "-shm"))
+        raise
+    return RestoreResult(
+        output,
+        plan.target_txid,
+        applied.page_size,
+        applied.db_pages,
+        len(plan.objects),
+        plan.total_bytes,
+        time.monotonic() - started,
+        checksum,
+        plan.warnings,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    """What applying a plan wrote, and the checksum the result must have (None: unrecorded)."""
+
+    page_size: int
+    db_pages: int
+    expected: int | None
+
+
+def _check_size(tmp: Path, applied: _Applied) -> None:
+    """The database size the objects claim must be the one the restored header records, so a
+    corrupt or crafted size cannot make a huge sparse file pass (SQLite header bytes 28-31)."""
+    with tmp.open("rb") as f:
+        header = f.read(100)
+    in_header = int.from_bytes(header[28:32], "big")
+    valid = len(header) == 100 and in_header and header[24:28] == header[92:96]
+    if valid and in_header != applied.db_pages:
+        raise RestoreError(
+            f"the objects say the database has {applied.db_pages} pages, but its own header "
+            f"says {in_header}",
+            hint="the replica is damaged or was written by something else; try an earlier "
+            "--txid or another replica",
+        )
+
+
+def _prove(tmp: Path, plan: RestorePlan, applied: _Applied) -> int | None:
+    """Check the restored file's database checksum against the one the chain ends with: the
+    file is then the source's state at the target TXID, byte for byte.  None when the plan
+    holds v1 objects, which record no checksums (logged: such a restore is unproven)."""
+    if not plan.verified or applied.expected is None:
+        log.warning(
+            "the replica holds format v1 objects, which record no database checksums: this "
+            "restore cannot be proven equal to the source; only the integrity check vouches "
+            "for it"
+        )
+        return None
+    actual = file_checksum(tmp, applied.page_size, applied.db_pages)
+    if actual != applied.expected:
+        raise RestoreError(
+            f"the restored database's checksum {actual:016x} is not {applied.expected:016x}, "
+            f"the source's at TXID {plan.target_txid}: the objects "
+            f"{plan.objects[0].key}..{plan.objects[-1].key} do not add up to that state",
+            hint="the replica is damaged, or two histories were written to it; run `replicad "
+            "verify` on it, and restore an earlier --txid or another replica",
+        )
+    return actual
+
+
+def _prepare_target(output: Path, force: bool) -> tuple[Path, Path]:
+    """Refuse an existing target unless forced; clear leftovers of an interrupted restore."""
+    output = output.absolute()
+    if output.exists() and not force:
+        raise RestoreError(
+            f"{output} already exists",
+            hint="restore to a new path, or pass --force to replace it (stop the application "
+            "first)",
+        )
+    if not output.parent.is_dir():
+        raise RestoreError(f"directory {output.parent} does not exist")
+    tmp = output.with_name(output.name + ".tmp")
+    _remove_quietly(tmp, _sidecar(tmp, "-wal"), _sidecar(tmp, "-shm"))
+    return output, tmp
+
+
+async def _apply(client: ReplicaClient, plan: RestorePlan, tmp: Path, prefetch: int) -> _Applied:
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise RestoreError(f"cannot create {tmp}: {exc.strerror}") from exc
+    writer = PageWriter(fd, plan.target_txid, newest_first=True)
+    try:
+        try:
+            expected = await _apply_objects(client, plan, writer, prefetch)
+        except UntrackedPage:
+            # A database of hundreds of GB: rather than track more pages, start again oldest
+            # first, writing every version of every page.
+            os.ftruncate(fd, 0)
+            writer = PageWriter(fd, plan.target_txid, newest_first=False)
+            expected = await _apply_objects(client, plan, writer, prefetch)
+        writer.finish()
+        await asyncio.to_thread(os.fsync, fd)
+    except OSError as exc:
+        raise RestoreError(
+            f"cannot write {tmp}: {exc.strerror}",
+            hint="free space on that filesystem (the result needs about the database's size), "
+            "or restore to another directory",
+        ) from exc
+    finally:
+        os.close(fd)
+    return _Applied(writer.page_size, writer.db_pages, expected)
+
+
+async def _apply_objects(
+    client: ReplicaClient, plan: RestorePlan, writer: PageWriter, prefetch: int
+) -> int | None:
+    """Apply the plan's objects in `writer`'s order, each chunk as it arrives; returns the
+    database checksum the last object records for the target TXID (None: unrecorded).
+
+    Decoding runs in the event loop, between downloads.  A worker thread for it was tried: on
+    two busy cores it was slower, as decoding is mostly Python and holds the GIL.
+    """
+    order = plan.objects[::-1] if writer.newest_first else plan.objects
+    sizes = dict(zip(plan.objects, plan.sizes, strict=True))
+    expected = None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            downloads = Downloads(client, order, sizes, prefetch, tg)
+            for name in order:
+                decoder = ObjectDecoder(expected=name)
+                with _naming(client, name):
+                    async for chunk in downloads.chunks(name):
+                        writer.feed(decoder, chunk)
+                    writer.end_object(decoder)
+                if name is plan.objects[-1] and decoder.index is not None:
+                    expected = decoder.index.checksum_after(plan.target_txid)
+        return expected
+    except BaseExceptionGroup as group:
+        # One root cause ends a restore; report it as itself, not as a group of one.
+        raise root_cause(group) from None
+
+
+@contextlib.contextmanager
+def _naming(client: ReplicaClient, name: ObjectName) -> Iterator[None]:
+    """Say which object was bad. (The partial OUT.tmp is removed: no page reaches OUT.)"""
+    try:
+        yield
+    except FormatError as exc:
+        raise FormatError(
+            f"{name.key} in {client.url} is damaged: {exc.message}",
+            hint=f"restore an earlier point (--txid {name.first_txid - 1}) or another replica; "
+            "keep the damaged object for investigation",
+        ) from exc
+
+
+def _check_integrity(path: Path, mode: str) -> None:
+    if mode == "none":
+        return
+    pragma = "quick_check" if mode == "quick" else "integrity_check"
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}")]
+    except sqlite3.DatabaseError as exc:
+        raise RestoreError(f"restored file is not a valid database: {exc}") from exc
+    finally:
+        conn.close()
+    if rows != ["ok"]:
+        raise RestoreError(
+            f"integrity check of the restored database failed: {'; '.join(rows[:5])}",
+            hint="the replica may be damaged; try an earlier --txid or another replica",
+        )
+
+
+def _move_into_place(tmp: Path, output: Path, force: bool) -> None:
+    # A stale -wal beside the target would be replayed onto the restored file and corrupt it.
+    _remove_quietly(_sidecar(tmp, "-wal"), _sidecar(tmp, "-shm"))
+    _remove_quietly(_sidecar(output, "-wal"), _sidecar(output, "-shm"))
+    if force:
+        os.replace(tmp, output)
+    else:
+        try:
+            os.link(tmp, output)  # no-clobber: fails if the target appeared meanwhile
+        except FileExistsError as exc:
+            raise RestoreError(f"{output} appeared during the restore; not replacing it") from exc
+        tmp.unlink()
+    dir_fd = os.open(output.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _sidecar(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _remove_quietly(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
