@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from replicad.clients.base import ReplicaClient
-from replicad.format import HEADER_SIZE, decode_header, read_trailer
 from replicad.position import ObjectKind, ObjectName
 from replicad.restore import names_from_listing
+from replicad.restore.listing import read_trailer_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +106,7 @@ async def transaction_log(
     until_ms = 10**14 if until_ns is None else until_ns // 1_000_000
     entries: list[LogEntry] = []
     for name in _segments_between(names, since_ms, until_ms):
-        data = await client.get_object(name.key)
-        decode_header(data[:HEADER_SIZE])
-        for info in read_trailer(data):
+        for info in await read_trailer_of(client, name, names[name]):
             if (since_ns is None or info.commit_time_ns >= since_ns) and (
                 until_ns is None or info.commit_time_ns <= until_ns
             ):

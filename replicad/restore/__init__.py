@@ -10,16 +10,31 @@ The parts, each in its own module:
 * `replicad.restore.apply`: `restore` itself, which runs them and proves the result.
 """
 
-from replicad.restore.apply import INTEGRITY_MODES, RestoreResult, restore
+from replicad.restore.apply import (
+    INTEGRITY_MODES,
+    RestoreResult,
+    check_shortfall,
+    iso_ns,
+    restore,
+)
 from replicad.restore.download import DEFAULT_PREFETCH
 from replicad.restore.listing import make_plan, txid_at
-from replicad.restore.plan import RestorePlan, names_from_listing, parse_timestamp, plan_restore
+from replicad.restore.plan import (
+    Landing,
+    RestorePlan,
+    names_from_listing,
+    parse_timestamp,
+    plan_restore,
+)
 
 __all__ = [
     "DEFAULT_PREFETCH",
     "INTEGRITY_MODES",
+    "Landing",
     "RestorePlan",
     "RestoreResult",
+    "check_shortfall",
+    "iso_ns",
     "make_plan",
     "names_from_listing",
     "parse_timestamp",

@@ -14,8 +14,10 @@ import contextlib
 import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -27,10 +29,13 @@ from replicad.format import ObjectDecoder
 from replicad.position import ObjectName
 from replicad.restore.download import DEFAULT_PREFETCH, Downloads, root_cause
 from replicad.restore.listing import make_plan
-from replicad.restore.plan import RestorePlan
+from replicad.restore.plan import Landing, RestorePlan
 from replicad.restore.writer import PageWriter, UntrackedPage
 
-INTEGRITY_MODES = ("full", "quick", "none")
+#: "auto": the full check only where the checksum chain cannot prove the result (format v1);
+#: a proven result is byte for byte the source's state, which passed SQLite's own checks when
+#: it was written (measured cost of both: docs/benchmarks.md, "Restore at download speed").
+INTEGRITY_MODES = ("auto", "full", "quick", "none")
 
 log = structlog.get_logger()
 
@@ -49,6 +54,10 @@ class RestoreResult:
     #: The database checksum the restored file was proven to have (None: format v1, unproven).
     checksum: int | None = None
     warnings: tuple[str, ...] = ()
+    #: For a restore to a moment: where it landed.
+    landing: Landing | None = None
+    #: The check run on the result ("full", "quick" or "none"; see `INTEGRITY_MODES`).
+    integrity: str = "full"
 
 
 async def restore(
@@ -58,10 +67,17 @@ async def restore(
     target_txid: int | None = None,
     at_ns: int | None = None,
     force: bool = False,
-    integrity: str = "full",
+    integrity: str = "auto",
     prefetch: int = DEFAULT_PREFETCH,
+    max_shortfall_ns: int | None = None,
 ) -> RestoreResult:
-    """Restore the replica's database as of `target_txid` (default: newest) to `output`.
+    """Restore the replica's database as of `target_txid` or the moment `at_ns` (default:
+    newest) to `output`.
+
+    `integrity`: "auto" runs ``PRAGMA integrity_check`` only on a result the checksum chain
+    cannot prove (format v1 objects); "full", "quick" and "none" as named.
+    `max_shortfall_ns`: refuse (before downloading) a restore to a moment that would land on a
+    state committed longer than this before it (see `Landing`).
 
     Raises `RestoreError` for a target that exists (without `force`), an empty replica, a gap,
     a failed integrity check; `FormatError` for a corrupt object; `ReplicaError` for storage.
@@ -71,10 +87,14 @@ async def restore(
     plan = await make_plan(client, target_txid=target_txid, at_ns=at_ns)
     for warning in plan.warnings:
         log.warning(warning)
+    if plan.landing is not None and max_shortfall_ns is not None:
+        check_shortfall(plan.landing, max_shortfall_ns)
     try:
         applied = await _apply(client, plan, tmp, prefetch)
         await asyncio.to_thread(_check_size, tmp, applied)
         checksum = await asyncio.to_thread(_prove, tmp, plan, applied)
+        if integrity == "auto":
+            integrity = "none" if checksum is not None else "full"
         await asyncio.to_thread(_check_integrity, tmp, integrity)
         await asyncio.to_thread(_move_into_place, tmp, output, force)
     except BaseException:
@@ -90,7 +110,34 @@ async def restore(
         time.monotonic() - started,
         checksum,
         plan.warnings,
+        plan.landing,
+        integrity,
     )
+
+
+def check_shortfall(landing: Landing, max_shortfall_ns: int) -> None:
+    """RestoreError if `landing` is more than `max_shortfall_ns` before its moment."""
+    if landing.shortfall_ns <= max_shortfall_ns:
+        return
+    after = (
+        "no later state is kept"
+        if landing.next_txid is None or landing.next_commit_ns is None
+        else f"the next state is TXID {landing.next_txid}, committed at "
+        f"{iso_ns(landing.next_commit_ns)}"
+    )
+    raise RestoreError(
+        f"the newest state at or before {iso_ns(landing.target_ns)} is TXID {landing.txid}, "
+        f"committed at {iso_ns(landing.commit_ns)}, {landing.shortfall_ns / 1e9:.3f} s before "
+        f"it (more than --max-shortfall {max_shortfall_ns / 1e9:g} s); {after}",
+        hint="nothing was captured in between (was the daemon down?): restore that state "
+        f"with --txid {landing.txid}, or a later one, or raise --max-shortfall",
+    )
+
+
+def iso_ns(ns: int) -> str:
+    """Unix nanoseconds as RFC 3339 UTC with milliseconds."""
+    moment = datetime.fromtimestamp(ns / 1e9, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +191,11 @@ def _prove(tmp: Path, plan: RestorePlan, applied: _Applied) -> int | None:
 def _prepare_target(output: Path, force: bool) -> tuple[Path, Path]:
     """Refuse an existing target unless forced; clear leftovers of an interrupted restore."""
     output = output.absolute()
+    if output.is_dir():
+        raise RestoreError(
+            f"{output} is a directory",
+            hint=f"give the path of the database file to write, e.g. {output / 'restored.db'}",
+        )
     if output.exists() and not force:
         raise RestoreError(
             f"{output} already exists",
@@ -231,13 +283,16 @@ def _check_integrity(path: Path, mode: str) -> None:
     if mode == "none":
         return
     pragma = "quick_check" if mode == "quick" else "integrity_check"
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}")]
+        # Quoted: a `#`, `?` or `%` in the name would otherwise end or alter the URI, and SQLite
+        # would check (or create) some other file.
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True)
+        try:
+            rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}")]
+        finally:
+            conn.close()
     except sqlite3.DatabaseError as exc:
         raise RestoreError(f"restored file is not a valid database: {exc}") from exc
-    finally:
-        conn.close()
     if rows != ["ok"]:
         raise RestoreError(
             f"integrity check of the restored database failed: {'; '.join(rows[:5])}",
@@ -246,9 +301,15 @@ def _check_integrity(path: Path, mode: str) -> None:
 
 
 def _move_into_place(tmp: Path, output: Path, force: bool) -> None:
-    # A stale -wal beside the target would be replayed onto the restored file and corrupt it.
+    """Move `tmp` to `output` (replacing it only with `force`), then remove the side files of
+    the database that was there.
+
+    The old ``-wal``/``-shm`` go only once the new file is in place: removed before, a failure
+    (or a database that appeared meanwhile, without `force`) would cost an application that has
+    the old database open its committed transactions.  Left beside the new file, a stale -wal
+    would be replayed onto it by the next connection.
+    """
     _remove_quietly(_sidecar(tmp, "-wal"), _sidecar(tmp, "-shm"))
-    _remove_quietly(_sidecar(output, "-wal"), _sidecar(output, "-shm"))
     if force:
         os.replace(tmp, output)
     else:
@@ -257,6 +318,7 @@ def _move_into_place(tmp: Path, output: Path, force: bool) -> None:
         except FileExistsError as exc:
             raise RestoreError(f"{output} appeared during the restore; not replacing it") from exc
         tmp.unlink()
+    _remove_quietly(_sidecar(output, "-wal"), _sidecar(output, "-shm"))
     dir_fd = os.open(output.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 
 from replicad.clients.base import ReplicaClient
 from replicad.errors import FormatError, HistoryForkError, RestoreError
-from replicad.format import HEADER_SIZE, TxnInfo, decode_header, read_trailer
+from replicad.format import TxnInfo, read_index, trailer_span
 from replicad.position import (
     NO_CHECKSUM,
     SEGMENT_PREFIX,
@@ -24,6 +25,7 @@ from replicad.position import (
 )
 from replicad.restore.download import root_cause
 from replicad.restore.plan import (
+    Landing,
     RestorePlan,
     _chain,
     _forked,
@@ -43,39 +45,96 @@ _LEVEL_DIR = re.compile(r"\d{2}")
 
 
 async def txid_at(client: ReplicaClient, names: dict[ObjectName, int], at_ns: int) -> int:
-    """The last TXID committed at or before `at_ns`, exactly (commit times as replicad saw them).
+    """The last TXID committed at or before `at_ns`, exactly (commit times as replicad saw them),
+    from a full listing.  (`make_plan` finds it from a bounded listing; this is its fallback.)"""
+    return (await landing_at(client, names, at_ns)).txid
+
+
+async def landing_at(client: ReplicaClient, names: dict[ObjectName, int], at_ns: int) -> Landing:
+    """`txid_at` with the state's commit time and the state after it.
 
     Key names narrow the search to one segment; its trailer gives each transaction's time.
     """
     at_ms = at_ns // 1_000_000
-    best = max(
-        (n.last_txid for n in names if n.kind is ObjectKind.SNAPSHOT and n.max_time_ms < at_ms),
-        default=0,
-    )
+    found: tuple[int, int] | None = None  # (TXID, commit time in ns)
+    snapshots = [n for n in names if n.kind is ObjectKind.SNAPSHOT and n.max_time_ms < at_ms]
+    if snapshots:
+        found = (max(snapshots).last_txid, -1)  # its commit time is looked up below
     segments = sorted(
         (n for n in names if n.kind is ObjectKind.SEGMENT and n.level == 0),
         key=lambda n: n.first_txid,
     )
     for name in segments:
         if name.max_time_ms < at_ms:
-            best = max(best, name.last_txid)
+            found = max(found or (0, 0), (name.last_txid, name.max_time_ms * 1_000_000))
         elif name.min_time_ms <= at_ms:
-            for info in _trailer(await client.get_object(name.key), name):
+            for info in await read_trailer_of(client, name, names.get(name)):
                 if info.commit_time_ns <= at_ns:
-                    best = max(best, info.txid)
-    if best == 0:
+                    found = max(found or (0, 0), (info.txid, info.commit_time_ns))
+    if found is None:
         raise RestoreError(
             "no transaction in the replica was committed at or before that time",
             hint="the oldest restorable moment is the oldest snapshot's; see `replicad ls`",
         )
-    return best
+    txid, commit_ns = found
+    if commit_ns < 0:
+        commit_ns = await _snapshot_commit_ns(client, max(snapshots), names.get(max(snapshots)))
+    after = [n for n in segments if n.last_txid > txid and n.first_txid <= txid + 1]
+    nxt = await _state_after_txid(client, names, after, txid)
+    return Landing(at_ns, txid, commit_ns, *nxt)
 
 
-def _trailer(data: bytes, name: ObjectName) -> list[TxnInfo]:
-    header = decode_header(data[:HEADER_SIZE])
-    if header.kind is not name.kind or header.last_txid != name.last_txid:
-        raise FormatError(f"object {name.key} does not match its name")
-    return read_trailer(data)
+async def _snapshot_commit_ns(client: ReplicaClient, name: ObjectName, size: int | None) -> int:
+    """When the snapshot's TXID was committed (its key says when it was taken, later)."""
+    return (await read_trailer_of(client, name, size))[-1].commit_time_ns
+
+
+async def _state_after_txid(
+    client: ReplicaClient,
+    sizes: dict[ObjectName, int],
+    holding: Sequence[ObjectName],
+    txid: int,
+) -> tuple[int | None, int | None]:
+    """(TXID, commit time) of the state right after `txid`, from the first of the level-0
+    segments `holding` it (none: no later state is kept)."""
+    if not holding:
+        return None, None
+    name = min(holding, key=lambda n: (n.level, n.first_txid))
+    if name.first_txid == txid + 1:
+        return name.first_txid, name.min_time_ms * 1_000_000
+    for info in await read_trailer_of(client, name, sizes.get(name)):
+        if info.txid == txid + 1:
+            return info.txid, info.commit_time_ns
+    return None, None
+
+
+#: Bytes read from an object's end to get its trailer in one request, most of the time (the
+#: trailer of a segment of ~1,500 transactions); a longer trailer costs one request more.
+TAIL_GUESS = 64 << 10
+
+
+async def read_trailer_of(
+    client: ReplicaClient, name: ObjectName, size: int | None = None
+) -> list[TxnInfo]:
+    """Every transaction of object `name`, from its trailer read with ranged GETs: the bytes
+    read are the trailer's, whatever the object's size (a segment can hold a multi-GB
+    transaction).  Checked against the name: TXIDs, checksums, and `size` if known."""
+    tail = await client.get_tail(name.key, TAIL_GUESS)
+    span = trailer_span(tail)
+    if span > len(tail) == TAIL_GUESS:
+        tail = await client.get_tail(name.key, span)
+    index = read_index(tail)
+    txns = index.transactions
+    problem = None
+    if (txns[0].txid, txns[-1].txid) != (name.first_txid, name.last_txid):
+        problem = f"its trailer holds TXIDs {txns[0].txid}..{txns[-1].txid}"
+    elif size is not None and index.object_length != size:
+        problem = f"its footer says {index.object_length} bytes, the listing {size}"
+    elif name.chained and index.checksums is not None and index.checksums[-1] != name.post:
+        problem = "its trailer's last checksum is not the one in its key"
+    if problem:
+        raise FormatError(f"object {name.key} does not match its name: {problem}")
+    return txns
 
 
 async def make_plan(
@@ -90,9 +149,11 @@ async def make_plan(
     with contextlib.suppress(RestoreError):
         return await _plan_bounded(client, target_txid, at_ns)
     names = names_from_listing(await client.list_objects())
+    landing = None
     if at_ns is not None and names:
-        target_txid = await txid_at(client, names, at_ns)
-    return plan_restore(names, target_txid=target_txid)
+        landing = await landing_at(client, names, at_ns)
+        target_txid = landing.txid
+    return dataclasses.replace(plan_restore(names, target_txid=target_txid), landing=landing)
 
 
 # -- planning from a bounded listing ----------------------------------------------------------
@@ -172,11 +233,15 @@ async def _plan_bounded(
     """`plan_restore` over the keys `_list_for_chain` lists; RestoreError if it fails."""
     listing = _BoundedListing(client)
     await listing.start()
+    landing = None
     if at_ns is not None:
-        target_txid = await _txid_at_bounded(listing, at_ns)
+        landing = await _landing_bounded(listing, at_ns)
+        target_txid = landing.txid
     snapshot = listing.snapshot_for(target_txid)
     await _list_for_chain(listing, snapshot.last_txid, target_txid, _state_after(snapshot))
-    plan = plan_restore(listing.names, target_txid=target_txid)
+    plan = dataclasses.replace(
+        plan_restore(listing.names, target_txid=target_txid), landing=landing
+    )
     if plan.warnings or _forked(listing.names):
         # Which side of a fork went on shows only in the whole listing: make_plan lists it.
         raise HistoryForkError("the replica holds more than one history")
@@ -211,8 +276,8 @@ def _reach(segments: Iterable[ObjectName], after: int, target: int | None, check
     return reached
 
 
-async def _txid_at_bounded(listing: _BoundedListing, at_ns: int) -> int:
-    """`txid_at` from a bounded listing: the same TXID while level 0 holds every commit after
+async def _landing_bounded(listing: _BoundedListing, at_ns: int) -> Landing:
+    """`landing_at` from a bounded listing: the same TXID while level 0 holds every commit after
     the snapshot found here (compaction copies, and retention deletes whole TXID ranges).
 
     The newest snapshot taken before the moment bounds the answer from below; the chain from it
@@ -229,33 +294,47 @@ async def _txid_at_bounded(listing: _BoundedListing, at_ns: int) -> int:
     newest = max((n.last_txid for n in segments), default=base)
     chain = _chain(_Segments(segments), base, newest, checksum)
     found = await _last_committed(listing, chain, at_ns)
-    return base if found is None else max(base, found)
+    if found is not None and found[0] > base:
+        return Landing(at_ns, *found)
+    commit_ns = await _snapshot_commit_ns(listing.client, snapshot, listing.names.get(snapshot))
+    if not chain:
+        return Landing(at_ns, base, commit_ns)
+    return Landing(at_ns, base, commit_ns, chain[0].first_txid, chain[0].min_time_ms * 1_000_000)
 
 
 async def _last_committed(
     listing: _BoundedListing, chain: Sequence[ObjectName], at_ns: int
-) -> int | None:
-    """The last TXID in `chain` committed at or before `at_ns`, or None.
+) -> tuple[int, int, int | None, int | None] | None:
+    """The last TXID in `chain` committed at or before `at_ns`, its commit time, and the TXID
+    and commit time of the state after it (None if the chain holds none); None if no TXID
+    in `chain` was committed by then.
 
     Searched from the newest segment back: the first one that starts early enough holds it, as
     every TXID after it committed later (clock steps back included).  A compacted segment is
     narrowed down through the segments it was merged from, a level-0 one by its trailer.
     """
     at_ms = at_ns // 1_000_000
+    later: tuple[int | None, int | None] = (None, None)  # the state after the segment looked at
     for name in reversed(chain):
+        found: tuple[int, int, int | None, int | None] | None = None
         if name.min_time_ms > at_ms:
-            continue
-        if name.max_time_ms < at_ms:
-            return name.last_txid
-        if name.level == 0:
-            data = await listing.client.get_object(name.key)
-            found = max(
-                (i.txid for i in _trailer(data, name) if i.commit_time_ns <= at_ns), default=None
-            )
+            pass
+        elif name.max_time_ms < at_ms:
+            found = (name.last_txid, name.max_time_ms * 1_000_000, *later)
+        elif name.level == 0:
+            txns = await read_trailer_of(listing.client, name, listing.names.get(name))
+            before = [i for i, info in enumerate(txns) if info.commit_time_ns <= at_ns]
+            if before:
+                i = before[-1]
+                nxt = (txns[i + 1].txid, txns[i + 1].commit_time_ns) if i + 1 < len(txns) else later
+                found = (txns[i].txid, txns[i].commit_time_ns, *nxt)
         else:
-            found = await _last_committed(listing, await _sources(listing, name), at_ns)
+            inner = await _last_committed(listing, await _sources(listing, name), at_ns)
+            if inner is not None:
+                found = inner if inner[2] is not None else (*inner[:2], *later)
         if found is not None:
             return found
+        later = (name.first_txid, name.min_time_ms * 1_000_000)
     return None
 
 

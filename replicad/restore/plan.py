@@ -31,6 +31,8 @@ class RestorePlan:
     target_txid: int
     sizes: tuple[int, ...]
     warnings: tuple[str, ...] = ()
+    #: For a restore to a moment: where it lands (see `Landing`).
+    landing: Landing | None = None
 
     @property
     def objects(self) -> tuple[ObjectName, ...]:
@@ -46,6 +48,24 @@ class RestorePlan:
     def verified(self) -> bool:
         """True when every object chains by checksum (see the class docstring)."""
         return all(n.chained for n in self.objects)
+
+
+@dataclass(frozen=True, slots=True)
+class Landing:
+    """Where a restore to a moment lands: the newest state committed at or before `target_ns`,
+    and the state after it (None: none is kept).  Commit times are as the daemon observed them
+    (to the millisecond where only a key records them)."""
+
+    target_ns: int
+    txid: int
+    commit_ns: int
+    next_txid: int | None = None
+    next_commit_ns: int | None = None
+
+    @property
+    def shortfall_ns(self) -> int:
+        """How long before the moment the restored state was committed."""
+        return max(0, self.target_ns - self.commit_ns)
 
 
 def names_from_listing(objects: Iterable[ObjectInfo]) -> dict[ObjectName, int]:

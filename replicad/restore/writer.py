@@ -46,6 +46,7 @@ class PageWriter:
         self._many = False  # too many to list: the whole of `_mine` is merged
         self._run_start = 0
         self._run: list[bytes] = []
+        self._highest = 0  # the highest page number written
 
     def feed(self, decoder: ObjectDecoder, chunk: bytes | memoryview) -> None:
         """Decode the next chunk of an object and write its pages."""
@@ -117,11 +118,25 @@ class PageWriter:
             wanted = len(self._run) * self.page_size
             if os.pwritev(self.fd, self._run, (self._run_start - 1) * self.page_size) != wanted:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # short write: disk full
+            self._highest = max(self._highest, self._run_start + len(self._run) - 1)
             self._run = []
 
     def finish(self) -> None:
-        """Write what is pending and cut the file to the target's size (the caller fsyncs)."""
+        """Write what is pending and cut the file to the target's size (the caller fsyncs).
+
+        Every page up to the database's size was written by some object (a snapshot holds them
+        all; SQLite writes each page it adds to the WAL), so a size past the highest page
+        written (allowing for the lock page, which is never written) is a damaged or crafted
+        object: refused before it makes a sparse file of terabytes.
+        """
         self._flush()
+        if self.db_pages > self._highest + 1:
+            raise RestoreError(
+                f"the objects say the database has {self.db_pages} pages, but none was written "
+                f"past page {self._highest}",
+                hint="the replica is damaged or was written by something else; run `replicad "
+                "verify`, and try an earlier --txid or another replica",
+            )
         os.ftruncate(self.fd, self.db_pages * self.page_size)
 
 
