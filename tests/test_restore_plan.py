@@ -14,7 +14,7 @@ from replicad.clients.base import ClientStats, ObjectInfo, ReplicaClient, keys_b
 from replicad.compaction import plan_compaction
 from replicad.errors import RestoreError
 from replicad.format import ObjectHeader, Transaction, TxnInfo, encode_object
-from replicad.position import ObjectKind, ObjectName, segment_name, snapshot_name
+from replicad.position import ObjectName, segment_name, snapshot_name
 from replicad.restore import RestorePlan, make_plan, plan_restore, txid_at
 from replicad.restore.listing import landing_at
 
