@@ -130,7 +130,8 @@ async def test_every_target_is_the_in_order_result(
         monkeypatch.setattr(writer_module, "TRACKED_PAGES", 8)
     if variant == "streamed":  # every object through the streaming path, in odd chunk sizes
         monkeypatch.setattr(download_module, "STREAM_ABOVE", 1)
-        monkeypatch.setattr(download_module, "STREAM_QUEUE", 1)
+        monkeypatch.setattr(download_module, "PART_BYTES", 1000)
+        monkeypatch.setattr(download_module, "PARTS_AHEAD", 1)
         monkeypatch.setattr(download_module, "FEED_BYTES", 333)
         monkeypatch.setattr(writer_module, "TOUCHED_MAX", 1)  # and whole-bitmap merges
     async with FileReplicaClient(tmp_path / "replica") as client:

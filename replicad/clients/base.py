@@ -123,6 +123,14 @@ class ReplicaClient(Protocol):
         """The whole object. Raises `ObjectNotFoundError` if it does not exist."""
         ...
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of the object from offset `start` (fewer at its end): one ranged GET,
+        so a large object can be fetched as parts over several connections at once.
+
+        Raises `ObjectNotFoundError` if it does not exist.
+        """
+        ...
+
     async def get_tail(self, key: str, length: int) -> bytes:
         """The last `length` bytes of the object (all of it if it is shorter): one ranged GET,
         so reading an object's trailer costs its size, not the object's.

@@ -155,6 +155,15 @@ class FileReplicaClient:
         self._stats.bytes_downloaded += len(data)
         return data
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of the object from offset `start` (fewer at its end)."""
+        self._check_open()
+        path = self._path(key)
+        self._stats.count("GET")
+        data = await self._run(f"GET {key!r}", _read_range, path, start, length, missing=key)
+        self._stats.bytes_downloaded += len(data)
+        return data
+
     async def get_tail(self, key: str, length: int) -> bytes:
         """The last `length` bytes of the object (all of it if shorter)."""
         self._check_open()
@@ -384,4 +393,10 @@ def _read_tail(path: Path, length: int) -> bytes:
     with path.open("rb") as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - length))
+        return f.read(length)
+
+
+def _read_range(path: Path, start: int, length: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(start)
         return f.read(length)
