@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, print_table, s3_env, s3_url
+from replicad.checksum import PageHashes
 from replicad.clients.s3 import S3ReplicaClient
 from replicad.compaction import (
     DEFAULT_LEVELS,
@@ -83,15 +84,21 @@ from replicad.compaction import (
     compact,
     plan_compaction,
 )
-from replicad.format import ObjectHeader, ObjectWriter, Transaction, TxnInfo, encode_object
+from replicad.format import (
+    ObjectHeader,
+    ObjectWriter,
+    Transaction,
+    TxnInfo,
+    encode_object,
+    object_name,
+)
 from replicad.position import (
     ObjectKind,
     ObjectName,
     WalPosition,
     parse_key,
-    segment_name,
-    snapshot_name,
 )
+from replicad.replicator import SNAPSHOT_GROWTH, SNAPSHOT_GROWTH_MIN_BYTES
 from replicad.restore import download as restore_download
 from tests.procs import ROOT, clean_env
 from tests.s3servers import S3Server, create_bucket, raw_client, start_rclone, unique_bucket
@@ -380,6 +387,9 @@ class History:
     seconds: float
     hash_seconds: float
     final_pages: int
+    #: Snapshots the daemon takes once the pages captured since the last one outgrow it
+    #: (`replicad.replicator.SNAPSHOT_GROWTH`): (name, local file, size).
+    snapshots: list[tuple[ObjectName, Path, int]]
 
 
 def generate_history(
@@ -388,9 +398,16 @@ def generate_history(
     content: Content,
     spool: Path,
     check_txids: set[int],
+    *,
+    hashes: PageHashes,
 ) -> History:
     """Every transaction of the history: applied to the model, encoded into level-0 segments
-    appended to `spool`; the model's SHA-256 recorded after each TXID in `check_txids`."""
+    appended to `spool`; the model's SHA-256 recorded after each TXID in `check_txids`.
+
+    `hashes` (the base database's page hashes) is kept current, so every object records the
+    database checksums (format v2) as the daemon's do.  A snapshot of the model is written
+    next to `spool` whenever the daemon would take one: once the pages captured since the last
+    snapshot reach `SNAPSHOT_GROWTH` times its size (at least `SNAPSHOT_GROWTH_MIN_BYTES`)."""
     started = time.perf_counter()
     rng = content.rng
     wal = WalSim(random.Random(rng.getrandbits(32)))
@@ -401,11 +418,14 @@ def generate_history(
     offset = 0
     txid = 2
     leaves = len(model.leaves)
+    snapshots: list[tuple[ObjectName, Path, int]] = []
+    since_snapshot, snapshot_bytes = 0, model.db_pages * PAGE_SIZE
     with spool.open("wb") as out:
         while txid <= timeline.last_txid:
             last = min(txid + timeline.per_segment - 1, timeline.last_txid)
             txns: list[Transaction] = []
             frames = 0
+            pre = hashes.checksum
             for k in range(txid, last + 1):
                 pages: list[tuple[int, bytes]] = []
                 if rng.randrange(GROW_EVERY) == 0:
@@ -413,21 +433,16 @@ def generate_history(
                     grows += 1
                 for leaf in rng.sample(range(leaves), rng.randint(1, 3)):
                     pages.append(model.rewrite(leaf, content))
+                for pgno, data in pages:
+                    hashes.set_page(pgno, data)
                 info = TxnInfo(k, timeline.commit_ns(k), model.db_pages, len(pages))
-                txns.append(Transaction(info, pages))
+                txns.append(Transaction(info, pages, hashes.checksum))
                 frames += len(pages)
                 if k in check_txids:
                     hashing = time.perf_counter()
                     expected[k] = (model.sha256(), model.db_pages * PAGE_SIZE)
                     hash_seconds += time.perf_counter() - hashing
             first_ns, last_ns = txns[0].info.commit_time_ns, txns[-1].info.commit_time_ns
-            name = segment_name(
-                level=0,
-                first_txid=txid,
-                last_txid=last,
-                min_time_ms=first_ns // 1_000_000,
-                max_time_ms=last_ns // 1_000_000,
-            )
             header = ObjectHeader(
                 kind=ObjectKind.SEGMENT,
                 page_size=PAGE_SIZE,
@@ -438,14 +453,22 @@ def generate_history(
                 max_time_ns=last_ns,
                 db_pages=model.db_pages,
                 position=wal.advance(frames, last),
+                pre_checksum=pre,
+                post_checksum=hashes.checksum,
             )
             data = encode_object(header, txns)
             out.write(data)
-            segments.append(Spooled(name, offset, len(data)))
+            segments.append(Spooled(object_name(header), offset, len(data)))
             offset += len(data)
             pages_written += frames
             raw += frames * PAGE_SIZE
+            since_snapshot += frames * PAGE_SIZE
             txid = last + 1
+            if since_snapshot >= max(SNAPSHOT_GROWTH * snapshot_bytes, SNAPSHOT_GROWTH_MIN_BYTES):
+                path = spool.with_name(f"snapshot-{last}.tmp")
+                name, size = write_snapshot(model.path, path, last, last_ns, hashes.checksum)
+                snapshots.append((name, path, size))
+                since_snapshot, snapshot_bytes = 0, model.db_pages * PAGE_SIZE
     return History(
         segments,
         expected,
@@ -455,31 +478,36 @@ def generate_history(
         time.perf_counter() - started,
         hash_seconds,
         model.db_pages,
+        snapshots,
     )
 
 
-def write_snapshot(db: Path, out: Path, t0_ns: int) -> tuple[ObjectName, int]:
-    """The base snapshot (TXID 1, committed at `t0_ns`) of `db`'s pages, as the daemon writes it."""
+def write_snapshot(
+    db: Path, out: Path, txid: int, t_ns: int, checksum: int
+) -> tuple[ObjectName, int]:
+    """A snapshot of `db`'s pages at `txid` (committed and taken at `t_ns`, database checksum
+    `checksum`), as the daemon writes it."""
     pages = db.stat().st_size // PAGE_SIZE
-    name = snapshot_name(1, t0_ns // 1_000_000)
     header = ObjectHeader(
         kind=ObjectKind.SNAPSHOT,
         page_size=PAGE_SIZE,
         level=0,
-        first_txid=1,
-        last_txid=1,
-        min_time_ns=t0_ns,
-        max_time_ns=t0_ns,
+        first_txid=txid,
+        last_txid=txid,
+        min_time_ns=t_ns,
+        max_time_ns=t_ns,
         db_pages=pages,
-        position=None,  # the WAL was empty (checkpointed with TRUNCATE)
+        position=None,  # (a restore does not use it)
+        pre_checksum=0,
+        post_checksum=checksum,
     )
     with db.open("rb") as source, out.open("wb") as sink:
         writer = ObjectWriter(sink, header)
-        writer.begin_transaction(1, t0_ns, pages, pages)
+        writer.begin_transaction(txid, t_ns, pages, pages, checksum)
         for pgno in range(1, pages + 1):
             writer.add_page(pgno, source.read(PAGE_SIZE))
         size = writer.finish()
-    return name, size
+    return object_name(header), size
 
 
 class SpoolCache(Mapping[ObjectName, bytes]):
@@ -926,7 +954,10 @@ async def run(settings: Settings, workdir: Path) -> None:
     )
     snap_path = workdir / "snapshot.tmp"
     started = time.perf_counter()
-    snap_name, snap_size = write_snapshot(db, snap_path, timeline.t0_ns)
+    with db.open("rb") as f:
+        pages = iter(lambda: f.read(PAGE_SIZE), b"")
+        hashes = PageHashes.build(PAGE_SIZE, enumerate(pages, start=1))
+    snap_name, snap_size = write_snapshot(db, snap_path, 1, timeline.t0_ns, hashes.checksum)
     snap_encode = time.perf_counter() - started
 
     # 2. the history, on the model
@@ -936,7 +967,12 @@ async def run(settings: Settings, workdir: Path) -> None:
     model = Model(model_path, leaves, ranges)
     try:
         history = generate_history(
-            model, timeline, content, workdir / "segments.spool", {p.txid for p in points}
+            model,
+            timeline,
+            content,
+            workdir / "segments.spool",
+            {p.txid for p in points},
+            hashes=hashes,
         )
     finally:
         model.close()
@@ -973,6 +1009,15 @@ async def run(settings: Settings, workdir: Path) -> None:
             )
             upload = await upload_segments(bulk, cache, history.segments)
             objects.update((s.name, s.size) for s in history.segments)
+            for name, path, size in history.snapshots:
+                await client.put_file(name.key, path)
+                path.unlink()
+                objects[name] = size
+            print(
+                f"growth snapshots: {len(history.snapshots)}, "
+                f"{_mb(sum(size for _, _, size in history.snapshots))} MB",
+                flush=True,
+            )
             print(
                 f"upload: {len(history.segments):,} segments in {upload.seconds:.1f} s "
                 f"({len(history.segments) / upload.seconds:.0f}/s, {UPLOAD_CONCURRENCY} in "

@@ -19,7 +19,7 @@ from replicad.clients.file import FileReplicaClient
 from replicad.clients.s3 import S3ReplicaClient
 from replicad.db import Database
 from replicad.errors import ReplicaUnavailableError, RestoreError
-from replicad.format import ObjectHeader, Transaction, TxnInfo, encode_object
+from replicad.format import Transaction, TxnInfo, encode_object
 from replicad.inspect import transaction_log
 from replicad.position import ObjectKind, segment_name, snapshot_name
 from replicad.replica import Replica
@@ -27,8 +27,7 @@ from replicad.replicator import DatabaseReplicator
 from replicad.restore import make_plan, restore
 from tests import workload
 from tests.procs import replicad
-
-PAGE = 512
+from tests.test_restore_apply import PAGE, _header
 
 
 @pytest.fixture
@@ -159,7 +158,7 @@ async def test_force_removes_side_files_only_once_replaced(
         raise OSError(13, "Permission denied")
 
     with monkeypatch.context() as patch:
-        patch.setattr(apply_module.os, "replace", failing_replace)
+        patch.setattr(os, "replace", failing_replace)
         with pytest.raises(OSError, match="Permission denied"):
             await restore(client, out, force=True)
     assert _rows(out) == [("committed",)]  # the -wal was not removed before the failure
@@ -182,19 +181,7 @@ def _put(root: Path, key: str, data: bytes) -> None:
 
 
 def _object(kind: ObjectKind, txns: list[Transaction]) -> bytes:
-    first, last = txns[0].info, txns[-1].info
-    header = ObjectHeader(
-        kind=kind,
-        page_size=PAGE,
-        level=0,
-        first_txid=first.txid,
-        last_txid=last.txid,
-        min_time_ns=first.commit_time_ns,
-        max_time_ns=last.commit_time_ns,
-        db_pages=last.db_pages,
-        position=None,
-    )
-    return encode_object(header, txns)
+    return encode_object(_header(kind, 0, txns), txns)
 
 
 def _history(root: Path, times: list[int], *, last_db_pages: int = 4) -> None:
