@@ -244,7 +244,8 @@ class Replicad:
         dry_run: bool = False,
         extra: Sequence[str] = (),
     ) -> list[str]:
-        """``replicad restore -o OUT URL`` with the default full integrity check."""
+        """``replicad restore -o OUT URL`` at its defaults (``--integrity-check auto``: the
+        checksum chain's proof, and no integrity_check, for a format v2 replica)."""
         url = s3_url(run.server, run.bucket, run.prefix)
         cmd = [sys.executable, "-m", "replicad", "restore", "-o", str(out), url, *extra]
         if timestamp is not None:
@@ -885,7 +886,11 @@ async def restore_runs(
         offset = Replicad.plan_txid(await _dry_run(tool, run, {})) - len(commits)
         targets.append(("middle, TXID", {"txid": mid + offset}, mid))
         targets.append(
-            ("latest, no integrity check", {"extra": ["--integrity-check", "none"]}, len(commits))
+            (
+                "latest, + full integrity_check",
+                {"extra": ["--integrity-check", "full"]},
+                len(commits),
+            )
         )
     results = []
     for n, (label, options, wanted) in enumerate(targets):

@@ -175,6 +175,20 @@ async def test_iter_object_streams_bounded_chunks(replica_client: ReplicaClient)
     assert len(chunks) >= 5
 
 
+async def test_get_range_reads_exactly_the_range(replica_client: ReplicaClient) -> None:
+    payload = os.urandom(100_000)
+    await replica_client.put_object("ranged", payload)
+    downloaded = replica_client.stats.bytes_downloaded
+    for start, length in ((0, 10), (99_990, 10), (50_000, 30_000), (0, 100_000), (99_995, 10)):
+        assert (
+            await replica_client.get_range("ranged", start, length)
+            == payload[start : start + length]
+        )
+    assert replica_client.stats.bytes_downloaded - downloaded == 10 + 10 + 30_000 + 100_000 + 5
+    with pytest.raises(ObjectNotFoundError):
+        await replica_client.get_range("nope", 0, 10)
+
+
 async def test_iter_object_missing_raises_not_found(replica_client: ReplicaClient) -> None:
     with pytest.raises(ObjectNotFoundError):
         async for _ in replica_client.iter_object("nope"):

@@ -128,9 +128,9 @@ class MemoryReplica:
         self.stats.count("GET")
         return self.level0[key]
 
-    async def get_tail(self, key: str, length: int) -> bytes:
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
         self.stats.count("GET")
-        return self.level0[key][-length:]
+        return self.level0[key][start : start + length]
 
 
 def _segment_object(name: ObjectName, times: list[int]) -> bytes:

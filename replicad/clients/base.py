@@ -131,14 +131,6 @@ class ReplicaClient(Protocol):
         """
         ...
 
-    async def get_tail(self, key: str, length: int) -> bytes:
-        """The last `length` bytes of the object (all of it if it is shorter): one ranged GET,
-        so reading an object's trailer costs its size, not the object's.
-
-        Raises `ObjectNotFoundError` if it does not exist.
-        """
-        ...
-
     def iter_object(self, key: str, *, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object's bytes as chunks of at most `chunk_size`, in bounded memory.
 

@@ -164,15 +164,6 @@ class FileReplicaClient:
         self._stats.bytes_downloaded += len(data)
         return data
 
-    async def get_tail(self, key: str, length: int) -> bytes:
-        """The last `length` bytes of the object (all of it if shorter)."""
-        self._check_open()
-        path = self._path(key)
-        self._stats.count("GET")
-        data = await self._run(f"GET {key!r}", _read_tail, path, length, missing=key)
-        self._stats.bytes_downloaded += len(data)
-        return data
-
     async def iter_object(self, key: str, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
         """The object in chunks of at most `chunk_size` bytes, read in a worker thread."""
         self._check_open()
@@ -387,13 +378,6 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _read_tail(path: Path, length: int) -> bytes:
-    with path.open("rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - length))
-        return f.read(length)
 
 
 def _read_range(path: Path, start: int, length: int) -> bytes:

@@ -365,18 +365,7 @@ class S3ReplicaClient:
 
     async def get_range(self, key: str, start: int, length: int) -> bytes:
         """`length` bytes from offset `start`: GetObject with ``Range: bytes=start-end``."""
-        data = await self._ranged(key, f"bytes={start}-{start + length - 1}")
-        if len(data) > length:  # a server that ignores Range sends the whole object
-            data = data[start : start + length]
-        return data
-
-    async def get_tail(self, key: str, length: int) -> bytes:
-        """The last `length` bytes of the object (all of it if shorter): GetObject with a
-        suffix range, ``Range: bytes=-length``."""
-        # A server that ignores Range answers with the whole object: keep what was asked for.
-        return (await self._ranged(key, f"bytes=-{length}"))[-length:]
-
-    async def _ranged(self, key: str, byte_range: str) -> bytes:
+        byte_range = f"bytes={start}-{start + length - 1}"
         full_key = self._root + key
         what = f"GET {full_key!r} ({byte_range})"
         try:
@@ -387,7 +376,10 @@ class S3ReplicaClient:
         except ReplicaError as error:
             self._stats.count_error(error)
             raise
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(data) > length:  # a server that ignores Range sends the whole object
+            data = data[start : start + length]
+        return data
 
     async def iter_object(self, key: str, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
         """Stream the GetObject body in chunks of at most `chunk_size` bytes."""

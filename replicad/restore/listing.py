@@ -68,7 +68,7 @@ async def landing_at(client: ReplicaClient, names: dict[ObjectName, int], at_ns:
         if name.max_time_ms < at_ms:
             found = max(found or (0, 0), (name.last_txid, name.max_time_ms * 1_000_000))
         elif name.min_time_ms <= at_ms:
-            for info in await read_trailer_of(client, name, names.get(name)):
+            for info in await read_trailer_of(client, name, names[name]):
                 if info.commit_time_ns <= at_ns:
                     found = max(found or (0, 0), (info.txid, info.commit_time_ns))
     if found is None:
@@ -78,13 +78,13 @@ async def landing_at(client: ReplicaClient, names: dict[ObjectName, int], at_ns:
         )
     txid, commit_ns = found
     if commit_ns < 0:
-        commit_ns = await _snapshot_commit_ns(client, max(snapshots), names.get(max(snapshots)))
+        commit_ns = await _snapshot_commit_ns(client, max(snapshots), names[max(snapshots)])
     after = [n for n in segments if n.last_txid > txid and n.first_txid <= txid + 1]
     nxt = await _state_after_txid(client, names, after, txid)
     return Landing(at_ns, txid, commit_ns, *nxt)
 
 
-async def _snapshot_commit_ns(client: ReplicaClient, name: ObjectName, size: int | None) -> int:
+async def _snapshot_commit_ns(client: ReplicaClient, name: ObjectName, size: int) -> int:
     """When the snapshot's TXID was committed (its key says when it was taken, later)."""
     return (await read_trailer_of(client, name, size))[-1].commit_time_ns
 
@@ -102,7 +102,7 @@ async def _state_after_txid(
     name = min(holding, key=lambda n: (n.level, n.first_txid))
     if name.first_txid == txid + 1:
         return name.first_txid, name.min_time_ms * 1_000_000
-    for info in await read_trailer_of(client, name, sizes.get(name)):
+    for info in await read_trailer_of(client, name, sizes[name]):
         if info.txid == txid + 1:
             return info.txid, info.commit_time_ns
     return None, None
@@ -113,22 +113,23 @@ async def _state_after_txid(
 TAIL_GUESS = 64 << 10
 
 
-async def read_trailer_of(
-    client: ReplicaClient, name: ObjectName, size: int | None = None
-) -> list[TxnInfo]:
-    """Every transaction of object `name`, from its trailer read with ranged GETs: the bytes
-    read are the trailer's, whatever the object's size (a segment can hold a multi-GB
-    transaction).  Checked against the name: TXIDs, checksums, and `size` if known."""
-    tail = await client.get_tail(name.key, TAIL_GUESS)
+async def read_trailer_of(client: ReplicaClient, name: ObjectName, size: int) -> list[TxnInfo]:
+    """Every transaction of object `name` (`size` bytes, as listed), from its trailer read
+    with ranged GETs: the bytes read are the trailer's, whatever the object's size (a segment
+    can hold a multi-GB transaction).  Checked against the name: TXIDs, checksums, size.
+
+    (Explicit ranges: `rclone serve s3` refuses a suffix range longer than the object.)"""
+    guess = min(size, TAIL_GUESS)
+    tail = await client.get_range(name.key, size - guess, guess)
     span = trailer_span(tail)
-    if span > len(tail) == TAIL_GUESS:
-        tail = await client.get_tail(name.key, span)
+    if span > len(tail) and span <= size:
+        tail = await client.get_range(name.key, size - span, span)
     index = read_index(tail)
     txns = index.transactions
     problem = None
     if (txns[0].txid, txns[-1].txid) != (name.first_txid, name.last_txid):
         problem = f"its trailer holds TXIDs {txns[0].txid}..{txns[-1].txid}"
-    elif size is not None and index.object_length != size:
+    elif index.object_length != size:
         problem = f"its footer says {index.object_length} bytes, the listing {size}"
     elif name.chained and index.checksums is not None and index.checksums[-1] != name.post:
         problem = "its trailer's last checksum is not the one in its key"
@@ -296,7 +297,7 @@ async def _landing_bounded(listing: _BoundedListing, at_ns: int) -> Landing:
     found = await _last_committed(listing, chain, at_ns)
     if found is not None and found[0] > base:
         return Landing(at_ns, *found)
-    commit_ns = await _snapshot_commit_ns(listing.client, snapshot, listing.names.get(snapshot))
+    commit_ns = await _snapshot_commit_ns(listing.client, snapshot, listing.names[snapshot])
     if not chain:
         return Landing(at_ns, base, commit_ns)
     return Landing(at_ns, base, commit_ns, chain[0].first_txid, chain[0].min_time_ms * 1_000_000)
@@ -322,7 +323,7 @@ async def _last_committed(
         elif name.max_time_ms < at_ms:
             found = (name.last_txid, name.max_time_ms * 1_000_000, *later)
         elif name.level == 0:
-            txns = await read_trailer_of(listing.client, name, listing.names.get(name))
+            txns = await read_trailer_of(listing.client, name, listing.names[name])
             before = [i for i, info in enumerate(txns) if info.commit_time_ns <= at_ns]
             if before:
                 i = before[-1]
