@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import functools
 import operator
 import os
@@ -86,6 +87,7 @@ async def restore(
     a failed integrity check; `FormatError` for a corrupt object; `ReplicaError` for storage.
     """
     started = time.monotonic()
+    _return_large_buffers()
     output, tmp = await asyncio.to_thread(_prepare_target, output, force)
     plan = await make_plan(client, target_txid=target_txid, at_ns=at_ns)
     for warning in plan.warnings:
@@ -198,6 +200,24 @@ def _prove(tmp: Path, plan: RestorePlan, applied: _Applied) -> int | None:
     return actual
 
 
+#: glibc's `mallopt` parameters (malloc.h) and the size above which buffers are mmapped.
+_M_MMAP_THRESHOLD, _M_ARENA_MAX, _MMAP_ABOVE = -3, -8, 256 << 10
+
+
+def _return_large_buffers() -> None:
+    """Have glibc map every buffer above 256 KiB on its own, and keep two arenas at most.
+
+    A restore allocates and frees many 1-2 MiB buffers (chunks, parts, pages) in the event loop
+    and in worker threads.  By default glibc raises its mmap threshold to the largest buffer
+    freed, so later ones come from per-thread arenas that keep the memory when they are freed:
+    peak RSS grew by 15-20 MB once decoding moved to a thread.  A no-op off glibc.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_ABOVE)
+        libc.mallopt(_M_ARENA_MAX, 2)
+
+
 #: Threads hashing the restored file for the proof (hashlib releases the GIL on pages).
 _PROOF_THREADS = 2
 
@@ -207,7 +227,7 @@ def _file_checksum(path: Path, page_size: int, db_pages: int) -> int:
     share = max(1, -(-db_pages // _PROOF_THREADS))
     ranges = [(first, min(share, db_pages - first + 1)) for first in range(1, db_pages + 1, share)]
     with concurrent.futures.ThreadPoolExecutor(_PROOF_THREADS) as pool:
-        parts = pool.map(lambda r: pages_checksum(path, page_size, *r), ranges)
+        parts = pool.map(lambda r: pages_checksum(path, page_size, *r, chunk_bytes=1 << 20), ranges)
         return functools.reduce(operator.xor, parts, 0)
 
 

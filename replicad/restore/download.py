@@ -104,10 +104,17 @@ class Downloads:
             self._in_flight += size
 
     async def _whole(self, name: ObjectName) -> bytearray:
-        # Appended chunk by chunk: joining a list of chunks would briefly hold the object twice.
-        data = bytearray()
+        # Into a buffer of the listed size: joining a list of chunks would briefly hold the
+        # object twice, and a growing bytearray over-allocates.
+        data = bytearray(self._sizes[name])
+        filled = 0
         async for chunk in self._client.iter_object(name.key):
-            data += chunk
+            if filled + len(chunk) > len(data):
+                data[filled:] = chunk  # larger than listed: the decoder will say what is wrong
+            else:
+                data[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        del data[filled:]
         return data
 
     def _next_stream(self) -> None:
