@@ -10,6 +10,7 @@ import pytest
 
 import replicad.restore.download as download_module
 import replicad.restore.writer as writer_module
+from replicad.checksum import file_checksum
 from replicad.clients.file import FileReplicaClient
 from replicad.format import ObjectHeader, Transaction, TxnInfo, encode_object
 from replicad.position import ObjectKind, ObjectName, segment_name, snapshot_name
@@ -140,3 +141,21 @@ async def test_every_target_is_the_in_order_result(
             result = await restore(client, out, target_txid=txid, integrity="none", prefetch=2)
             assert result.txid == txid
             assert out.read_bytes() == expected, txid
+
+
+@pytest.mark.parametrize("db_pages", [1, 5, 9, 12])
+def test_page_hasher_gives_the_files_checksum(tmp_path: Path, db_pages: int) -> None:
+    """The proof's checksum from the pages as written equals the file's: later writes of a page
+    win, pages never written (holes) count as zeros, pages past the size do not count."""
+    rng = random.Random(db_pages)
+    path = tmp_path / "f.db"
+    path.write_bytes(b"")
+    hasher = writer_module.PageHasher()
+    with path.open("r+b") as f:
+        for start, count in ((1, 3), (6, 2), (2, 1), (10, 3)):  # 4, 5, 8, 9 stay holes
+            pages = [rng.randbytes(PAGE) for _ in range(count)]
+            f.seek((start - 1) * PAGE)
+            f.write(b"".join(pages))
+            hasher.add(start, pages)
+        f.truncate(db_pages * PAGE)
+    assert hasher.checksum(PAGE, db_pages) == file_checksum(path, PAGE, db_pages)

@@ -159,6 +159,8 @@ class _Applied:
     page_size: int
     db_pages: int
     expected: int | None
+    #: The checksum of the pages as written (`PageHasher`); None: read the file to prove it.
+    written: int | None = None
 
 
 def _check_size(tmp: Path, applied: _Applied) -> None:
@@ -188,7 +190,9 @@ def _prove(tmp: Path, plan: RestorePlan, applied: _Applied) -> int | None:
             "for it"
         )
         return None
-    actual = _file_checksum(tmp, applied.page_size, applied.db_pages)
+    actual = applied.written
+    if actual is None:
+        actual = _file_checksum(tmp, applied.page_size, applied.db_pages)
     if actual != applied.expected:
         raise RestoreError(
             f"the restored database's checksum {actual:016x} is not {applied.expected:016x}, "
@@ -277,21 +281,32 @@ async def _apply(client: ReplicaClient, plan: RestorePlan, tmp: Path, prefetch: 
     except OSError as exc:
         raise RestoreError(f"cannot create {tmp}: {exc.strerror}") from exc
     writer = PageWriter(fd, plan.target_txid, newest_first=True)
+    written = None
     try:
         try:
             expected = await _apply_objects(client, plan, writer, prefetch)
         except UntrackedPage:
             # A database of hundreds of GB: rather than track more pages, start again oldest
             # first, writing every version of every page.
+            _close_hasher(writer)
             os.ftruncate(fd, 0)
             writer = PageWriter(fd, plan.target_txid, newest_first=False)
             expected = await _apply_objects(client, plan, writer, prefetch)
         await asyncio.to_thread(writer.finish)
+        if writer.hasher is not None and expected is not None:
+            hasher, size = writer.hasher, writer.page_size
+            written = await asyncio.to_thread(hasher.checksum, size, writer.db_pages)
     except OSError as exc:
         raise _write_error(tmp, exc) from exc
     finally:
+        _close_hasher(writer)
         os.close(fd)
-    return _Applied(writer.page_size, writer.db_pages, expected)
+    return _Applied(writer.page_size, writer.db_pages, expected, written)
+
+
+def _close_hasher(writer: PageWriter) -> None:
+    if writer.hasher is not None:
+        writer.hasher.close()
 
 
 async def _apply_objects(

@@ -21,8 +21,8 @@ STREAM_ABOVE = 16 << 20
 #: A large object's parts: their size, and how many are downloaded ahead of the decoder, each
 #: over its own connection (8 MiB ahead in all: 4 parallel requests fetched at the server's
 #: full speed here, where one ran at half of it).
-PART_BYTES = 2 << 20
-PARTS_AHEAD = 4
+PART_BYTES = 4 << 20
+PARTS_AHEAD = 3
 #: Bytes handed to the decoder at a time (its events for one chunk are held at once).
 FEED_BYTES = 1 << 20
 

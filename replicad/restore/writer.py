@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
+from collections import deque
 
+import numpy as np
+
+from replicad.checksum import page_hash
 from replicad.errors import RestoreError
 from replicad.format import ObjectDecoder, PageEvent, TxnEndEvent
 
@@ -14,6 +19,11 @@ _WRITE_RUN_PAGES = 256
 TRACKED_PAGES = 1 << 26
 #: Bitmap bytes `PageWriter` lists for one object before it merges whole bitmaps instead.
 TOUCHED_MAX = 1 << 16
+#: Pages `PageHasher` keeps a hash for (8 bytes each: 32 MiB at most, a 16 GB database of
+#: 4 KiB pages); beyond, the proof reads the file back instead.
+HASHED_PAGES = 1 << 22
+#: Runs written but not yet hashed, at most (each up to `_WRITE_RUN_PAGES` pages).
+_HASH_BACKLOG = 8
 
 
 class PageWriter:
@@ -47,6 +57,8 @@ class PageWriter:
         self._run_start = 0
         self._run: list[bytes] = []
         self._highest = 0  # the highest page number written
+        #: Hashes each run as it is written, for the proof (None: the proof reads the file).
+        self.hasher: PageHasher | None = PageHasher() if newest_first else None
 
     def feed(self, decoder: ObjectDecoder, chunk: bytes | memoryview) -> None:
         """Decode the next chunk of an object and write its pages."""
@@ -119,6 +131,8 @@ class PageWriter:
             if os.pwritev(self.fd, self._run, (self._run_start - 1) * self.page_size) != wanted:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # short write: disk full
             self._highest = max(self._highest, self._run_start + len(self._run) - 1)
+            if self.hasher is not None:
+                self.hasher.add(self._run_start, self._run)
             self._run = []
 
     def finish(self) -> None:
@@ -146,3 +160,62 @@ class UntrackedPage(Exception):
 
 def _ignore(_: int) -> None:
     """Takes an argument and does nothing: `PageWriter`'s `touch` when it stopped listing."""
+
+
+class PageHasher:
+    """The page hashes (`replicad.checksum.page_hash`) of the pages a `PageWriter` writes,
+    computed by a thread of its own while decoding and downloading go on, so the proof needs no
+    second pass over the file (that pass took as long as decoding and writing together).
+
+    It hashes the very bytes handed to `pwritev`, at the page numbers they are written to.
+    Pages are written once each (newest first), so the table holds each page's final content;
+    `checksum` then takes pages up to the final size, counting pages never written (the lock
+    page, holes) as zeros, as the checksum's definition does.  A page number past
+    `HASHED_PAGES` turns it off (`overflowed`): the caller proves by reading the file instead.
+    """
+
+    def __init__(self) -> None:
+        self._hashes = np.zeros(0, dtype=np.uint64)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="page-hasher")
+        self._pending: deque[concurrent.futures.Future[None]] = deque()
+        self.overflowed = False
+
+    def add(self, start: int, pages: list[bytes]) -> None:
+        """Hash `pages`, written from page `start` on (in the hasher's thread)."""
+        if self.overflowed or start + len(pages) > HASHED_PAGES:
+            self.overflowed = True
+            return
+        while len(self._pending) >= _HASH_BACKLOG:  # bounded memory: wait for the oldest
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._hash, start, pages))
+
+    def _hash(self, start: int, pages: list[bytes]) -> None:
+        end = start + len(pages)
+        if end > len(self._hashes):
+            grown = np.zeros(max(end, 2 * len(self._hashes)), dtype=np.uint64)
+            grown[: len(self._hashes)] = self._hashes
+            self._hashes = grown
+        self._hashes[start:end] = [page_hash(start + i, page) for i, page in enumerate(pages)]
+
+    def checksum(self, page_size: int, db_pages: int) -> int | None:
+        """The database checksum of pages 1..`db_pages` as written (None if `overflowed`)."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(cancel_futures=True)
+        if self.overflowed:
+            return None
+        table = np.zeros(db_pages + 1, dtype=np.uint64)
+        known = min(len(self._hashes), db_pages + 1)
+        table[:known] = self._hashes[:known]
+        checksum = int(np.bitwise_xor.reduce(table[1:]))
+        zeros = bytes(page_size)
+        # A hash of 0 means "never written" (a real page hashes to 0 with odds of 2**-64).
+        for pgno in np.flatnonzero(table[1:] == 0):
+            checksum ^= page_hash(int(pgno) + 1, zeros)
+        return checksum
+
+    def close(self) -> None:
+        """Stop the thread (after an error; `checksum` stops it otherwise)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
