@@ -13,16 +13,16 @@ from replicad.position import ObjectName
 
 #: Objects downloaded ahead of the one being applied.
 DEFAULT_PREFETCH = 8
-#: Bytes downloaded ahead at most; objects above `STREAM_ABOVE` are streamed, not held whole.
-#: 16 MiB keeps two connections busy, more than decoding can use (64 MiB cost 60 MB of peak
-#: RSS for no measurable gain).
-PREFETCH_BYTES = 16 << 20
+#: Bytes downloaded ahead at most; objects above `STREAM_ABOVE` are fetched in parts, not held
+#: whole.  8 MiB (plus 16 MiB of parts) keeps peak RSS under 128 MB (64 MiB once cost 60 MB of
+#: peak RSS for no measurable gain).
+PREFETCH_BYTES = 8 << 20
 STREAM_ABOVE = 16 << 20
 #: A large object's parts: their size, and how many are downloaded ahead of the decoder, each
-#: over its own connection (8 MiB ahead in all: 4 parallel requests fetched at the server's
-#: full speed here, where one ran at half of it).
-PART_BYTES = 4 << 20
-PARTS_AHEAD = 3
+#: over its own connection (16 MiB ahead in all).  Each request costs CPU in botocore: 2 MiB
+#: parts took 0.3-0.5 CPU-s more than 8 MiB ones for a 200 MB snapshot, for no faster restore.
+PART_BYTES = 8 << 20
+PARTS_AHEAD = 2
 #: Bytes handed to the decoder at a time (its events for one chunk are held at once).
 FEED_BYTES = 1 << 20
 
