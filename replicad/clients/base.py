@@ -123,7 +123,7 @@ class ReplicaClient(Protocol):
         """The whole object. Raises `ObjectNotFoundError` if it does not exist."""
         ...
 
-    async def get_range(self, key: str, start: int, length: int) -> bytes:
+    async def get_range(self, key: str, start: int, length: int) -> bytes | bytearray:
         """`length` bytes of the object from offset `start` (fewer at its end): one ranged GET,
         so a large object can be fetched as parts over several connections at once.
 

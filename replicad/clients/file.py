@@ -155,7 +155,7 @@ class FileReplicaClient:
         self._stats.bytes_downloaded += len(data)
         return data
 
-    async def get_range(self, key: str, start: int, length: int) -> bytes:
+    async def get_range(self, key: str, start: int, length: int) -> bytes | bytearray:
         """`length` bytes of the object from offset `start` (fewer at its end)."""
         self._check_open()
         path = self._path(key)

@@ -363,22 +363,28 @@ class S3ReplicaClient:
         """The whole object; `ObjectNotFoundError` if it does not exist."""
         return b"".join([chunk async for chunk in self.iter_object(key)])
 
-    async def get_range(self, key: str, start: int, length: int) -> bytes:
+    async def get_range(self, key: str, start: int, length: int) -> bytes | bytearray:
         """`length` bytes from offset `start`: GetObject with ``Range: bytes=start-end``."""
         byte_range = f"bytes={start}-{start + length - 1}"
         full_key = self._root + key
         what = f"GET {full_key!r} ({byte_range})"
+        # Into a buffer of the range's size: joining the chunks would hold the part twice.
+        data = bytearray(length)
+        filled = 0
         try:
             async with contextlib.aclosing(
                 self._stream(full_key, CHUNK_SIZE, Range=byte_range, what=what)
             ) as chunks:
-                parts = [chunk async for chunk in chunks]
+                async for chunk in chunks:
+                    data[filled : filled + len(chunk)] = chunk  # (grows past `length` if so)
+                    filled += len(chunk)
         except ReplicaError as error:
             self._stats.count_error(error)
             raise
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        if len(data) > length:  # a server that ignores Range sends the whole object
-            data = data[start : start + length]
+        del data[filled:]
+        if filled > length:  # a server that ignores Range sends the whole object
+            del data[: min(start, filled)]
+            del data[length:]
         return data
 
     async def iter_object(self, key: str, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:

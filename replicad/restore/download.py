@@ -143,4 +143,4 @@ class _Stream:
     name: ObjectName
     size: int
     requested: int = 0
-    parts: deque[asyncio.Task[bytes]] = field(default_factory=deque)
+    parts: deque[asyncio.Task[bytes | bytearray]] = field(default_factory=deque)

@@ -120,10 +120,10 @@ async def read_trailer_of(client: ReplicaClient, name: ObjectName, size: int) ->
 
     (Explicit ranges: `rclone serve s3` refuses a suffix range longer than the object.)"""
     guess = min(size, TAIL_GUESS)
-    tail = await client.get_range(name.key, size - guess, guess)
+    tail = memoryview(await client.get_range(name.key, size - guess, guess))
     span = trailer_span(tail)
     if span > len(tail) and span <= size:
-        tail = await client.get_range(name.key, size - span, span)
+        tail = memoryview(await client.get_range(name.key, size - span, span))
     index = read_index(tail)
     txns = index.transactions
     problem = None
