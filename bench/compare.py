@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -228,7 +229,9 @@ class Replicad:
         dry_run: bool = False,
         extra: Sequence[str] = (),
     ) -> list[str]:
-        """``replicad restore -o OUT URL`` with the default full integrity check."""
+        """``replicad restore -o OUT URL`` at its defaults (``--integrity-check auto``: the
+        checksum chain's proof, and no integrity_check, for a format v2 replica).
+        """
         url = s3_url(run.server, run.bucket, run.prefix)
         cmd = [sys.executable, "-m", "replicad", "restore", "-o", str(out), url, *extra]
         if timestamp is not None:
@@ -810,7 +813,11 @@ async def restore_runs(
         offset = Replicad.plan_txid(await _dry_run(tool, run, {})) - len(commits)
         targets.append(("middle, TXID", {"txid": mid + offset}, mid))
         targets.append(
-            ("latest, no integrity check", {"extra": ["--integrity-check", "none"]}, len(commits))
+            (
+                "latest, + full integrity_check",
+                {"extra": ["--integrity-check", "full"]},
+                len(commits),
+            )
         )
     results = []
     for n, (label, options, wanted) in enumerate(targets):
@@ -917,8 +924,10 @@ class Results:
     loads: list[float] = field(default_factory=list)
 
 
-async def run_all(root: Path, settings: Settings) -> Results:
-    """Every workload against both tools, with one server and one proxy."""
+async def run_all(root: Path, settings: Settings, *, restore_only: bool = False) -> Results:
+    """Every workload against both tools (only workload 4 with `restore_only`), with one
+    server and one proxy.
+    """
     progress = Progress()
     server = await asyncio.to_thread(start_rclone, root / "s3")
     try:
@@ -928,7 +937,7 @@ async def run_all(root: Path, settings: Settings) -> Results:
         await proxy.start()
         try:
             bench = Bench(root, server, proxy, bucket)
-            results = await _workloads(bench, settings, progress)
+            results = await _workloads(bench, settings, progress, restore_only)
         finally:
             await proxy.close()
     finally:
@@ -939,9 +948,13 @@ async def run_all(root: Path, settings: Settings) -> Results:
     return results
 
 
-async def _workloads(bench: Bench, settings: Settings, progress: Progress) -> Results:
+async def _workloads(
+    bench: Bench, settings: Settings, progress: Progress, restore_only: bool
+) -> Results:
     draws = random.Random(SEED)
     kills = []
+    if restore_only:
+        settings = dataclasses.replace(settings, kills=0, shutdowns=0)
     for trial in range(1, settings.kills + 1):
         after = round(draws.uniform(*settings.kill_window), 3)
         for tool in _order(trial):
@@ -953,7 +966,7 @@ async def _workloads(bench: Bench, settings: Settings, progress: Progress) -> Re
             progress.step(f"SIGTERM {trial}/{settings.shutdowns}: {tool.name}")
             shutdowns.append(await shutdown_trial(bench, tool, trial))
     steady = []
-    for replicator in (*TOOLS, None):
+    for replicator in () if restore_only else (*TOOLS, None):
         progress.step(f"steady cost: {replicator.name if replicator else 'no replicator'}")
         steady.append(await steady_run(bench, replicator, settings))
     builds, restores = [], []
@@ -1165,16 +1178,18 @@ def build_rows(results: Results) -> list[list[object]]:
     ]
 
 
-def report(results: Results, versions: dict[str, str], quick: bool) -> None:
-    """Print every table."""
+def report(results: Results, versions: dict[str, str], command: str) -> None:
+    """Print every table (only the restore tables after ``--restore-only``)."""
     s = results.settings
     print(machine())
     print(", ".join(f"{name} {v}" for name, v in versions.items()))
-    command = "python -m bench.compare" + (" --quick" if quick else "")
     print(f"command: {command}; ran {results.seconds:.0f} s")
     loads = results.loads
     print(f"1-minute load average at each step: {min(loads):.2f} to {max(loads):.2f}")
     print()
+    if not results.steady:
+        restore_report(results)
+        return
     print("Summary")
     print_table(
         ("measure", *(t.name for t in TOOLS), "replicad / Litestream"), summary_rows(results)
@@ -1229,6 +1244,12 @@ def report(results: Results, versions: dict[str, str], quick: bool) -> None:
         ("tool", "phase", *OPERATIONS, "requests", "uploaded MB", "CPU-s"), request_rows(results)
     )
     print()
+    restore_report(results)
+
+
+def restore_report(results: Results) -> None:
+    """Workload 4's tables."""
+    s = results.settings
     print(
         f"4. Restore: history of {s.base_rows:,} x {HISTORY_BASE_BYTES // 1000} kB rows then "
         f"{s.tail_txns:,} small transactions at {HISTORY_TAIL_RATE:g} txn/s"
@@ -1305,19 +1326,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 3 min)")
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
+    parser.add_argument(
+        "--restore-only", action="store_true", help="only workload 4 (restore), both tools"
+    )
     args = parser.parse_args(argv)
     found = versions()
     if found["Litestream"] != litestream.EXPECTED_VERSION:
         print(f"NOTE: Litestream {found['Litestream']}, written for {litestream.EXPECTED_VERSION}")
     root = Path(tempfile.mkdtemp(prefix="replicad-compare-"))
     try:
-        results = asyncio.run(run_all(root, QUICK if args.quick else FULL))
+        settings = QUICK if args.quick else FULL
+        results = asyncio.run(run_all(root, settings, restore_only=args.restore_only))
     finally:
         if args.keep:
             print(f"run directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
-    report(results, found, args.quick)
+    command = "python -m bench.compare " + " ".join(a for a in argv if a != "--keep")
+    report(results, found, command.strip())
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ have written it.  One run, in a temporary directory:
    `GROW_EVERY` also grows the file by a page: a new freelist trunk page plus page 1's header
    (database size, freelist head and count).  Every change is also written (``os.pwrite``) to a
    model copy of the database file, whose SHA-256 is recorded at the TXIDs to be restored.
-   Transactions are grouped into level-0 segments of `--batch-seconds` (the daemon uploads one a
-   second; the default is 5 s, and 1 s with `--quick`, because `rclone serve s3` gets slower per
-   PUT and per listing as a directory fills: see docs/benchmarks.md; commit times are evenly
-   spaced, 100 ms apart at 10 txn/s), encoded by `replicad.replica`'s own level-0 segment
-   encoder (with a plausible WAL position, which a restore does not use), spooled to one local
-   file, then uploaded with `S3ReplicaClient.put_object`, `UPLOAD_CONCURRENCY` in flight.
+   Transactions are grouped into level-0 segments of `--batch-seconds` (the daemon uploads
+   one a second; the default is 5 s, and 1 s with `--quick`, because `rclone serve s3` gets
+   slower per PUT and per listing as a directory fills: see docs/benchmarks.md; commit times
+   are evenly spaced, 100 ms apart at 10 txn/s), encoded with `encode_object` as
+   `replicad.replica` does (with a plausible WAL position, which a restore does not use), spooled
+   to one local file, then uploaded with `S3ReplicaClient.put_object`, `UPLOAD_CONCURRENCY`
+   in flight.
 3. **Compaction.**  `plan_compaction` (levels 30 s / 5 min / 1 h, settle 0, now = end of the
    history) and `compact` until nothing more is planned.  Level-0 sources come from the local
    spool, as the daemon takes them from its cache of recent uploads; higher levels are read back
@@ -33,13 +34,13 @@ have written it.  One run, in a temporary directory:
 4. **Restores** with the real CLI in child processes: ``replicad restore --dry-run`` (the plan
    as JSON: objects and bytes) and then ``replicad restore -o OUT`` for the newest state,
    `POINTS` random TXIDs (``--txid``) and `POINTS` other random moments (``--timestamp``, 50 ms
-   after a commit, so the expected TXID is that commit's).  Wall time, CPU and peak RSS (the
-   child's sampled VmHWM, `tests.measure.run_measured`); the wall time is split by watching the
-   output directory at each sample: *plan* until OUT.tmp appears (start-up, listing, planning),
-   *apply* until SQLite's -shm or -wal appears beside it (download, decode, write, fsync),
-   *check* to the exit (``PRAGMA integrity_check``, rename).  Correct means: exit 0, the plan and
-   the result name the expected TXID and the same objects and bytes, and the SHA-256 of the
-   whole restored file equals the model's at that TXID.
+   after a commit, so the expected TXID is that commit's).  Wall time, CPU and peak RSS come
+   from ``/usr/bin/time -v``; the wall time is split by watching the output directory every
+   5 ms: *plan* until OUT.tmp appears (start-up, listing, planning), *apply* until SQLite's
+   -shm or -wal appears beside it (download, decode, write, fsync), *check* to the exit
+   (``PRAGMA integrity_check``, rename).  Correct means: exit 0, the plan and the result name
+   the expected TXID and the same objects and bytes, and the SHA-256 of the whole restored
+   file equals the model's at that TXID.
 5. **Raw download baseline** for each restore: exactly the objects of its plan, fetched to
    local files with aiobotocore over the same loopback: the snapshot streamed in 1 MiB reads,
    then the segments in `replicad.restore`'s own schedule (small objects fetched whole, up to
@@ -73,10 +74,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import BenchError, machine, print_table, s3_env, s3_url
-from replicad import replica as replica_module
-from replicad import restore as restore_module
-from replicad.checksum import PageHashes, file_checksum
+from bench.common import machine, print_table, s3_env, s3_url
+from replicad.checksum import PageHashes
 from replicad.clients.s3 import S3ReplicaClient
 from replicad.compaction import (
     DEFAULT_LEVELS,
@@ -85,24 +84,24 @@ from replicad.compaction import (
     compact,
     plan_compaction,
 )
-from replicad.db import CapturedTxn
-from replicad.format import ObjectHeader, ObjectWriter, object_name
+from replicad.format import (
+    ObjectHeader,
+    ObjectWriter,
+    Transaction,
+    TxnInfo,
+    encode_object,
+    object_name,
+)
 from replicad.position import (
     ObjectKind,
     ObjectName,
     WalPosition,
     parse_key,
 )
-from tests.measure import MeasuredRun, run_measured
-from tests.procs import ROOT
-from tests.s3servers import (
-    S3Server,
-    create_bucket,
-    raw_client,
-    start_rclone,
-    stream_object,
-    unique_bucket,
-)
+from replicad.replicator import SNAPSHOT_GROWTH, SNAPSHOT_GROWTH_MIN_BYTES
+from replicad.restore import download as restore_download
+from tests.procs import ROOT, clean_env
+from tests.s3servers import S3Server, create_bucket, raw_client, start_rclone, unique_bucket
 
 DEFAULT_SIZE_MB = 1024
 DEFAULT_HOURS = 24.0
@@ -127,13 +126,19 @@ UPLOAD_CONCURRENCY = 32
 COMPACTION_CONCURRENCY = 4
 #: The raw download's parallel variant, and its read size (replicad.clients.s3.CHUNK_SIZE).
 RAW_PARALLEL = 8
+RAW_CHUNK = 1 << 20
 #: Where SQLite's lock-byte page sits (it is never used, but the file includes it).
 PENDING_BYTE = 0x40000000
 #: WAL frames after which the simulated WAL restarts (new salts) for the segment positions.
 WAL_RESTART_FRAMES = 1000
 RESTORE_TIMEOUT = 3600.0
 #: GNU time, for the peak RSS of a child (see `measure`).
+TIME = "/usr/bin/time"
 SECOND_NS = 1_000_000_000
+
+
+class BenchError(SystemExit):
+    """The run went wrong; its numbers would mislead, so none are printed."""
 
 
 # -- page content ----------------------------------------------------------------------------
@@ -262,21 +267,17 @@ class Timeline:
 
     @property
     def last_txid(self) -> int:
-        """The newest TXID: the base snapshot (1) plus every transaction."""
         return self.transactions + 1
 
     @property
     def end_ns(self) -> int:
-        """When the last transaction committed, Unix ns."""
         return self.t0_ns + self.transactions * self.interval_ns
 
     @property
     def segments(self) -> int:
-        """Level-0 segments the history is cut into."""
         return -(-self.transactions // self.per_segment)
 
     def commit_ns(self, txid: int) -> int:
-        """When transaction `txid` committed, Unix ns: half an interval into its slot."""
         if txid == 1:
             return self.t0_ns
         return self.t0_ns + (txid - 2) * self.interval_ns + self.interval_ns // 2
@@ -296,13 +297,7 @@ class Model:
         self.pending_page = PENDING_BYTE // PAGE_SIZE + 1
 
     def close(self) -> None:
-        """Close the model file."""
         os.close(self.fd)
-
-    def pages(self) -> Iterator[tuple[int, bytes]]:
-        """Every page of the model file, in page-number order."""
-        for pgno in range(1, self.db_pages + 1):
-            yield pgno, os.pread(self.fd, PAGE_SIZE, (pgno - 1) * PAGE_SIZE)
 
     def _read(self, pgno: int) -> bytearray:
         return bytearray(os.pread(self.fd, PAGE_SIZE, (pgno - 1) * PAGE_SIZE))
@@ -339,7 +334,6 @@ class Model:
         return [(1, bytes(header)), (new, bytes(trunk))]
 
     def sha256(self) -> str:
-        """SHA-256 of the model file as it stands."""
         digest = hashlib.sha256()
         size = self.db_pages * PAGE_SIZE
         for offset in range(0, size, 8 << 20):
@@ -357,7 +351,6 @@ class WalSim:
     frames: int = 0
 
     def advance(self, frames: int, txid: int) -> WalPosition:
-        """Move past `frames` frames of transaction `txid`; the WAL position after them."""
         self.frames += frames
         position = WalPosition(
             self.salt1,
@@ -395,6 +388,9 @@ class History:
     seconds: float
     hash_seconds: float
     final_pages: int
+    #: Snapshots the daemon takes once the pages captured since the last one outgrow it
+    #: (`replicad.replicator.SNAPSHOT_GROWTH`): (name, local file, size).
+    snapshots: list[tuple[ObjectName, Path, int]]
 
 
 def generate_history(
@@ -403,9 +399,16 @@ def generate_history(
     content: Content,
     spool: Path,
     check_txids: set[int],
+    *,
+    hashes: PageHashes,
 ) -> History:
     """Every transaction of the history: applied to the model, encoded into level-0 segments
     appended to `spool`; the model's SHA-256 recorded after each TXID in `check_txids`.
+
+    `hashes` (the base database's page hashes) is kept current, so every object records the
+    database checksums (format v2) as the daemon's do.  A snapshot of the model is written
+    next to `spool` whenever the daemon would take one: once the pages captured since the last
+    snapshot reach `SNAPSHOT_GROWTH` times its size (at least `SNAPSHOT_GROWTH_MIN_BYTES`).
     """
     started = time.perf_counter()
     rng = content.rng
@@ -417,47 +420,57 @@ def generate_history(
     offset = 0
     txid = 2
     leaves = len(model.leaves)
-    # The database checksum before and after each transaction, as the daemon records it.
-    hashes = PageHashes.build(PAGE_SIZE, model.pages())
+    snapshots: list[tuple[ObjectName, Path, int]] = []
+    since_snapshot, snapshot_bytes = 0, model.db_pages * PAGE_SIZE
     with spool.open("wb") as out:
         while txid <= timeline.last_txid:
             last = min(txid + timeline.per_segment - 1, timeline.last_txid)
-            # txid, db_pages, pages, checksum before, checksum after
-            txns: list[tuple[int, int, list[tuple[int, bytes]], int, int]] = []
+            txns: list[Transaction] = []
             frames = 0
+            pre = hashes.checksum
             for k in range(txid, last + 1):
-                pre = hashes.checksum
                 pages: list[tuple[int, bytes]] = []
                 if rng.randrange(GROW_EVERY) == 0:
                     pages += model.grow()
                     grows += 1
                 for leaf in rng.sample(range(leaves), rng.randint(1, 3)):
                     pages.append(model.rewrite(leaf, content))
-                hashes.set_size(model.db_pages)
                 for pgno, data in pages:
                     hashes.set_page(pgno, data)
-                txns.append((k, model.db_pages, pages, pre, hashes.checksum))
+                info = TxnInfo(k, timeline.commit_ns(k), model.db_pages, len(pages))
+                txns.append(Transaction(info, pages, hashes.checksum))
                 frames += len(pages)
                 if k in check_txids:
                     hashing = time.perf_counter()
                     expected[k] = (model.sha256(), model.db_pages * PAGE_SIZE)
                     hash_seconds += time.perf_counter() - hashing
-            # The daemon's own level-0 encoder names the segment and writes its header, so this
-            # history cannot drift from what the daemon uploads.  (Private in replica.py until
-            # one public function builds every object's header and name.)  The WAL position it
-            # records is the last transaction's end, as when the daemon captures it.
-            end = wal.advance(frames, last)
-            batch = [
-                CapturedTxn(k, timeline.commit_ns(k), n, p, end, before, after)
-                for k, n, p, before, after in txns
-            ]
-            name, data = replica_module._encode_segment(batch, PAGE_SIZE, 0)
+            first_ns, last_ns = txns[0].info.commit_time_ns, txns[-1].info.commit_time_ns
+            header = ObjectHeader(
+                kind=ObjectKind.SEGMENT,
+                page_size=PAGE_SIZE,
+                level=0,
+                first_txid=txid,
+                last_txid=last,
+                min_time_ns=first_ns,
+                max_time_ns=last_ns,
+                db_pages=model.db_pages,
+                position=wal.advance(frames, last),
+                pre_checksum=pre,
+                post_checksum=hashes.checksum,
+            )
+            data = encode_object(header, txns)
             out.write(data)
-            segments.append(Spooled(name, offset, len(data)))
+            segments.append(Spooled(object_name(header), offset, len(data)))
             offset += len(data)
             pages_written += frames
             raw += frames * PAGE_SIZE
+            since_snapshot += frames * PAGE_SIZE
             txid = last + 1
+            if since_snapshot >= max(SNAPSHOT_GROWTH * snapshot_bytes, SNAPSHOT_GROWTH_MIN_BYTES):
+                path = spool.with_name(f"snapshot-{last}.tmp")
+                name, size = write_snapshot(model.path, path, last, last_ns, hashes.checksum)
+                snapshots.append((name, path, size))
+                since_snapshot, snapshot_bytes = 0, model.db_pages * PAGE_SIZE
     return History(
         segments,
         expected,
@@ -467,34 +480,37 @@ def generate_history(
         time.perf_counter() - started,
         hash_seconds,
         model.db_pages,
+        snapshots,
     )
 
 
-def write_snapshot(db: Path, out: Path, t0_ns: int) -> tuple[ObjectName, int]:
-    """The base snapshot (TXID 1, committed at `t0_ns`) of `db`'s pages, as the daemon writes it."""
+def write_snapshot(
+    db: Path, out: Path, txid: int, t_ns: int, checksum: int
+) -> tuple[ObjectName, int]:
+    """A snapshot of `db`'s pages at `txid` (committed and taken at `t_ns`, database checksum
+    `checksum`), as the daemon writes it.
+    """
     pages = db.stat().st_size // PAGE_SIZE
-    checksum = file_checksum(db, PAGE_SIZE, pages)
     header = ObjectHeader(
         kind=ObjectKind.SNAPSHOT,
         page_size=PAGE_SIZE,
         level=0,
-        first_txid=1,
-        last_txid=1,
-        min_time_ns=t0_ns,
-        max_time_ns=t0_ns,
+        first_txid=txid,
+        last_txid=txid,
+        min_time_ns=t_ns,
+        max_time_ns=t_ns,
         db_pages=pages,
-        position=None,  # the WAL was empty (checkpointed with TRUNCATE)
+        position=None,  # (a restore does not use it)
         pre_checksum=0,
         post_checksum=checksum,
     )
-    name = object_name(header)
     with db.open("rb") as source, out.open("wb") as sink:
         writer = ObjectWriter(sink, header)
-        writer.begin_transaction(1, t0_ns, pages, pages, checksum)
+        writer.begin_transaction(txid, t_ns, pages, pages, checksum)
         for pgno in range(1, pages + 1):
             writer.add_page(pgno, source.read(PAGE_SIZE))
         size = writer.finish()
-    return name, size
+    return object_name(header), size
 
 
 class SpoolCache(Mapping[ObjectName, bytes]):
@@ -515,7 +531,6 @@ class SpoolCache(Mapping[ObjectName, bytes]):
         return len(self._where)
 
     def close(self) -> None:
-        """Close the spool file."""
         os.close(self._fd)
 
 
@@ -597,33 +612,86 @@ class Point:
     txid: int
 
 
-class Phases:
-    """When a restore changed phase, from the files it leaves beside OUT (seconds from start).
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """A child process run to completion."""
 
-    `tmp_at`: OUT.tmp appeared (start-up, listing and planning done); `check_at`: SQLite's
-    -shm/-wal appeared beside it (pages written and fsynced; the integrity check starts).
+    returncode: int
+    wall_seconds: float
+    cpu_seconds: float
+    peak_rss_bytes: int
+    stdout: str
+    stderr: str
+    #: For a restore: when OUT.tmp appeared (start-up, listing and planning done), and when
+    #: SQLite's -shm/-wal beside it did (pages written and fsynced; the integrity check starts).
+    tmp_at: float | None = None
+    check_at: float | None = None
+
+
+def _status_kb(pid: int, field_name: str) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure(cmd: list[str], env: dict[str, str], out: Path | None = None) -> Measured:
+    """Run `cmd` (clean environment plus `env`, repository root as cwd) and measure it.
+
+    Peak RSS comes from ``/usr/bin/time -v`` (else from polling VmHWM): `wait4`'s ru_maxrss for
+    a child of this process is at least this process's RSS at the fork, as Linux carries the
+    forked copy's high-water mark across exec, so `bench.common.run_measured` cannot tell a
+    restore's memory.  With `out`, OUT.tmp and its SQLite sidecars are watched every 5 ms to
+    split a restore's wall time into planning, applying and checking.
     """
-
-    def __init__(self, out: Path) -> None:
-        self.tmp = out.with_name(out.name + ".tmp")
-        self.sidecars = [self.tmp.with_name(self.tmp.name + s) for s in ("-shm", "-wal")]
-        self.tmp_at: float | None = None
-        self.check_at: float | None = None
-
-    def __call__(self, elapsed: float) -> None:
-        """Look at the files once, `elapsed` seconds after the restore started."""
-        if self.tmp_at is None and self.tmp.exists():
-            self.tmp_at = elapsed
-        if self.tmp_at is not None and self.check_at is None and self._checking():
-            self.check_at = elapsed
-
-    def _checking(self) -> bool:
-        return any(s.exists() for s in self.sidecars)
-
-
-def measure(cmd: list[str], env: dict[str, str], watch: Phases | None = None) -> MeasuredRun:
-    """Run `cmd` as a measured child (`tests.measure.run_measured`), timing its `watch` phases."""
-    return run_measured(cmd, env=env, timeout=RESTORE_TIMEOUT, watch=watch)
+    timed = os.path.exists(TIME)
+    tmp = out.with_name(out.name + ".tmp") if out else None
+    sidecars = [tmp.with_name(tmp.name + s) for s in ("-shm", "-wal")] if tmp else []
+    tmp_at = check_at = None
+    polled_hwm = 0
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [TIME, "-v", *cmd] if timed else cmd,
+            stdout=stdout,
+            stderr=stderr,
+            env=clean_env(env),
+            cwd=ROOT,
+        )
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            now = time.perf_counter() - started
+            if pid:
+                break
+            if now > RESTORE_TIMEOUT:
+                proc.kill()
+            if tmp is not None and tmp_at is None and tmp.exists():
+                tmp_at = now
+            if tmp_at is not None and check_at is None and any(s.exists() for s in sidecars):
+                check_at = now
+            if not timed:
+                polled_hwm = max(polled_hwm, _status_kb(proc.pid, "VmHWM"))
+            time.sleep(0.005)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0)
+        stderr.seek(0)
+        out_text = stdout.read().decode(errors="replace")
+        err_text = stderr.read().decode(errors="replace")
+    returncode, cpu, peak = proc.returncode, usage.ru_utime + usage.ru_stime, polled_hwm * 1024
+    if timed:
+        lines = err_text.splitlines()
+        at = max(i for i, line in enumerate(lines) if "Command being timed" in line)
+        stats = dict(line.strip().split(": ", 1) for line in lines[at:] if ": " in line)
+        returncode = int(stats["Exit status"])
+        cpu = float(stats["User time (seconds)"]) + float(stats["System time (seconds)"])
+        peak = int(stats["Maximum resident set size (kbytes)"]) * 1024
+        err_text = "\n".join(lines[:at])
+    return Measured(returncode, wall, cpu, peak, out_text, err_text, tmp_at, check_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -632,9 +700,8 @@ class RestoreRow:
 
     point: Point
     plan: dict[str, Any]
-    dry_run: MeasuredRun
-    run: MeasuredRun
-    phases: Phases
+    dry_run: Measured
+    run: Measured
     correct: bool
     #: Seconds to download the plan's objects with the restore's schedule, and 8 at a time.
     raw_schedule: float
@@ -642,24 +709,20 @@ class RestoreRow:
 
     @property
     def objects(self) -> int:
-        """Objects the restore plan reads."""
         return len(self.plan["objects"])
 
     @property
     def planning(self) -> float:
-        """Seconds from start to OUT.tmp appearing: start-up, listing and planning."""
-        return self.phases.tmp_at or 0.0
+        return self.run.tmp_at or 0.0
 
     @property
     def applying(self) -> float:
-        """Seconds spent downloading, decoding and writing pages."""
-        end = self.phases.check_at or self.run.wall_seconds
+        end = self.run.check_at or self.run.wall_seconds
         return end - self.planning
 
     @property
     def checking(self) -> float:
-        """Seconds of the integrity check and the final rename."""
-        return self.run.wall_seconds - (self.phases.check_at or self.run.wall_seconds)
+        return self.run.wall_seconds - (self.run.check_at or self.run.wall_seconds)
 
 
 def rfc3339(ns: int) -> str:
@@ -681,20 +744,18 @@ def choose_points(timeline: Timeline, rng: random.Random) -> list[Point]:
 
 
 def replicad_cmd(*args: str) -> list[str]:
-    """The command line of `python -m replicad ARGS`."""
     return [sys.executable, "-m", "replicad", *args]
 
 
 def run_restore(
     point: Point, url: str, env: dict[str, str], out: Path, expected: tuple[str, int]
-) -> tuple[dict[str, Any], MeasuredRun, MeasuredRun, Phases, bool]:
+) -> tuple[dict[str, Any], Measured, Measured, bool]:
     """The plan (dry run) and the restore of `point`; whether the result is the model's."""
     dry = measure(replicad_cmd("restore", "-o", str(out), "--dry-run", *point.args, url), env)
     if dry.returncode != 0:
         raise BenchError(f"dry run of {point.label} failed:\n{dry.stderr[-3000:]}")
     plan = json.loads(dry.stdout)
-    phases = Phases(out)
-    run = measure(replicad_cmd("restore", "-o", str(out), *point.args, url), env, phases)
+    run = measure(replicad_cmd("restore", "-o", str(out), *point.args, url), env, out)
     if run.returncode != 0:
         raise BenchError(f"restore of {point.label} failed:\n{run.stderr[-3000:]}")
     result = json.loads(run.stdout.strip().splitlines()[-1])
@@ -708,7 +769,7 @@ def run_restore(
         and _sha256(out) == digest
     )
     out.unlink()
-    return plan, dry, run, phases, correct
+    return plan, dry, run, correct
 
 
 def _sha256(path: Path) -> str:
@@ -725,9 +786,9 @@ def _sha256(path: Path) -> str:
 def restore_schedule() -> tuple[int, int | None, int | None]:
     """How `replicad.restore` fetches segments: objects ahead, bytes ahead, streaming size."""
     return (
-        restore_module.DEFAULT_PREFETCH,
-        getattr(restore_module, "PREFETCH_BYTES", None),
-        getattr(restore_module, "STREAM_ABOVE", None),
+        restore_download.DEFAULT_PREFETCH,
+        restore_download.PREFETCH_BYTES,
+        restore_download.STREAM_ABOVE,
     )
 
 
@@ -750,7 +811,11 @@ async def raw_download(
     async with raw_client(server) as s3:
 
         async def stream(key: str, path: Path) -> None:
-            await stream_object(s3, bucket, f"{PREFIX}/{key}", path)
+            response = await s3.get_object(Bucket=bucket, Key=f"{PREFIX}/{key}")
+            with path.open("wb") as f:
+                async with response["Body"] as body:
+                    while chunk := await body.read(RAW_CHUNK):
+                        f.write(chunk)
 
         async def whole(key: str) -> bytes:
             response = await s3.get_object(Bucket=bucket, Key=f"{PREFIX}/{key}")
@@ -802,8 +867,6 @@ async def raw_download(
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """How much history to build and how fast it was written."""
-
     size_mb: int
     hours: float
     rate: int
@@ -894,7 +957,10 @@ async def run(settings: Settings, workdir: Path) -> None:
     )
     snap_path = workdir / "snapshot.tmp"
     started = time.perf_counter()
-    snap_name, snap_size = write_snapshot(db, snap_path, timeline.t0_ns)
+    with db.open("rb") as f:
+        pages = iter(lambda: f.read(PAGE_SIZE), b"")
+        hashes = PageHashes.build(PAGE_SIZE, enumerate(pages, start=1))
+    snap_name, snap_size = write_snapshot(db, snap_path, 1, timeline.t0_ns, hashes.checksum)
     snap_encode = time.perf_counter() - started
 
     # 2. the history, on the model
@@ -904,7 +970,12 @@ async def run(settings: Settings, workdir: Path) -> None:
     model = Model(model_path, leaves, ranges)
     try:
         history = generate_history(
-            model, timeline, content, workdir / "segments.spool", {p.txid for p in points}
+            model,
+            timeline,
+            content,
+            workdir / "segments.spool",
+            {p.txid for p in points},
+            hashes=hashes,
         )
     finally:
         model.close()
@@ -941,6 +1012,15 @@ async def run(settings: Settings, workdir: Path) -> None:
             )
             upload = await upload_segments(bulk, cache, history.segments)
             objects.update((s.name, s.size) for s in history.segments)
+            for name, path, size in history.snapshots:
+                await client.put_file(name.key, path)
+                path.unlink()
+                objects[name] = size
+            print(
+                f"growth snapshots: {len(history.snapshots)}, "
+                f"{_mb(sum(size for _, _, size in history.snapshots))} MB",
+                flush=True,
+            )
             print(
                 f"upload: {len(history.segments):,} segments in {upload.seconds:.1f} s "
                 f"({len(history.segments) / upload.seconds:.0f}/s, {UPLOAD_CONCURRENCY} in "
@@ -970,13 +1050,13 @@ async def run(settings: Settings, workdir: Path) -> None:
         rows: list[RestoreRow] = []
         for point in points:
             out = workdir / "restored.db"
-            plan, dry, measured, phases, correct = run_restore(
+            plan, dry, measured, correct = run_restore(
                 point, url, env, out, history.expected[point.txid]
             )
             keys = [(o["key"], o["bytes"]) for o in plan["objects"]]
             schedule = await raw_download(server, bucket, keys, workdir / "raw", like_restore=True)
             parallel = await raw_download(server, bucket, keys, workdir / "raw", like_restore=False)
-            rows.append(RestoreRow(point, plan, dry, measured, phases, correct, schedule, parallel))
+            rows.append(RestoreRow(point, plan, dry, measured, correct, schedule, parallel))
             print(
                 f"restore {point.label}: {measured.wall_seconds:.1f} s, "
                 f"{'correct' if correct else 'WRONG'}",
@@ -1023,7 +1103,6 @@ def report(
     rows: list[RestoreRow],
     total_seconds: float,
 ) -> None:
-    """Print the tables of one run."""
     print("\nReplica after compaction:")
     levels: dict[str, list[int]] = {}
     for name, size in sorted(objects.items()):
@@ -1103,7 +1182,6 @@ def report(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: build the history, restore, report."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.pitr",
         description=__doc__,

@@ -65,11 +65,22 @@ def file_checksum(path: Path, page_size: int, db_pages: int) -> int:
     """The checksum of the database file at `path` (its first `db_pages` pages), read in
     bounded chunks.
     """
+    return pages_checksum(path, page_size, 1, db_pages)
+
+
+def pages_checksum(
+    path: Path, page_size: int, start: int, pages: int, *, chunk_bytes: int = 4 << 20
+) -> int:
+    """The XOR of the page hashes of `pages` pages of the file at `path` from page `start`,
+    read `chunk_bytes` at a time: parts of a file's checksum can be computed apart (in
+    threads) and XORed.
+    """
     checksum = 0
-    chunk_pages = max(1, (4 << 20) // page_size)
+    chunk_pages = max(1, chunk_bytes // page_size)
     with path.open("rb", buffering=0) as f:
-        for first in range(1, db_pages + 1, chunk_pages):
-            count = min(chunk_pages, db_pages - first + 1)
+        f.seek((start - 1) * page_size)
+        for first in range(start, start + pages, chunk_pages):
+            count = min(chunk_pages, start + pages - first)
             data = f.read(count * page_size).ljust(count * page_size, b"\0")
             view = memoryview(data)
             for i in range(count):

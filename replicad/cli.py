@@ -27,6 +27,7 @@ from replicad.clients.base import ReplicaClient
 from replicad.clients.file import FileReplicaClient
 from replicad.config import (
     DEFAULT_CONFIG_PATH,
+    DEFAULT_SYNC_INTERVAL,
     Config,
     DatabaseConfig,
     ReplicaConfig,
@@ -39,8 +40,11 @@ from replicad.errors import ConfigError, ReplicadError
 from replicad.observe import MetricsServer, bind_scope, configure_logging, parse_address
 from replicad.restore import (
     INTEGRITY_MODES,
+    Landing,
     RestorePlan,
     RestoreResult,
+    check_shortfall,
+    iso_ns,
     make_plan,
     parse_timestamp,
     restore,
@@ -399,9 +403,16 @@ def _add_restore(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--integrity-check",
         choices=INTEGRITY_MODES,
         default="auto",
-        help="SQLite check run on the result before it is moved into place; auto (the "
-        "default): none when the checksum chain proves the result equal to the source, full "
-        "when it cannot (format v1 replicas)",
+        help="check run on the result before it is moved into place (default: auto, a full "
+        "integrity_check only when the checksum chain cannot prove the result: format v1)",
+    )
+    p.add_argument(
+        "--max-shortfall",
+        type=float,
+        metavar="SECONDS",
+        help="with --timestamp: fail, before downloading, if the newest state at or before "
+        "the moment was committed more than SECONDS before it (default: restore it and warn "
+        "when that is more than twice the sync interval)",
     )
     _add_follow_options(p)
     _add_logging(p)
@@ -802,10 +813,57 @@ def _restore(args: argparse.Namespace) -> int:
                 "checksum": None if result.checksum is None else f"{result.checksum:016x}",
                 "proven": result.checksum is not None,
                 "warnings": list(result.warnings),
+                "integrity_check": result.integrity,
+                **_landing_json(result.landing),
             }
         )
     )
     return 0
+
+
+def _landing_json(landing: Landing | None) -> dict[str, object]:
+    """Where a restore to a moment landed, for the JSON output (nothing for other targets)."""
+    if landing is None:
+        return {}
+    return {
+        "landing": {
+            "target": iso_ns(landing.target_ns),
+            "txid": landing.txid,
+            "committed": iso_ns(landing.commit_ns),
+            "shortfall_seconds": round(landing.shortfall_ns / 1e9, 3),
+            "next_txid": landing.next_txid,
+            "next_committed": None
+            if landing.next_commit_ns is None
+            else iso_ns(landing.next_commit_ns),
+        }
+    }
+
+
+def _warn_shortfall(landing: Landing | None, sync_interval: float) -> None:
+    """Say on stderr when a restore to a moment lands well before it (more than two sync
+    intervals: the daemon was down, or nothing was captured then).
+    """
+    if landing is None or landing.shortfall_ns <= 2 * sync_interval * 1e9:
+        return
+    after = (
+        "no later state is kept"
+        if landing.next_commit_ns is None
+        else f"the next state is TXID {landing.next_txid}, committed at "
+        f"{iso_ns(landing.next_commit_ns)}"
+    )
+    print(
+        f"replicad: warning: the newest state at or before {iso_ns(landing.target_ns)} is TXID "
+        f"{landing.txid}, committed at {iso_ns(landing.commit_ns)}, "
+        f"{landing.shortfall_ns / 1e9:.3f} s before it; {after}",
+        file=sys.stderr,
+    )
+
+
+def _sync_interval(args: argparse.Namespace) -> float:
+    """The source database's sync interval (the default for a bare replica URL)."""
+    if args.config is None:
+        return DEFAULT_SYNC_INTERVAL
+    return load_config(args.config).database(args.source).sync_interval
 
 
 def _source_replica(args: argparse.Namespace) -> ReplicaConfig:
@@ -834,21 +892,29 @@ async def _run_restore(config: ReplicaConfig, args: argparse.Namespace) -> Resto
         if args.if_replica_exists and not await client.list_objects():
             print(json.dumps({"skipped": f"{client.url} holds nothing (--if-replica-exists)"}))
             return None
+        max_shortfall = None if args.max_shortfall is None else round(args.max_shortfall * 1e9)
         if args.dry_run:
             from replicad.inspect import commit_time_ns, iso_ns  # noqa: PLC0415
 
             plan = await make_plan(client, target_txid=args.txid, at_ns=at_ns)
             committed = iso_ns(await commit_time_ns(client, plan))
-            print(json.dumps({"target_committed": committed, **_plan_json(plan)}, indent=2))
+            _warn_shortfall(plan.landing, _sync_interval(args))
+            if plan.landing is not None and max_shortfall is not None:
+                check_shortfall(plan.landing, max_shortfall)
+            plan_json = {"target_committed": committed, **_plan_json(plan)}
+            print(json.dumps(plan_json | _landing_json(plan.landing), indent=2))
             return None
-        return await restore(
+        result = await restore(
             client,
             args.output,
             target_txid=args.txid,
             at_ns=at_ns,
             force=args.force,
             integrity=args.integrity_check,
+            max_shortfall_ns=max_shortfall,
         )
+        _warn_shortfall(result.landing, _sync_interval(args))
+        return result
     finally:
         await client.close()
 

@@ -16,17 +16,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from replicad.clients.base import ReplicaClient, SupportsRangeRead
+from replicad.clients.base import ReplicaClient
 from replicad.describe import Describer, Description
 from replicad.errors import FormatError, RestoreError
-from replicad.format import FOOTER_SIZE, TxnInfo, read_trailer, trailer_span
+from replicad.format import TxnInfo
 from replicad.position import ObjectKind, ObjectName
 from replicad.replay import TxidRange, scratch_replay
 from replicad.restore import RestorePlan, empty_replica_error, names_from_listing
-
-#: Bytes read from the end of a segment at first: the footer and, usually, the whole trailer
-#: (40 bytes per transaction and 16 per block), so one request is enough.
-TAIL_GUESS = 16 << 10
+from replicad.restore.listing import read_trailer_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +157,7 @@ async def transaction_log(
     before = client.stats.bytes_downloaded
     entries: list[LogEntry] = []
     for name in _segments_between(names, since_ms, until_ms):
-        for info in await read_transactions(client, name, names[name]):
+        for info in await read_trailer_of(client, name, names[name]):
             if (since_ns is None or info.commit_time_ns >= since_ns) and (
                 until_ns is None or info.commit_time_ns <= until_ns
             ):
@@ -177,25 +174,10 @@ async def transaction_log(
     return entries
 
 
-async def read_transactions(client: ReplicaClient, name: ObjectName, size: int) -> list[TxnInfo]:
-    """An object's transactions, from its trailer: ranged reads of its end where possible."""
-    if isinstance(client, SupportsRangeRead) and size > TAIL_GUESS:
-        tail = await client.get_range(name.key, size - TAIL_GUESS, size)
-        span = trailer_span(tail[-FOOTER_SIZE:])
-        if span > len(tail):
-            tail = await client.get_range(name.key, size - span, size)
-    else:
-        tail = await client.get_object(name.key)
-    infos = read_trailer(tail)
-    if (infos[0].txid, infos[-1].txid) != (name.first_txid, name.last_txid):
-        raise FormatError(f"object {name.key} does not match its name")
-    return infos
-
-
 async def commit_time_ns(client: ReplicaClient, plan: RestorePlan) -> int:
     """When the plan's target transaction was committed (as replicad saw it)."""
     name, size = plan.objects[-1], plan.sizes[-1]
-    for info in await read_transactions(client, name, size):
+    for info in await read_trailer_of(client, name, size):
         if info.txid == plan.target_txid:
             return info.commit_time_ns
     raise FormatError(f"object {name.key} does not list TXID {plan.target_txid}")

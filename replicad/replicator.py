@@ -41,6 +41,14 @@ DEFAULT_SYNC_INTERVAL = 1.0
 #: Seconds between scheduled snapshots (0: only when needed). A restore reads the newest
 #: snapshot and every segment after it, so this bounds restore time as well as storage.
 DEFAULT_SNAPSHOT_INTERVAL = 24 * 3600.0
+#: A snapshot is also taken once the pages captured since the last one (taken by this process)
+#: add up to this many times that snapshot's size: the segments after a snapshot never
+#: outgrow it, so restoring the newest state reads at most about twice the database (less
+#: after compaction), and snapshots add at most one byte uploaded per byte captured.
+SNAPSHOT_GROWTH = 1.0
+#: ... but not before this many bytes were captured: a small database restores fast anyway,
+#: and would otherwise be snapshotted every few transactions.
+SNAPSHOT_GROWTH_MIN_BYTES = 64 << 20
 #: How often each replica looks for settled segments to compact.
 COMPACTION_CHECK_INTERVAL = 30.0
 #: Longest wait between retries of a failing sync step.
@@ -154,6 +162,9 @@ class DatabaseReplicator:
         self._last_snapshot_ms = 0
         #: Restore drills of its replicas (drill.py), run by the daemon; empty when off.
         self.drills: list[Drill] = []
+        #: Bytes captured by the last snapshot taken here, and `stats.captured_bytes` then.
+        self._snapshot_bytes = 0
+        self._captured_at_snapshot = 0
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -364,6 +375,11 @@ class DatabaseReplicator:
     def _snapshot_due(self) -> bool:
         if self._snapshot_requested:
             return True
+        grown = self.stats.captured_bytes - self._captured_at_snapshot
+        if self._snapshot_bytes and grown >= max(
+            SNAPSHOT_GROWTH * self._snapshot_bytes, SNAPSHOT_GROWTH_MIN_BYTES
+        ):
+            return True
         if self.snapshot_interval <= 0:
             return False
         return time.time() * 1000 - self._last_snapshot_ms >= self.snapshot_interval * 1000
@@ -433,6 +449,8 @@ class DatabaseReplicator:
         self._lost = None
         self._snapshot_requested = False
         self._last_snapshot_ms = source.time_ns // 1_000_000
+        self._snapshot_bytes = source.db_pages * source.page_size
+        self._captured_at_snapshot = self.stats.captured_bytes
         self.stats.snapshots += 1
         # The TXID the replicas will hold it as (what "snapshot uploaded" and `ls` say).
         txids = sorted({f.name.last_txid for _, f in files})

@@ -2,7 +2,7 @@
 
 In the manner of ``structlog.testing``: small, real implementations rather than mocks.
 
-* `MemoryReplicaClient` - a `ReplicaClient` (and `SupportsRangeRead`) holding its objects in a
+* `MemoryReplicaClient` - a `ReplicaClient` holding its objects in a
   dict.  It keeps the protocol's whole contract (sorted listings with bounds, `create_only`,
   the error tree, counted requests, refusal after `close()`) and passes the same contract
   suite as the real backends.
@@ -122,11 +122,11 @@ class MemoryReplicaClient:
             self._fail(ObjectNotFoundError(f"{self.url}: no object {key}"))
         return data
 
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes `start` up to `end` of the object (`SupportsRangeRead`); fewer past its end."""
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        """`length` bytes of the object from offset `start` (fewer at its end)."""
         self._check_open()
         data = self.objects.get(key)
-        piece = b"" if data is None else data[start:end]
+        piece = b"" if data is None else data[start : start + length]
         self._stats.count("GET", downloaded=len(piece))
         if data is None:
             self._fail(ObjectNotFoundError(f"{self.url}: no object {key}"))

@@ -12,8 +12,9 @@ import pytest
 
 from replicad.clients.file import FileReplicaClient
 from replicad.format import ObjectHeader, Transaction, TxnInfo, encode_object
-from replicad.inspect import TAIL_GUESS, read_transactions
 from replicad.position import ObjectKind, segment_name
+from replicad.restore.listing import TAIL_GUESS
+from replicad.restore.listing import read_trailer_of as read_transactions
 from tests.incident import GOOD_INVOICES, LATER_CUSTOMERS, Incident, make_incident
 from tests.procs import ROOT, clean_env, replicad
 
@@ -92,17 +93,17 @@ async def test_aread_transactions_is_read_with_range_requests(tmp_path: Path) ->
     """A segment bigger than the first guess: two small reads from its end, not the whole."""
     transactions = [
         Transaction(TxnInfo(txid, 1_000_000 * txid, 40, 1), [(txid % 39 + 1, os.urandom(4096))])
-        for txid in range(2, 600)
+        for txid in range(2, 2000)
     ]
-    name = segment_name(level=0, first_txid=2, last_txid=599, min_time_ms=0, max_time_ms=599)
+    name = segment_name(level=0, first_txid=2, last_txid=1999, min_time_ms=0, max_time_ms=1999)
     header = ObjectHeader(
         kind=ObjectKind.SEGMENT,
         page_size=4096,
         level=0,
         first_txid=2,
-        last_txid=599,
+        last_txid=1999,
         min_time_ns=2_000_000,
-        max_time_ns=599_000_000,
+        max_time_ns=1_999_000_000,
         db_pages=40,
         position=None,
     )
@@ -112,7 +113,7 @@ async def test_aread_transactions_is_read_with_range_requests(tmp_path: Path) ->
     (tmp_path / name.key).write_bytes(data)
     client = FileReplicaClient(tmp_path)
     infos = await read_transactions(client, name, len(data))
-    assert [i.txid for i in infos] == list(range(2, 600))
+    assert [i.txid for i in infos] == list(range(2, 2000))
     # 40 bytes a transaction: the trailer is more than the first guess, so two reads.
     assert client.stats.requests == {"GET": 2}
     assert client.stats.bytes_downloaded < len(data) // 20

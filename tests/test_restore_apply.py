@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import replicad.restore as restore_module
+import replicad.restore.download as download_module
+import replicad.restore.writer as writer_module
+from replicad.checksum import file_checksum
 from replicad.clients.file import FileReplicaClient
 from replicad.format import ObjectHeader, Transaction, TxnInfo, encode_object
 from replicad.position import ObjectKind, ObjectName, segment_name, snapshot_name
@@ -128,15 +130,35 @@ async def test_every_target_is_the_in_order_result(
         history.commit()
     _write_replica(tmp_path / "replica", history, rng, snapshot)
     if variant == "untracked":  # page numbers beyond the bitmaps: applied again oldest first
-        monkeypatch.setattr(restore_module, "_TRACKED_PAGES", 8)
+        monkeypatch.setattr(writer_module, "TRACKED_PAGES", 8)
     if variant == "streamed":  # every object through the streaming path, in odd chunk sizes
-        monkeypatch.setattr(restore_module, "STREAM_ABOVE", 1)
-        monkeypatch.setattr(restore_module, "STREAM_QUEUE", 1)
-        monkeypatch.setattr(restore_module, "_FEED_BYTES", 333)
-        monkeypatch.setattr(restore_module, "_TOUCHED_MAX", 1)  # and whole-bitmap merges
+        monkeypatch.setattr(download_module, "STREAM_ABOVE", 1)
+        monkeypatch.setattr(download_module, "PART_BYTES", 1000)
+        monkeypatch.setattr(download_module, "PARTS_AHEAD", 1)
+        monkeypatch.setattr(download_module, "FEED_BYTES", 333)
+        monkeypatch.setattr(writer_module, "TOUCHED_MAX", 1)  # and whole-bitmap merges
     async with FileReplicaClient(tmp_path / "replica") as client:
         for txid, expected in history.states.items():
             out = tmp_path / f"out-{txid}.db"
             result = await restore(client, out, target_txid=txid, integrity="none", prefetch=2)
             assert result.txid == txid
             assert out.read_bytes() == expected, txid
+
+
+@pytest.mark.parametrize("db_pages", [1, 5, 9, 12])
+def test_page_hasher_gives_the_files_checksum(tmp_path: Path, db_pages: int) -> None:
+    """The proof's checksum from the pages as written equals the file's: later writes of a page
+    win, pages never written (holes) count as zeros, pages past the size do not count.
+    """
+    rng = random.Random(db_pages)
+    path = tmp_path / "f.db"
+    path.write_bytes(b"")
+    hasher = writer_module.PageHasher()
+    with path.open("r+b") as f:
+        for start, count in ((1, 3), (6, 2), (2, 1), (10, 3)):  # 4, 5, 8, 9 stay holes
+            pages = [rng.randbytes(PAGE) for _ in range(count)]
+            f.seek((start - 1) * PAGE)
+            f.write(b"".join(pages))
+            hasher.add(start, pages)
+        f.truncate(db_pages * PAGE)
+    assert hasher.checksum(PAGE, db_pages) == file_checksum(path, PAGE, db_pages)

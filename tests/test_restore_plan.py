@@ -4,6 +4,7 @@ the bounded planner (`make_plan`), which must choose what it would from a full l
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Awaitable
 from typing import cast
@@ -14,8 +15,9 @@ from replicad.clients.base import ClientStats, ObjectInfo, ReplicaClient, keys_b
 from replicad.compaction import plan_compaction
 from replicad.errors import RestoreError
 from replicad.format import ObjectHeader, Transaction, TxnInfo, encode_object
-from replicad.position import ObjectKind, ObjectName, segment_name, snapshot_name
+from replicad.position import ObjectName, segment_name, snapshot_name
 from replicad.restore import RestorePlan, make_plan, plan_restore, txid_at
+from replicad.restore.listing import landing_at
 
 
 def seg(first: int, last: int, level: int = 0) -> ObjectName:
@@ -128,10 +130,15 @@ class MemoryReplica:
         self.stats.count("GET")
         return self.level0[key]
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        self.stats.count("GET")
+        return self.level0[key][start : start + length]
+
 
 def _segment_object(name: ObjectName, times: list[int]) -> bytes:
+    """A segment (or, for a snapshot's name, a snapshot) of one 512-byte page per TXID."""
     header = ObjectHeader(
-        kind=ObjectKind.SEGMENT,
+        kind=name.kind,
         page_size=512,
         level=0,
         first_txid=name.first_txid,
@@ -153,9 +160,16 @@ def random_history(
 ) -> tuple[dict[ObjectName, int], dict[ObjectName, bytes], list[int]]:
     """Snapshots and level-0 segments (with their bytes); the commit times (ns) of all TXIDs."""
     now_ns = 1_700_000_000_000 * 1_000_000
-    names: dict[ObjectName, int] = {snapshot_name(1, now_ns // 1_000_000): 1000}
+    names: dict[ObjectName, int] = {}
     level0: dict[ObjectName, bytes] = {}
+
+    def add_snapshot(txid: int, taken_ms: int) -> None:
+        name = snapshot_name(txid, taken_ms)
+        level0[name] = _segment_object(name, [commit_times[txid - 1]])
+        names[name] = len(level0[name])
+
     txid, commit_times = 1, [now_ns]
+    add_snapshot(1, now_ns // 1_000_000)
     while txid < transactions:
         if rng.random() < 0.03:  # the clock steps back (between uploads)
             now_ns -= rng.randint(1, 90_000) * 1_000_000
@@ -173,12 +187,12 @@ def random_history(
         txid += len(times)
         commit_times += times
         if rng.random() < lost:  # a lost upload: a gap, and a snapshot once replication resumes
-            names[snapshot_name(txid, now_ns // 1_000_000 + 500)] = 1000
+            add_snapshot(txid, now_ns // 1_000_000 + 500)
             continue
         level0[name] = _segment_object(name, times)
         names[name] = len(level0[name])
         if rng.random() < 0.04:
-            names[snapshot_name(txid, now_ns // 1_000_000 + rng.randint(0, 5000))] = 1000
+            add_snapshot(txid, now_ns // 1_000_000 + rng.randint(0, 5000))
     return names, level0, commit_times
 
 
@@ -213,9 +227,12 @@ async def outcome(coroutine: Awaitable[RestorePlan]) -> RestorePlan | str:
 async def full_plan(
     client: MemoryReplica, names: dict[ObjectName, int], target: int | None, at_ns: int | None
 ) -> RestorePlan:
+    landing = None
     if at_ns is not None:
-        target = await txid_at(cast(ReplicaClient, client), names, at_ns)
-    return plan_restore(names, target_txid=target)
+        landing = await landing_at(cast(ReplicaClient, client), names, at_ns)
+        assert landing.txid == await txid_at(cast(ReplicaClient, client), names, at_ns)
+        target = landing.txid
+    return dataclasses.replace(plan_restore(names, target_txid=target), landing=landing)
 
 
 @pytest.mark.parametrize("seed", range(60))

@@ -149,7 +149,7 @@ async def test_restore_streams_large_objects(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Objects above STREAM_ABOVE are streamed rather than held whole; the result is the same."""
-    import replicad.restore as restore_module
+    import replicad.restore.download as download_module
 
     db_path = tmp_path / "app.db"
     app = sqlite3.connect(db_path, isolation_level=None)
@@ -166,7 +166,7 @@ async def test_restore_streams_large_objects(
         await rep.sync_step()
         await replica.upload()
     rep.close()
-    monkeypatch.setattr(restore_module, "STREAM_ABOVE", 1)
-    monkeypatch.setattr(restore_module, "_FEED_BYTES", 777)
+    monkeypatch.setattr(download_module, "STREAM_ABOVE", 1)
+    monkeypatch.setattr(download_module, "FEED_BYTES", 777)
     await restore(client, tmp_path / "out.db")
     assert workload.dump(tmp_path / "out.db") == workload.dump(db_path)

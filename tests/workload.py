@@ -15,6 +15,7 @@ import random
 import sqlite3
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ def _random_op(conn: sqlite3.Connection, rng: random.Random, k: int) -> None:
 
 def dump(path: Path) -> dict[str, Any]:
     """Logical content: schema and every table's rows in rowid order."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True)
     try:
         schema = sorted(
             conn.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
@@ -89,7 +90,7 @@ def dump(path: Path) -> dict[str, Any]:
 
 def digest(path: Path) -> str:
     """SHA-256 of the logical content `dump` reads, computed row by row (bounded memory)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True)
     try:
         return digest_of(conn)
     finally:

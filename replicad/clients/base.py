@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from replicad.errors import (
     ObjectExistsError,
@@ -125,6 +125,14 @@ class ReplicaClient(Protocol):
         """The whole object. Raises `ObjectNotFoundError` if it does not exist."""
         ...
 
+    async def get_range(self, key: str, start: int, length: int) -> bytes | bytearray:
+        """`length` bytes of the object from offset `start` (fewer at its end): one ranged GET,
+        so a large object can be fetched as parts over several connections at once.
+
+        Raises `ObjectNotFoundError` if it does not exist.
+        """
+        ...
+
     def iter_object(self, key: str, *, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """The object's bytes as chunks of at most `chunk_size`, in bounded memory.
 
@@ -143,22 +151,6 @@ class ReplicaClient(Protocol):
 
     async def close(self) -> None:
         """Release connections. The client cannot be used afterwards."""
-        ...
-
-
-@runtime_checkable
-class SupportsRangeRead(Protocol):
-    """A backend that can read part of an object (S3 `Range`, a file's `pread`).
-
-    Optional: callers check `isinstance(client, SupportsRangeRead)` and read whole objects
-    otherwise.
-    """
-
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes `start` up to `end` (exclusive) of the object; fewer if it ends before.
-
-        Raises `ObjectNotFoundError` if it does not exist.
-        """
         ...
 
 

@@ -157,12 +157,12 @@ class FileReplicaClient:
         self._stats.bytes_downloaded += len(data)
         return data
 
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
-        """Bytes `start..end-1` of the object (`SupportsRangeRead`)."""
+    async def get_range(self, key: str, start: int, length: int) -> bytes | bytearray:
+        """`length` bytes of the object from offset `start` (fewer at its end)."""
         self._check_open()
         path = self._path(key)
         self._stats.count("GET")
-        data = await self._run(f"GET {key!r}", _read_range, path, start, end, missing=key)
+        data = await self._run(f"GET {key!r}", _read_range, path, start, length, missing=key)
         self._stats.bytes_downloaded += len(data)
         return data
 
@@ -384,7 +384,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _read_range(path: Path, start: int, end: int) -> bytes:
+def _read_range(path: Path, start: int, length: int) -> bytes:
     with path.open("rb") as f:
         f.seek(start)
-        return f.read(max(0, end - start))
+        return f.read(length)

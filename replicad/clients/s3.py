@@ -304,6 +304,7 @@ class S3ReplicaClient:
         }
         if start_after is not None:
             params["StartAfter"] = self._root + start_after
+        seen: set[str] = set()
         while True:
             page = await self._call(f"LIST {params['Prefix']!r}", "list_objects_v2", **params)
             found.extend(
@@ -314,7 +315,7 @@ class S3ReplicaClient:
             reached_end = end_before is not None and bool(found) and found[-1].key >= end_before
             if not page.get("IsTruncated") or not token or reached_end:
                 return keys_between(found, start_after, end_before)
-            params["ContinuationToken"] = token
+            params["ContinuationToken"] = self._next_token(params, token, seen)
 
     @_counting_errors
     async def list_dirs(self, prefix: str = "") -> list[str]:
@@ -328,13 +329,14 @@ class S3ReplicaClient:
             "Delimiter": "/",
             "MaxKeys": self._list_page_size,
         }
+        seen: set[str] = set()
         while True:
             page = await self._call(f"LIST {params['Prefix']!r}", "list_objects_v2", **params)
             names.extend(p["Prefix"][start:-1] for p in page.get("CommonPrefixes", ()))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return sorted(names)
-            params["ContinuationToken"] = token
+            params["ContinuationToken"] = self._next_token(params, token, seen)
 
     @_counting_errors
     async def put_object(self, key: str, data: bytes, *, create_only: bool = False) -> None:
@@ -362,22 +364,28 @@ class S3ReplicaClient:
         """The whole object; `ObjectNotFoundError` if it does not exist."""
         return b"".join([chunk async for chunk in self.iter_object(key)])
 
-    @_counting_errors
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
-        """GetObject with a `Range` header (`SupportsRangeRead`)."""
+    async def get_range(self, key: str, start: int, length: int) -> bytes | bytearray:
+        """`length` bytes from offset `start`: GetObject with ``Range: bytes=start-end``."""
+        byte_range = f"bytes={start}-{start + length - 1}"
         full_key = self._root + key
-        what = f"GET {full_key!r} bytes {start}-{end - 1}"
-        response = await self._call(
-            what, "get_object", Bucket=self._bucket, Key=full_key, Range=f"bytes={start}-{end - 1}"
-        )
-        body = response["Body"]
+        what = f"GET {full_key!r} ({byte_range})"
+        # Into a buffer of the range's size: joining the chunks would hold the part twice.
+        data = bytearray(length)
+        filled = 0
         try:
-            data = cast(bytes, await body.read())
-        except _TRANSIENT_ERRORS as exc:
-            raise self._translate(exc, what) from exc
-        finally:
-            body.close()
-        self._stats.bytes_downloaded += len(data)
+            async with contextlib.aclosing(
+                self._stream(full_key, CHUNK_SIZE, Range=byte_range, what=what)
+            ) as chunks:
+                async for chunk in chunks:
+                    data[filled : filled + len(chunk)] = chunk  # (grows past `length` if so)
+                    filled += len(chunk)
+        except ReplicaError as error:
+            self._stats.count_error(error)
+            raise
+        del data[filled:]
+        if filled > length:  # a server that ignores Range sends the whole object
+            del data[: min(start, filled)]
+            del data[length:]
         return data
 
     async def iter_object(self, key: str, *, chunk_size: int = CHUNK_SIZE) -> AsyncIterator[bytes]:
@@ -414,6 +422,21 @@ class S3ReplicaClient:
                     first.get("Message", ""),
                 )
 
+    def _next_token(self, params: dict[str, Any], token: str, seen: set[str]) -> str:
+        """`token`, unless the server gave it before in this listing: it would then give the
+        same pages for ever and the listing would never end, so that is an error.
+        """
+        if token in seen:
+            raise ReplicaUnavailableError(
+                f"LIST {params['Prefix']!r} in {self._where}: "
+                "the server answered with a continuation token it had given before, so the "
+                "listing would never end",
+                hint="the S3 server is misbehaving: check its version and logs, or report it to "
+                "its vendor",
+            )
+        seen.add(token)
+        return token
+
     # -- single requests -----------------------------------------------------------------------
 
     async def _put(self, full_key: str, data: bytes, *, create_only: bool = False) -> None:
@@ -429,10 +452,14 @@ class S3ReplicaClient:
                 raise
         self._stats.bytes_uploaded += len(data)
 
-    async def _stream(self, full_key: str, chunk_size: int) -> AsyncGenerator[bytes, None]:
-        """GetObject, then the body chunk by chunk; the connection is released on exit."""
-        what = f"GET {full_key!r}"
-        response = await self._call(what, "get_object", Bucket=self._bucket, Key=full_key)
+    async def _stream(
+        self, full_key: str, chunk_size: int, *, what: str | None = None, **params: Any
+    ) -> AsyncGenerator[bytes, None]:
+        """GetObject (with extra `params`, such as a Range), then the body chunk by chunk; the
+        connection is released on exit.
+        """
+        what = what or f"GET {full_key!r}"
+        response = await self._call(what, "get_object", Bucket=self._bucket, Key=full_key, **params)
         body = response["Body"]
         try:
             while True:
