@@ -510,7 +510,7 @@ def scrub_credentials(
 
 def _configured_secrets(config: Config) -> set[str]:
     found = set()
-    for db in config.databases:
+    for db in [*config.databases, *(d.template for d in config.directories)]:
         for replica in db.replicas:
             if replica.s3 is not None:
                 for secret in (
@@ -556,7 +556,29 @@ async def _serve(
         for client in clients:
             await client.close()
         raise
-    log.info("starting", databases=[str(db.path) for db in config.databases])
+    log.info(
+        "starting",
+        databases=[str(db.path) for db in config.databases],
+        directories=[
+            f"{d.path}/{'**/' if d.recursive else ''}{d.pattern}" for d in config.directories
+        ],
+    )
+    components = []
+    if config.directories:
+        from replicad.directory import DirectoryWatcher  # noqa: PLC0415 - see the imports
+
+        async def factory(
+            db_config: DatabaseConfig,
+        ) -> tuple[DatabaseReplicator, list[ReplicaClient]]:
+            opened: list[ReplicaClient] = []
+            try:
+                return await _replicator(db_config, opened, options), opened
+            except BaseException:
+                for client in opened:
+                    await client.close()
+                raise
+
+        components.append(DirectoryWatcher(config.directories, factory))
     metrics = None
     if options.metrics_addr:
         host, port = parse_address(options.metrics_addr)
@@ -569,6 +591,7 @@ async def _serve(
         child=child,
         child_env=child_env,
         standby=options.standby,
+        components=components,
     )
     status = await daemon.serve(early_signals)
     return daemon.child_status if daemon.child_status is not None else status
@@ -1085,6 +1108,14 @@ def _config_notes(config: Config) -> list[str]:
             notes.append(
                 f"warning: databases[{i}].path: {db.path} does not exist; replicad would wait "
                 "for it to appear (relative paths are relative to the configuration file)"
+            )
+    for i, directory in enumerate(config.directories):
+        from replicad.directory import matching_files  # noqa: PLC0415
+
+        if not matching_files([directory]):
+            notes.append(
+                f"warning: directories[{i}]: nothing in {directory.path} matches "
+                f"{directory.pattern!r} yet; databases are picked up as they appear"
             )
     if config.metrics_addr:
         host, port = parse_address(config.metrics_addr)
