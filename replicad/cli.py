@@ -214,11 +214,25 @@ def _add_ls(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name in ("ls", "status"):
         p = sub.add_parser(
             name,
-            help="summarize what a replica holds" + (" (same as ls)" if name == "status" else ""),
+            help="summarize what a replica holds"
+            + (" (without SOURCE: one line per configured database)" if name == "status" else ""),
             description="Newest TXID and its commit time and age, snapshots, and objects and "
-            "bytes per level, from one listing of the replica.",
+            "bytes per level, from one listing of the replica."
+            + (
+                " `status -c CONFIG` alone: one line per database of the configuration "
+                "(directories included): newest TXID shipped, when, how long ago, and any error."
+                if name == "status"
+                else ""
+            ),
         )
-        _add_source(p)
+        if name == "status":
+            p.add_argument("-c", "--config", type=Path, help="TOML configuration file")
+            p.add_argument(
+                "source", metavar="SOURCE", nargs="?", help="DB_PATH/name (with -c) or REPLICA_URL"
+            )
+            p.add_argument("--replica", help="which replica of the database (default: the first)")
+        else:
+            _add_source(p)
         _add_identity(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         _add_logging(p)
@@ -847,6 +861,70 @@ def _snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Replicas listed at once by `replicad status -c CONFIG`.
+STATUS_CONCURRENCY = 16
+
+
+def _status(args: argparse.Namespace) -> int:
+    if args.source is not None:
+        return _ls(args)
+    config = load_config(args.config or DEFAULT_CONFIG_PATH)
+    databases = list(config.databases)
+    if config.directories:
+        from replicad.directory import matching_files  # noqa: PLC0415
+
+        databases += [
+            d.database(path) for path, d in sorted(matching_files(config.directories).items())
+        ]
+    rows = asyncio.run(_status_rows(databases, args.age_identity_file))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'DATABASE':<32} {'TXID':>8}  {'LAST COMMIT SHIPPED':<24} {'AGE s':>9}  ERROR")
+    for row in rows:
+        age = "-" if row["age_seconds"] is None else f"{row['age_seconds']:.1f}"
+        print(
+            f"{row['db']!s:<32} {row['txid'] or '-'!s:>8}  {row['committed'] or '-'!s:<24} "
+            f"{age:>9}  {row['error'] or ''}"
+        )
+    return 0
+
+
+async def _status_rows(
+    databases: list[DatabaseConfig], identity_files: Sequence[Path]
+) -> list[dict[str, object]]:
+    """One summary per database's first replica, a few listings at a time."""
+    from replicad.inspect import summarize  # noqa: PLC0415 - see the imports
+
+    gate = asyncio.Semaphore(STATUS_CONCURRENCY)
+
+    async def row(db: DatabaseConfig) -> dict[str, object]:
+        replica = db.replicas[0]
+        out: dict[str, object] = {
+            "db": db.name,
+            "path": str(db.path),
+            "replica": replica.url,
+            "txid": None,
+            "committed": None,
+            "age_seconds": None,
+            "error": None,
+        }
+        async with gate:
+            try:
+                summary = await _with_client(replica, summarize, identity_files)
+            except ReplicadError as exc:
+                out["error"] = exc.message
+                return out
+        out.update(
+            txid=summary.newest_txid,
+            committed=summary.newest_commit,
+            age_seconds=summary.age_seconds,
+        )
+        return out
+
+    return list(await asyncio.gather(*(row(db) for db in databases)))
+
+
 def _ls(args: argparse.Namespace) -> int:
     from replicad.inspect import summarize  # noqa: PLC0415 - see the imports
 
@@ -1147,7 +1225,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "restore": _restore,
     "snapshot": _snapshot,
     "ls": _ls,
-    "status": _ls,
+    "status": _status,
     "log": _log,
     "verify": _verify,
     "find": _find,

@@ -142,6 +142,17 @@ def test_databases_in_subdirectories_with_recursion(tmp_path: Path) -> None:
         )
     finally:
         daemon.stop()
+    _write(tenants / "cold.db", ["never shipped"], wal=False)
+    status = replicad("status", "-c", str(config), "--json")
+    assert status.returncode == 0, status.stderr
+    rows = {row["db"]: row for row in json.loads(status.stdout)}
+    assert sorted(rows) == ["cold.db", "eu/c.db", "top.db"]
+    assert rows["eu/c.db"]["txid"] == rows["top.db"]["txid"] == 1
+    assert rows["cold.db"]["txid"] is None
+    assert rows["cold.db"]["error"]
+    text = replicad("status", "-c", str(config)).stdout.splitlines()
+    assert len(text) == 4, "a header and one line per database"
+    assert text[2].split()[:2] == ["eu/c.db", "1"]
 
 
 def test_a_missing_directory_is_refused(tmp_path: Path) -> None:
