@@ -7,7 +7,7 @@ daemon as its own process with one ``[[directories]]`` table replicating them to
 ``file:///TMP/replica`` and its metrics on loopback.  Measured: seconds from the daemon's start
 to every database's first upload (each one's ``replicad_replica_txid`` >= 1), then over IDLE
 seconds with no writes: the daemon's CPU seconds (user + system, from /proc), the storage
-requests it made (the sum of ``replicad_replica_requests``), and its peak RSS (VmHWM).  The
+requests it made (the sum of ``replicad_replica_requests_total``), and its peak RSS (VmHWM).  The
 daemon then gets SIGTERM and must exit 0.  MB are 10**6 bytes.  Results: docs/benchmarks.md.
 """
 
@@ -35,7 +35,7 @@ def _make(directory: Path, count: int) -> None:
 
 
 def _requests(metrics: Metrics) -> float:
-    return metrics.value("replicad_replica_requests")
+    return metrics.value("replicad_replica_requests_total")
 
 
 def _all_shipped(daemon: Daemon, count: int) -> bool:
@@ -55,7 +55,8 @@ def run(count: int, idle: float, workdir: Path) -> list[object]:
     _make(tenants, count)
     config = workdir / "replicad.toml"
     config.write_text(
-        f"log_level = 'warning'\n[[directories]]\npath = '{tenants}'\npattern = '*.db'\n"
+        f"log_level = 'warning'\nmetrics_max_databases = {count}\n"
+        f"[[directories]]\npath = '{tenants}'\npattern = '*.db'\n"
         f"[[directories.replicas]]\nurl = '{replica.as_uri()}'\n"
     )
     started = time.monotonic()

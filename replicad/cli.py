@@ -596,7 +596,13 @@ async def _serve(
     metrics = None
     if options.metrics_addr:
         host, port = parse_address(options.metrics_addr)
-        metrics = MetricsServer(replicators, host=host, port=port, max_lag=config.ready_max_lag)
+        metrics = MetricsServer(
+            replicators,
+            host=host,
+            port=port,
+            max_lag=config.ready_max_lag,
+            max_databases=config.metrics_max_databases,
+        )
     daemon = Daemon(
         replicators,
         clients,

@@ -34,7 +34,11 @@ from replicad.checkpoint import (
 from replicad.compaction import DEFAULT_LEVELS
 from replicad.errors import ConfigError
 from replicad.lease import DEFAULT_LEASE_DURATION
-from replicad.observe import DEFAULT_READY_MAX_LAG, parse_address
+from replicad.observe import (
+    DEFAULT_METRICS_MAX_DATABASES,
+    DEFAULT_READY_MAX_LAG,
+    parse_address,
+)
 from replicad.retention import DEFAULT_RETENTION
 
 DEFAULT_CONFIG_PATH = Path("/etc/replicad.toml")
@@ -218,6 +222,8 @@ class Config:
     standby: bool = True
     #: Directory mode: every matching database in these directories (`[[directories]]`).
     directories: tuple[DirectoryConfig, ...] = ()
+    #: Beyond this many databases, metrics carry totals instead of per-database series.
+    metrics_max_databases: int = DEFAULT_METRICS_MAX_DATABASES
 
     def database(self, path_or_name: str) -> DatabaseConfig:
         """The database configured under this path or name, or a database of a configured
@@ -301,6 +307,9 @@ class _Reader:
                 raise self.error("metrics_addr", exc.message, hint=exc.hint) from None
         ready_max_lag = t.positive_float("ready_max_lag", DEFAULT_READY_MAX_LAG)
         standby = t.boolean("standby", True)
+        metrics_max_databases = t.non_negative_int(
+            "metrics_max_databases", DEFAULT_METRICS_MAX_DATABASES
+        )
         dirs = t.list_of_tables("directories")
         dbs = t.list_of_tables("databases", required=not dirs)
         if not dbs and not dirs:
@@ -323,6 +332,7 @@ class _Reader:
             ready_max_lag=ready_max_lag,
             standby=standby,
             directories=directories,
+            metrics_max_databases=metrics_max_databases,
         )
 
     def directory(self, raw: dict[str, Any], where: str) -> DirectoryConfig:
@@ -732,6 +742,7 @@ _TOP_KEYS = frozenset(
         "ready_max_lag",
         "standby",
         "directories",
+        "metrics_max_databases",
     }
 )
 _DB_KEYS = frozenset(

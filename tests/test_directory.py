@@ -18,12 +18,18 @@ WAIT = 60.0
 
 
 def _config(
-    tmp_path: Path, directory: Path, replica: Path, extra: str = "", pattern: str = "*.db"
+    tmp_path: Path,
+    directory: Path,
+    replica: Path,
+    extra: str = "",
+    *,
+    pattern: str = "*.db",
+    top: str = "",
 ) -> Path:
     replica.mkdir(exist_ok=True)
     path = tmp_path / "replicad.toml"
     path.write_text(
-        f"[[directories]]\npath = '{directory}'\npattern = '{pattern}'\n{extra}"
+        f"{top}[[directories]]\npath = '{directory}'\npattern = '{pattern}'\n{extra}"
         f"[[directories.replicas]]\nurl = '{replica.as_uri()}'\n"
     )
     return path
@@ -153,6 +159,30 @@ def test_databases_in_subdirectories_with_recursion(tmp_path: Path) -> None:
     text = replicad("status", "-c", str(config)).stdout.splitlines()
     assert len(text) == 4, "a header and one line per database"
     assert text[2].split()[:2] == ["eu/c.db", "1"]
+
+
+def test_metrics_beyond_the_limit_are_totals(tmp_path: Path) -> None:
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    for name in ("a", "b", "c"):
+        _write(tenants / f"{name}.db", [name])
+    config = _config(tmp_path, tenants, tmp_path / "replica", top="metrics_max_databases = 2\n")
+    log = tmp_path / "daemon.log"
+    daemon = Daemon.start(["-c", str(config)], log)
+    try:
+        wait_for(
+            lambda: daemon.metric("replicad_snapshots_total", db="(all)") == 3,
+            WAIT,
+            "three snapshots, counted in one series",
+            log=log,
+        )
+        metrics = daemon.metrics()
+        assert metrics.value("replicad_databases") == 3
+        assert set(metrics.by_label("replicad_snapshots_total", "db")) == {"(all)"}
+        assert set(metrics.by_label("replicad_replica_txid", "db")) == {"(all)"}
+        assert metrics.value("replicad_replica_requests_total", db="(all)", operation="PUT") >= 3
+    finally:
+        daemon.stop()
 
 
 def test_a_missing_directory_is_refused(tmp_path: Path) -> None:
