@@ -241,11 +241,25 @@ def _add_ls(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name in ("ls", "status"):
         p = sub.add_parser(
             name,
-            help="summarize what a replica holds" + (" (same as ls)" if name == "status" else ""),
+            help="summarize what a replica holds"
+            + (" (without SOURCE: one line per configured database)" if name == "status" else ""),
             description="Newest TXID and its commit time and age, snapshots, and objects and "
-            "bytes per level, from one listing of the replica.",
+            "bytes per level, from one listing of the replica."
+            + (
+                " `status -c CONFIG` alone: one line per database of the configuration "
+                "(directories included): newest TXID shipped, when, how long ago, and any error."
+                if name == "status"
+                else ""
+            ),
         )
-        _add_source(p)
+        if name == "status":
+            p.add_argument("-c", "--config", type=Path, help="TOML configuration file")
+            p.add_argument(
+                "source", metavar="SOURCE", nargs="?", help="DB_PATH/name (with -c) or REPLICA_URL"
+            )
+            p.add_argument("--replica", help="which replica of the database (default: the first)")
+        else:
+            _add_source(p)
         _add_identity(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         _add_logging(p)
@@ -569,7 +583,7 @@ def scrub_credentials(
 
 def _configured_secrets(config: Config) -> set[str]:
     found = set()
-    for db in config.databases:
+    for db in [*config.databases, *(d.template for d in config.directories)]:
         for replica in db.replicas:
             if replica.s3 is not None:
                 for secret in (
@@ -615,7 +629,29 @@ async def _serve(
         for client in clients:
             await client.close()
         raise
-    log.info("starting", databases=[str(db.path) for db in config.databases])
+    log.info(
+        "starting",
+        databases=[str(db.path) for db in config.databases],
+        directories=[
+            f"{d.path}/{'**/' if d.recursive else ''}{d.pattern}" for d in config.directories
+        ],
+    )
+    components = []
+    if config.directories:
+        from replicad.directory import DirectoryWatcher  # noqa: PLC0415 - see the imports
+
+        async def factory(
+            db_config: DatabaseConfig,
+        ) -> tuple[DatabaseReplicator, list[ReplicaClient]]:
+            opened: list[ReplicaClient] = []
+            try:
+                return await _replicator(db_config, opened, options), opened
+            except BaseException:
+                for client in opened:
+                    await client.close()
+                raise
+
+        components.append(DirectoryWatcher(config.directories, factory))
     metrics = None
     if options.metrics_addr:
         host, port = parse_address(options.metrics_addr)
@@ -625,6 +661,7 @@ async def _serve(
             port=port,
             max_lag=config.ready_max_lag,
             max_verify_age=config.ready_max_verify_age,
+            max_databases=config.metrics_max_databases,
         )
     daemon = Daemon(
         replicators,
@@ -634,6 +671,7 @@ async def _serve(
         child=child,
         child_env=child_env,
         standby=options.standby,
+        components=components,
     )
     status = await daemon.serve(early_signals)
     return daemon.child_status if daemon.child_status is not None else status
@@ -1045,6 +1083,70 @@ def _snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Replicas listed at once by `replicad status -c CONFIG`.
+STATUS_CONCURRENCY = 16
+
+
+def _status(args: argparse.Namespace) -> int:
+    if args.source is not None:
+        return _ls(args)
+    config = load_config(args.config or DEFAULT_CONFIG_PATH)
+    databases = list(config.databases)
+    if config.directories:
+        from replicad.directory import matching_files  # noqa: PLC0415
+
+        databases += [
+            d.database(path) for path, d in sorted(matching_files(config.directories).items())
+        ]
+    rows = asyncio.run(_status_rows(databases, args.age_identity_file))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'DATABASE':<32} {'TXID':>8}  {'LAST COMMIT SHIPPED':<24} {'AGE s':>9}  ERROR")
+    for row in rows:
+        age = "-" if row["age_seconds"] is None else f"{row['age_seconds']:.1f}"
+        print(
+            f"{row['db']!s:<32} {row['txid'] or '-'!s:>8}  {row['committed'] or '-'!s:<24} "
+            f"{age:>9}  {row['error'] or ''}"
+        )
+    return 0
+
+
+async def _status_rows(
+    databases: list[DatabaseConfig], identity_files: Sequence[Path]
+) -> list[dict[str, object]]:
+    """One summary per database's first replica, a few listings at a time."""
+    from replicad.inspect import summarize  # noqa: PLC0415 - see the imports
+
+    gate = asyncio.Semaphore(STATUS_CONCURRENCY)
+
+    async def row(db: DatabaseConfig) -> dict[str, object]:
+        replica = db.replicas[0]
+        out: dict[str, object] = {
+            "db": db.name,
+            "path": str(db.path),
+            "replica": replica.url,
+            "txid": None,
+            "committed": None,
+            "age_seconds": None,
+            "error": None,
+        }
+        async with gate:
+            try:
+                summary = await _with_client(replica, summarize, identity_files)
+            except ReplicadError as exc:
+                out["error"] = exc.message
+                return out
+        out.update(
+            txid=summary.newest_txid,
+            committed=summary.newest_commit,
+            age_seconds=summary.age_seconds,
+        )
+        return out
+
+    return list(await asyncio.gather(*(row(db) for db in databases)))
+
+
 def _ls(args: argparse.Namespace) -> int:
     from replicad.inspect import summarize  # noqa: PLC0415 - see the imports
 
@@ -1350,6 +1452,14 @@ def _config_notes(config: Config) -> list[str]:
                 f"warning: databases[{i}].path: {db.path} does not exist; replicad would wait "
                 "for it to appear (relative paths are relative to the configuration file)"
             )
+    for i, directory in enumerate(config.directories):
+        from replicad.directory import matching_files  # noqa: PLC0415
+
+        if not matching_files([directory]):
+            notes.append(
+                f"warning: directories[{i}]: nothing in {directory.path} matches "
+                f"{directory.pattern!r} yet; databases are picked up as they appear"
+            )
     if config.metrics_addr:
         host, port = parse_address(config.metrics_addr)
         notes.append(
@@ -1381,7 +1491,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "restore": _restore,
     "snapshot": _snapshot,
     "ls": _ls,
-    "status": _ls,
+    "status": _status,
     "log": _log,
     "verify": _verify,
     "find": _find,

@@ -10,7 +10,9 @@ secrets stay out of the file.  Secrets are wrapped in `Secret`, whose repr and s
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import fnmatch
 import itertools
 import math
 import os
@@ -33,7 +35,11 @@ from replicad.compaction import DEFAULT_LEVELS
 from replicad.drill import DEFAULT_READY_MAX_VERIFY_AGE, DEFAULT_VERIFY_INTERVAL
 from replicad.errors import ConfigError
 from replicad.lease import DEFAULT_LEASE_DURATION
-from replicad.observe import DEFAULT_READY_MAX_LAG, parse_address
+from replicad.observe import (
+    DEFAULT_METRICS_MAX_DATABASES,
+    DEFAULT_READY_MAX_LAG,
+    parse_address,
+)
 from replicad.retention import DEFAULT_RETENTION
 
 DEFAULT_CONFIG_PATH = Path("/etc/replicad.toml")
@@ -148,6 +154,64 @@ class DatabaseConfig:
     verify_interval: float = DEFAULT_VERIFY_INTERVAL
 
 
+DEFAULT_DIRECTORY_PATTERN = "*.db"
+#: A directory's databases are woken by its file events (directory.py); their poll is only the
+#: backstop, and at a thousand databases a 1 s poll costs more CPU than everything else.
+DEFAULT_DIRECTORY_POLL_INTERVAL = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryConfig:
+    """Every database in a directory whose name matches `pattern` (directory mode).
+
+    `template` holds the settings each database gets; its replicas' locations are the
+    directory's, and each database is replicated under `<location>/<relative path>`.
+    """
+
+    path: Path
+    pattern: str
+    recursive: bool
+    template: DatabaseConfig
+
+    def matches(self, path: Path) -> bool:
+        """Whether `path` is one of this directory's databases (by name, not by content)."""
+        try:
+            rel = path.absolute().relative_to(self.path)
+        except ValueError:
+            return False
+        if not rel.parts or any(part.startswith(".") for part in rel.parts):
+            return False  # hidden files: our own state directories and lock files
+        if len(rel.parts) > 1 and not self.recursive:
+            return False
+        return fnmatch.fnmatchcase(rel.name, self.pattern)
+
+    def database(self, path: Path) -> DatabaseConfig:
+        """The configuration of the database at `path`, one of this directory's."""
+        path = path.absolute()
+        rel = path.relative_to(self.path).as_posix()
+        return dataclasses.replace(
+            self.template,
+            path=path,
+            name=rel,
+            state_dir=path.with_name(f".{path.name}-replicad"),
+            replicas=tuple(_replica_under(r, rel) for r in self.template.replicas),
+        )
+
+
+def _replica_under(replica: ReplicaConfig, rel: str) -> ReplicaConfig:
+    """`replica` moved down to `<its location>/<rel>`."""
+    if replica.path is not None:
+        path = replica.path / rel
+        return dataclasses.replace(replica, path=path, url=path.as_uri())
+    assert replica.s3 is not None
+    prefix = f"{replica.s3.prefix}/{rel}".strip("/")
+    s3 = dataclasses.replace(replica.s3, prefix=prefix)
+    url = f"s3://{s3.bucket}/{prefix}"
+    if s3.endpoint:
+        url += f"?endpoint={s3.endpoint}"
+    return dataclasses.replace(replica, s3=s3, url=url)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
@@ -166,14 +230,27 @@ class Config:
     standby: bool = True
     #: /readyz fails when no restore drill passed within this many seconds (0: not required).
     ready_max_verify_age: float = DEFAULT_READY_MAX_VERIFY_AGE
+    #: Directory mode: every matching database in these directories (`[[directories]]`).
+    directories: tuple[DirectoryConfig, ...] = ()
+    #: Beyond this many databases, metrics carry totals instead of per-database series.
+    metrics_max_databases: int = DEFAULT_METRICS_MAX_DATABASES
 
     def database(self, path_or_name: str) -> DatabaseConfig:
-        """The database configured under this path or name; ConfigError if none."""
+        """The database configured under this path or name, or a database of a configured
+        directory by its path; ConfigError if none.
+        """
         wanted = Path(path_or_name).absolute()
         for db in self.databases:
             if db.path == wanted or db.name == path_or_name:
                 return db
-        known = ", ".join(str(db.path) for db in self.databases) or "none"
+        for directory in self.directories:
+            if directory.matches(wanted):
+                return directory.database(wanted)
+        known = ", ".join(
+            [str(db.path) for db in self.databases]
+            + [f"{d.path}/{d.pattern}" for d in self.directories]
+        )
+        known = known or "none"
         raise ConfigError(
             f"{self.source}: no database {path_or_name!r} is configured (configured: {known})"
         )
@@ -243,11 +320,21 @@ class _Reader:
         ready_max_verify_age = t.non_negative_float(
             "ready_max_verify_age", DEFAULT_READY_MAX_VERIFY_AGE
         )
-        dbs = t.list_of_tables("databases", required=True)
-        if not dbs:
-            raise self.error("databases", "at least one database is required")
+        metrics_max_databases = t.non_negative_int(
+            "metrics_max_databases", DEFAULT_METRICS_MAX_DATABASES
+        )
+        dirs = t.list_of_tables("directories")
+        dbs = t.list_of_tables("databases", required=not dirs)
+        if not dbs and not dirs:
+            raise self.error(
+                "databases",
+                "at least one database is required",
+                hint="add a [[databases]] table, or a [[directories]] table for directory mode",
+            )
         databases = tuple(self.database(db, f"databases[{i}]") for i, db in enumerate(dbs))
         self._check_unique([db.path for db in databases], "databases", "path")
+        directories = tuple(self.directory(d, f"directories[{i}]") for i, d in enumerate(dirs))
+        self._check_unique([d.path for d in directories], "directories", "path")
         self._check_drills(databases, ready_max_verify_age)
         return Config(
             databases=databases,
@@ -259,6 +346,8 @@ class _Reader:
             ready_max_lag=ready_max_lag,
             standby=standby,
             ready_max_verify_age=ready_max_verify_age,
+            directories=directories,
+            metrics_max_databases=metrics_max_databases,
         )
 
     def _check_drills(self, databases: tuple[DatabaseConfig, ...], max_age: float) -> None:
@@ -275,8 +364,47 @@ class _Reader:
                     "or ready_max_verify_age = 0",
                 )
 
-    def database(self, raw: dict[str, Any], where: str) -> DatabaseConfig:
-        t = _Table(self, raw, where, _DB_KEYS)
+    def directory(self, raw: dict[str, Any], where: str) -> DirectoryConfig:
+        """A `[[directories]]` table: the directory must exist and be readable now (a typo or
+        an unmounted volume is refused at start, not waited for).
+        """
+        t = _Table(self, raw, where, _DIR_KEYS)
+        path = (self.base / Path(t.string("path", required=True))).absolute()
+        pattern = t.string("pattern") or DEFAULT_DIRECTORY_PATTERN
+        if "/" in pattern:
+            raise self.error(
+                f"{where}.pattern",
+                f"must match file names, not paths: {pattern!r}",
+                hint="set recursive = true to look in subdirectories",
+            )
+        if not path.is_dir():
+            what = "is not a directory" if path.exists() else "does not exist"
+            raise self.error(
+                f"{where}.path",
+                f"{path} {what}",
+                hint="create or mount the directory first; replicad never creates it",
+            )
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise self.error(
+                f"{where}.path",
+                f"{path} is not readable by this user",
+                hint="give the user replicad runs as read and search permission on it",
+            )
+        template_raw = {k: v for k, v in raw.items() if k not in ("pattern", "recursive")}
+        template = self.database(template_raw, where, directory=True)
+        if "poll_interval" not in raw:
+            template = dataclasses.replace(template, poll_interval=DEFAULT_DIRECTORY_POLL_INTERVAL)
+        return DirectoryConfig(
+            path=path,
+            pattern=pattern,
+            recursive=t.boolean("recursive", False),
+            template=template,
+        )
+
+    def database(
+        self, raw: dict[str, Any], where: str, *, directory: bool = False
+    ) -> DatabaseConfig:
+        t = _Table(self, raw, where, _DIR_DB_KEYS if directory else _DB_KEYS)
         path = self.base / Path(t.string("path", required=True))
         replicas_raw = t.list_of_tables("replicas", required=True)
         if not replicas_raw:
@@ -648,6 +776,8 @@ _TOP_KEYS = frozenset(
         "ready_max_lag",
         "standby",
         "ready_max_verify_age",
+        "directories",
+        "metrics_max_databases",
     }
 )
 _DB_KEYS = frozenset(
@@ -666,6 +796,9 @@ _DB_KEYS = frozenset(
         "verify_interval",
     }
 )
+#: A directory's settings for each of its databases (name and state_dir are per database).
+_DIR_DB_KEYS = (_DB_KEYS - {"name", "state_dir"}) | {"pattern", "recursive"}
+_DIR_KEYS = _DIR_DB_KEYS
 _COMMON_REPLICA_KEYS = frozenset(
     {
         "url",
@@ -696,6 +829,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "Config",
     "DatabaseConfig",
+    "DirectoryConfig",
     "ReplicaConfig",
     "S3Options",
     "Secret",

@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 import watchfiles
@@ -41,6 +42,13 @@ _LOCK_POLL = 0.1
 log = structlog.get_logger()
 
 
+class DaemonComponent(Protocol):
+    """A task run beside the databases (e.g. directory mode adding and removing some)."""
+
+    async def run(self, daemon: Daemon) -> None:
+        """Run until `daemon.stop` is set."""
+
+
 class Daemon:
     """Runs replicators until stopped, then flushes them."""
 
@@ -56,6 +64,7 @@ class Daemon:
         child: Sequence[str] | None = None,
         child_env: Mapping[str, str] | None = None,
         standby: bool = True,
+        components: Sequence[DaemonComponent] = (),
     ) -> None:
         self.replicators = replicators
         self.clients = clients
@@ -76,6 +85,13 @@ class Daemon:
         #: Wait while another daemon replicates a database (False: exit with an error).
         self.standby = standby
         self._locks: list[DatabaseLock | StateLock] = []
+        #: Tasks that add or remove databases while the daemon runs (`add_database`).
+        self.components = list(components)
+        self._tg: asyncio.TaskGroup | None = None
+        #: Per database added while running: its own stop, task and host locks.
+        self._db_stops: dict[int, asyncio.Event] = {}
+        self._db_tasks: dict[int, asyncio.Task[None]] = {}
+        self._db_locks: dict[int, list[DatabaseLock | StateLock]] = {}
 
     async def serve(self, early_signals: Sequence[signal.Signals] = ()) -> int:
         """Replicate until a stop is requested; returns the process exit status.
@@ -101,6 +117,9 @@ class Daemon:
         problems: list[str] = []
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for component in self.components:
+                    tg.create_task(component.run(self))
                 for replicator in self.replicators:
                     tg.create_task(self._run_database(replicator))
                 if self.watch:
@@ -134,8 +153,89 @@ class Daemon:
     def request_stop(self) -> None:
         """Begin a graceful shutdown (what SIGTERM/SIGINT do)."""
         self.stop.set()
+        for event in self._db_stops.values():
+            event.set()
         for replicator in self.replicators:
             replicator.interrupt()
+
+    def add_database(
+        self, replicator: DatabaseReplicator, clients: Sequence[ReplicaClient]
+    ) -> None:
+        """Start replicating one more database while running (directory mode).
+
+        Unlike a configured database, its failure to start is logged and leaves the others
+        running: a tenant's broken file must not stop everyone's backups.
+        """
+        assert self._tg is not None, "add_database is for components, once serve() runs"
+        self.replicators.append(replicator)
+        self.clients.extend(clients)
+        stop = asyncio.Event()
+        if self.stop.is_set():
+            stop.set()
+        self._db_stops[id(replicator)] = stop
+        self._db_tasks[id(replicator)] = self._tg.create_task(self._run_added(replicator, stop))
+
+    async def remove_database(
+        self,
+        replicator: DatabaseReplicator,
+        clients: Sequence[ReplicaClient],
+        *,
+        final_sync: bool = True,
+    ) -> list[str]:
+        """Stop one database added by `add_database`: its loops end, what it captured is
+        flushed (within the shutdown timeout), and its connections, leases and locks are
+        released.  Returns what could not be shipped.  `final_sync=False` when the file is
+        gone: what was captured is uploaded, nothing more can be read.
+        """
+        key = id(replicator)
+        self._db_stops.pop(key).set()
+        replicator.interrupt()
+        task = self._db_tasks.pop(key)
+        if replicator not in self._started:
+            task.cancel()  # still waiting for its lock or its file: nothing to flush
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        problems: list[str] = []
+        if replicator in self._started:
+            self._started.remove(replicator)
+            try:
+                problems = await replicator.flush(
+                    time.monotonic() + self.shutdown_timeout, final_sync=final_sync
+                )
+            except ReplicadError as exc:
+                problems = [f"{replicator.name}: {exc}"]
+        try:
+            await asyncio.to_thread(replicator.close)
+        except DatabaseError as exc:  # pragma: no cover - close errors are only logged
+            log.warning("closing database failed", db=replicator.name, error=str(exc))
+        for replica in replicator.replicas:
+            if replica.lease is not None and replica.fenced is None:
+                await replica.lease.release()
+        for lock in self._db_locks.pop(key, []):
+            lock.release()
+            self._locks.remove(lock)
+        for client in clients:
+            await client.close()
+            self.clients.remove(client)
+        self.replicators.remove(replicator)
+        return problems
+
+    async def _run_added(self, replicator: DatabaseReplicator, stop: asyncio.Event) -> None:
+        try:
+            await self._run_database(replicator, stop)
+        except* ReplicadError as group:
+            replicator.log.error(
+                "this database stopped replicating", error=str(group.exceptions[0])
+            )
+
+    def check_ready(self) -> None:
+        """Report readiness once every database known now has started (idempotent)."""
+        if self._ready.is_set() or len(self._started) != len(self.replicators):
+            return
+        self._ready.set()
+        notify(f"READY=1\nSTATUS=replicating {len(self._started)} database(s)")
+        if self.on_ready is not None:
+            self.on_ready()
 
     def _install_signals(self) -> None:
         """Our handlers (replacing `catch_early_signals`' ones)."""
@@ -163,7 +263,10 @@ class Daemon:
         log.info("stopping: flushing what was committed", signal=sig.name)
         self.request_stop()
 
-    async def _run_database(self, replicator: DatabaseReplicator) -> None:
+    async def _run_database(
+        self, replicator: DatabaseReplicator, stop: asyncio.Event | None = None
+    ) -> None:
+        stop = stop or self.stop
         if not await self._lock_database(replicator):
             return
         try:
@@ -174,18 +277,14 @@ class Daemon:
         if not started:
             return
         self._started.append(replicator)
-        if len(self._started) == len(self.replicators):
-            self._ready.set()
-            notify(f"READY=1\nSTATUS=replicating {len(self._started)} database(s)")
-            if self.on_ready is not None:
-                self.on_ready()
+        self.check_ready()
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(replicator.sync_loop(self.stop))
+            tg.create_task(replicator.sync_loop(stop))
             for replica in replicator.replicas:
-                tg.create_task(replicator.upload_loop(replica, self.stop))
-                tg.create_task(replicator.maintenance_loop(replica, self.stop))
+                tg.create_task(replicator.upload_loop(replica, stop))
+                tg.create_task(replicator.maintenance_loop(replica, stop))
             for drill in replicator.drills:
-                tg.create_task(drill.loop(self.stop))
+                tg.create_task(drill.loop(stop))
 
     async def _lock_database(self, replicator: DatabaseReplicator) -> bool:
         """Take the database's host lock (pidfile.py), waiting as a standby while another
@@ -211,8 +310,9 @@ class Daemon:
         if replicator.standby is not None:
             replicator.log.info("the other daemon is gone; taking over this database")
             replicator.standby = None
-        self._locks.append(lock)
-        self._locks.append(StateLock(replicator.state_dir, str(replicator.db.path)))
+        state_lock = StateLock(replicator.state_dir, str(replicator.db.path))
+        self._locks.extend((lock, state_lock))
+        self._db_locks[id(replicator)] = [lock, state_lock]
         return True
 
     def _standby(self, replicator: DatabaseReplicator, holder: str) -> None:

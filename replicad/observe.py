@@ -24,6 +24,7 @@ from replicad.errors import ConfigError
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from replicad.replica import Replica
     from replicad.replicator import DatabaseReplicator
 
 
@@ -57,20 +58,46 @@ def configure_logging(
 # -- metrics ---------------------------------------------------------------------------------
 
 
+#: The `db` (and `replica`) label of the totals that replace per-database series beyond
+#: `metrics_max_databases`.
+ALL_DATABASES = "(all)"
+#: Per-database series are exported for at most this many databases by default: beyond it a
+#: scrape would carry tens of thousands of series (about 25 per database).
+DEFAULT_METRICS_MAX_DATABASES = 1000
+
+
 class ReplicadCollector(Collector):
     """Prometheus metrics read from the replicators' counters at scrape time.
 
     Reading at scrape time keeps the sync and upload paths free of metric bookkeeping; the
-    counters themselves are plain integers on `ReplicatorStats` and `ClientStats`.
+    counters themselves are plain integers on `ReplicatorStats` and `ClientStats`.  Beyond
+    `max_databases` databases, every family carries one series of totals, labelled
+    `db="(all)"`, instead of one per database: cardinality stays bounded, sums stay right
+    (lag is the largest, the replica TXID the smallest).
     """
 
-    def __init__(self, replicators: Sequence[DatabaseReplicator]) -> None:
+    def __init__(
+        self,
+        replicators: Sequence[DatabaseReplicator],
+        *,
+        max_databases: int = DEFAULT_METRICS_MAX_DATABASES,
+    ) -> None:
         self.replicators = replicators
+        self.max_databases = max_databases
 
     def collect(self) -> Iterator[Metric]:
-        """One family per metric, labelled by database (and replica)."""
+        """One family per metric, labelled by database (and replica), or totals."""
+        count = GaugeMetricFamily("replicad_databases", "Databases this daemon replicates")
+        count.add_metric([], len(self.replicators))
+        yield count
         yield from self._database_metrics()
         yield from self._replica_metrics()
+
+    def _groups(self) -> list[tuple[str, list[DatabaseReplicator]]]:
+        """Each database alone, or all of them under one label beyond `max_databases`."""
+        if len(self.replicators) <= self.max_databases:
+            return [(r.name, [r]) for r in self.replicators]
+        return [(ALL_DATABASES, list(self.replicators))] if self.replicators else []
 
     def _database_metrics(self) -> Iterator[Metric]:
         families = {
@@ -94,15 +121,20 @@ class ReplicadCollector(Collector):
         wal = GaugeMetricFamily(
             "replicad_wal_size_bytes", "Size of the -wal file at the last sync", labels=["db"]
         )
-        for r in self.replicators:
+        for label, group in self._groups():
+            stats = [r.stats for r in group]
             for name, family in families.items():
-                family.add_metric([r.name], getattr(r.stats, name))
-            wal.add_metric([r.name], r.stats.wal_size)
-            high.add_metric([r.name], r.stats.wal_high_water)
-            for mode, n in _from_zero(r.stats.checkpoints, CHECKPOINT_MODES).items():
-                checkpoints.add_metric([r.name, mode], n)
-            busy.add_metric([r.name], r.stats.checkpoints_busy)
-            seconds.add_metric([r.name], r.stats.checkpoint_seconds)
+                family.add_metric([label], sum(getattr(st, name) for st in stats))
+            wal.add_metric([label], sum(st.wal_size for st in stats))
+            high.add_metric([label], max(st.wal_high_water for st in stats))
+            modes: dict[str, int] = {}
+            for st in stats:
+                for mode, n in _from_zero(st.checkpoints, CHECKPOINT_MODES).items():
+                    modes[mode] = modes.get(mode, 0) + n
+            for mode, n in modes.items():
+                checkpoints.add_metric([label, mode], n)
+            busy.add_metric([label], sum(st.checkpoints_busy for st in stats))
+            seconds.add_metric([label], sum(st.checkpoint_seconds for st in stats))
         yield from families.values()
         yield from (wal, high, checkpoints, busy, seconds)
 
@@ -138,20 +170,32 @@ class ReplicadCollector(Collector):
             "Times this daemon found its lease taken over and stopped writing the replica",
             labels=labels,
         )
-        for r in self.replicators:
-            for replica in r.replicas:
-                key = [r.name, replica.name]
-                stats = replica.client.stats
-                for op, n in _from_zero(stats.requests, _OPERATIONS).items():
+        for label, group in self._groups():
+            by_name: dict[str, list[Replica]] = {}
+            for r in group:
+                for replica in r.replicas:
+                    name = replica.name if len(group) == 1 else ALL_DATABASES
+                    by_name.setdefault(name, []).append(replica)
+            for name, replicas in by_name.items():
+                key = [label, name]
+                ops: dict[str, int] = {}
+                kinds: dict[str, int] = {}
+                for replica in replicas:
+                    stats = replica.client.stats
+                    for op, n in _from_zero(stats.requests, _OPERATIONS).items():
+                        ops[op] = ops.get(op, 0) + n
+                    for kind, n in _from_zero(stats.errors, ERROR_KINDS).items():
+                        kinds[kind] = kinds.get(kind, 0) + n
+                for op, n in ops.items():
                     requests.add_metric([*key, op], n)
-                for kind, n in _from_zero(stats.errors, ERROR_KINDS).items():
+                for kind, n in kinds.items():
                     errors.add_metric([*key, kind], n)
-                uploaded.add_metric(key, stats.bytes_uploaded)
-                downloaded.add_metric(key, stats.bytes_downloaded)
-                lag.add_metric(key, replica.lag_seconds())
-                shipped.add_metric(key, replica.shipped_txid)
-                pending.add_metric(key, replica.pending_bytes)
-                lease_lost.add_metric(key, replica.writer.lost_total)
+                uploaded.add_metric(key, sum(x.client.stats.bytes_uploaded for x in replicas))
+                downloaded.add_metric(key, sum(x.client.stats.bytes_downloaded for x in replicas))
+                lag.add_metric(key, max(x.lag_seconds() for x in replicas))
+                shipped.add_metric(key, min(x.shipped_txid for x in replicas))
+                pending.add_metric(key, sum(x.pending_bytes for x in replicas))
+                lease_lost.add_metric(key, sum(x.writer.lost_total for x in replicas))
         yield from (requests, errors, uploaded, downloaded, lag, shipped, pending, lease_lost)
         yield from self._drill_metrics()
 
@@ -260,9 +304,10 @@ class MetricsServer:
         port: int,
         max_lag: float = DEFAULT_READY_MAX_LAG,
         max_verify_age: float = 0.0,
+        max_databases: int = DEFAULT_METRICS_MAX_DATABASES,
     ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(ReplicadCollector(replicators))
+        self.registry.register(ReplicadCollector(replicators, max_databases=max_databases))
         self.replicators = replicators
         self.host = host
         self.port = port

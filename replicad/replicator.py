@@ -758,13 +758,15 @@ class DatabaseReplicator:
 
     # -- shutdown ---------------------------------------------------------------------------
 
-    async def flush(self, deadline: float) -> list[str]:
+    async def flush(self, deadline: float, *, final_sync: bool = True) -> list[str]:
         """Capture everything committed and upload it, retrying until `deadline` (monotonic).
 
         Returns what could not be shipped, one line per replica; empty means all of it was.
+        `final_sync=False`: upload only what was captured (the file is gone: directory mode).
         """
         try:
-            await self.sync_step()
+            if final_sync:
+                await self.sync_step()
         except ReplicadError as exc:
             return [f"{self.name}: final sync failed: {exc}"]
         results = await asyncio.gather(*(self._flush_replica(r, deadline) for r in self.replicas))

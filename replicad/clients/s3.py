@@ -33,9 +33,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import functools
 import hashlib
 import itertools
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -221,7 +223,24 @@ class S3ReplicaClient:
         )
         self._stats = ClientStats()
         self._client: Any = None
-        self._exit_stack = AsyncExitStack()
+        #: Replicas with the same endpoint, credentials and settings share one botocore client
+        #: and its connection pool (`_SharedClient`): a thousand databases, one pool.
+        self._share_key = (
+            endpoint_url,
+            region,
+            access_key_id,
+            secret_access_key,
+            session_token,
+            profile,
+            self._verify,
+            path_style,
+            connect_timeout,
+            read_timeout,
+            max_attempts,
+            sign_payload,
+            concurrency,
+        )
+        self._shared: _SharedClient | None = None
         self._open_lock = asyncio.Lock()
         self._closed = False
         self._where = f"bucket {bucket!r} at {_display_endpoint(endpoint_url, region)}"
@@ -252,33 +271,55 @@ class S3ReplicaClient:
             self._check_not_closed()
             if self._client is not None:
                 return
-            try:
-                session = AioSession(profile=self._profile)
-                session.register_component("data_loader", _shared_data_loader())
-                client = await self._exit_stack.enter_async_context(
-                    session.create_client(
-                        "s3",
-                        endpoint_url=self._endpoint_url,
-                        region_name=self._region,
-                        verify=self._verify,
-                        config=self._config,
-                        **self._credentials,
-                    )
+            clients = _SHARED.setdefault(asyncio.get_running_loop(), {})
+            shared = clients.get(self._share_key)
+            if shared is None:
+                shared = _SharedClient(await self._create_client())
+                clients[self._share_key] = shared
+            shared.users += 1
+            self._shared = shared
+            self._client = shared.client
+
+    async def _create_client(self) -> tuple[Any, AsyncExitStack]:
+        """A botocore client and what closes it (with its pool), when its last user closes."""
+        stack = AsyncExitStack()
+        try:
+            session = AioSession(profile=self._profile)
+            session.register_component("data_loader", _shared_data_loader())
+            client = await stack.enter_async_context(
+                session.create_client(
+                    "s3",
+                    endpoint_url=self._endpoint_url,
+                    region_name=self._region,
+                    verify=self._verify,
+                    config=self._config,
+                    **self._credentials,
                 )
-            except ProfileNotFound as exc:
-                raise ConfigError(
-                    f"AWS profile {self._profile!r} for {self._where} not found",
-                    hint="check the profile name and ~/.aws/config",
-                ) from exc
-            client.meta.events.register("before-send.s3", self._count_attempt)
-            self._client = client
+            )
+        except ProfileNotFound as exc:
+            raise ConfigError(
+                f"AWS profile {self._profile!r} for {self._where} not found",
+                hint="check the profile name and ~/.aws/config",
+            ) from exc
+        client.meta.events.register("before-send.s3", _count_attempt)
+        return client, stack
 
     async def close(self) -> None:
-        """Close connections and refuse further use. Idempotent."""
+        """Close connections (those of a shared client once its last user closes) and refuse
+        further use. Idempotent.
+        """
         async with self._open_lock:
             self._closed = True
             self._client = None
-            await self._exit_stack.aclose()
+            shared, self._shared = self._shared, None
+            if shared is None:
+                return
+            shared.users -= 1
+            if shared.users == 0:
+                clients = _SHARED.get(asyncio.get_running_loop(), {})
+                if clients.get(self._share_key) is shared:
+                    del clients[self._share_key]
+                await shared.stack.aclose()
 
     async def __aenter__(self) -> S3ReplicaClient:
         await self.open()
@@ -662,16 +703,13 @@ class S3ReplicaClient:
         self._check_not_closed()
         if self._client is None:
             await self.open()
+        # The shared client's hook counts this request (and its retries) as ours.
+        _CURRENT_STATS.set(self._stats)
         return self._client
 
     def _check_not_closed(self) -> None:
         if self._closed:
             raise RuntimeError(f"replica client for {self.url} is closed")
-
-    def _count_attempt(self, event_name: str, **_: Any) -> None:
-        """`before-send` hook: one call per HTTP attempt, retries included."""
-        operation = event_name.rsplit(".", 1)[-1]
-        self._stats.count(_OPERATIONS.get(operation, operation.upper()))
 
     def _put_params(self, full_key: str) -> dict[str, Any]:
         """Parameters every object write carries."""
@@ -679,6 +717,38 @@ class S3ReplicaClient:
         if self._storage_class:
             params["StorageClass"] = self._storage_class
         return params
+
+
+class _SharedClient:
+    """One botocore client (and connection pool) and how many replica clients use it.
+
+    Its pool bounds the requests in flight across every database using it, and aiohttp's
+    connector hands freed connections to waiters in arrival order: a busy database queues
+    behind the others' uploads rather than starving them.
+    """
+
+    def __init__(self, client_and_stack: tuple[Any, AsyncExitStack]) -> None:
+        self.client, self.stack = client_and_stack
+        self.users = 0
+
+
+#: Per event loop (a client belongs to the loop that opened it): settings -> shared client.
+_SHARED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], _SharedClient]]
+_SHARED = weakref.WeakKeyDictionary()
+#: The stats of the replica client whose request is being sent (set by `_ready`).
+_CURRENT_STATS: contextvars.ContextVar[ClientStats | None] = contextvars.ContextVar(
+    "replicad_s3_stats", default=None
+)
+
+
+def _count_attempt(event_name: str, **_: Any) -> None:
+    """`before-send` hook: one call per HTTP attempt, retries included, counted for the
+    replica client that made the request.
+    """
+    stats = _CURRENT_STATS.get()
+    if stats is not None:
+        operation = event_name.rsplit(".", 1)[-1]
+        stats.count(_OPERATIONS.get(operation, operation.upper()))
 
 
 @functools.cache
