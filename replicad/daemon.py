@@ -88,6 +88,8 @@ class Daemon:
         finally:
             for lock in self._locks:
                 lock.release()
+            global _served  # noqa: PLW0603 - one flag per process, read by `replicad.launch`
+            _served = True
 
     async def _serve(self, early_signals: Sequence[signal.Signals]) -> int:
         self._install_signals()
@@ -310,6 +312,15 @@ class Daemon:
         if not problems:
             log.info("stopped: everything committed was shipped")
         return problems
+
+
+#: Set once a daemon has finished serving: everything it wrote is flushed and closed.
+_served = False
+
+
+def served() -> bool:
+    """True once a `Daemon.serve()` in this process has returned (or raised)."""
+    return _served
 
 
 def _require_directory(db_path: Path) -> None:
