@@ -4,11 +4,11 @@ Importing the command line and the daemon takes a few hundred milliseconds (stru
 numpy, the S3 client).  A SIGTERM that arrives meanwhile (a pod deleted while it starts, a
 systemd stop right after a start) would take Python's default action and kill the process with
 the signal, so nothing committed while the daemon was down would be shipped and nothing would
-say so.  This module imports only `os`, `signal` and `sys` and, on import, installs handlers that record
-SIGTERM and SIGINT; the daemon acts on what they recorded as soon as its own handlers are in
-(`Daemon.serve`), and every other command gets the default behaviour back once it knows it is
-not the daemon.  What remains is the interpreter's own start-up before this module runs
-(docs/design.md, "Stopping at any moment").
+say so.  This module imports only `os`, `signal` and `sys` and, on import, installs handlers
+that record SIGTERM and SIGINT; the daemon acts on what they recorded as soon as its own
+handlers are in (`Daemon.serve`), and every other command gets the default behaviour back once
+it knows it is not the daemon.  What remains is the interpreter's own start-up before this
+module runs (docs/design.md, "Stopping at any moment").
 """
 
 from __future__ import annotations
