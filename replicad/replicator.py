@@ -57,6 +57,11 @@ _FOLLOW_UP_SECONDS = 0.025
 #: (a stat, no thread, no SQLite); a full sync still runs at least this often, in case a change
 #: left the size and modification time as they were (coarse timestamps, a same-size rewrite).
 _FULL_SYNC_BACKSTOP = 15.0
+#: After a checkpoint wrote the database file, poll ticks sync in full for this long: another
+#: process's RESTART or TRUNCATE may be waiting for our read mark, and the moment it can move
+#: (the WAL marked copied in the -shm) changes no file's size or time.  An application's busy
+#: timeout is typically 5 s.
+_FULL_SYNCS_AFTER_CHECKPOINT = 5.0
 #: Longest pause between checkpoints that copy nothing new (a reader pins the WAL).
 _STUCK_BACKOFF_MAX = 2.0
 #: Most WAL frames replicad copies while it holds the application's writers off.
@@ -141,6 +146,7 @@ class DatabaseReplicator:
         #: True while a file watcher reports changes (`file_changed`): poll ticks are a backstop.
         self.watched = False
         self._checkpoint_seen = False
+        self._full_syncs_until = 0.0
         #: The files' stat signature when the last sync began (None: sync at the next tick).
         self._signature: tuple[object, ...] | None = None
         self._lock = asyncio.Lock()
@@ -661,6 +667,7 @@ class DatabaseReplicator:
         if path.name == self.db.path.name:
             # In WAL mode only a checkpoint writes the database file.
             self._checkpoint_seen = True
+            self._full_syncs_until = time.monotonic() + _FULL_SYNCS_AFTER_CHECKPOINT
         self.wake.set()
 
     def _disk_signature(self) -> tuple[object, ...]:
@@ -682,6 +689,7 @@ class DatabaseReplicator:
             and self._lost is None
             and self._signature is not None
             and time.monotonic() - self.last_sync_monotonic < _FULL_SYNC_BACKSTOP
+            and time.monotonic() >= self._full_syncs_until
             and not self._snapshot_due()
             and not any(r.wants_snapshot for r in self.replicas)
             and self._disk_signature() == self._signature

@@ -93,3 +93,27 @@ async def test_a_watched_loop_catches_a_missed_event_at_its_poll_tick(tmp_path: 
         await asyncio.wait_for(loop, WAIT)
         app.close()
         await asyncio.to_thread(rep.close)
+
+
+async def test_after_a_checkpoint_poll_ticks_sync_in_full(tmp_path: Path) -> None:
+    """A write to the database file (a checkpoint) makes the ticks sync even though no file
+    changes afterwards: another process's TRUNCATE may be waiting for our read mark to move.
+    """
+    h = ReplicatorHarness(tmp_path)
+    app = h.app()
+    rep = await h.start()
+    rep.watched = True
+    rep.poll_interval = 0.05
+    stop = asyncio.Event()
+    loop = asyncio.create_task(rep.sync_loop(stop))
+    try:
+        rep.file_changed(rep.db.path)  # what the watcher reports for a checkpoint's write
+        after_event = rep.stats.syncs
+        # The event's sync and its follow-ups are 5; poll ticks must keep syncing after them.
+        await wait_for_async(lambda: rep.stats.syncs >= after_event + 10, WAIT, "ticks syncing")
+    finally:
+        stop.set()
+        rep.interrupt()
+        await asyncio.wait_for(loop, WAIT)
+        app.close()
+        await asyncio.to_thread(rep.close)
