@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from replicad.replicator import DatabaseReplicator
 from replicad.testing import ReplicatorHarness
 from replicad.watch import Inotify, watch
 from tests.procs import wait_for_async
@@ -68,36 +72,12 @@ def test_inotify_reads_nothing_when_nothing_changed(tmp_path: Path) -> None:
         inotify.close()
 
 
-async def test_a_watched_loop_catches_a_missed_event_at_its_poll_tick(tmp_path: Path) -> None:
-    """With no file event at all, a commit is still captured by the poll tick's stat check;
-    while nothing changes, the tick syncs nothing.
-    """
-    h = ReplicatorHarness(tmp_path)
-    app = h.app()
-    rep = await h.start()
-    rep.watched = True  # as if a watcher ran, but none does: every event is "missed"
-    rep.poll_interval = 0.05
-    stop = asyncio.Event()
-    loop = asyncio.create_task(rep.sync_loop(stop))
-    try:
-        await wait_for_async(lambda: rep.stats.syncs >= 1, WAIT, "a first sync")
-        idle_from = rep.stats.syncs
-        await asyncio.sleep(0.5)  # ten ticks with nothing changed
-        assert rep.stats.syncs == idle_from
-        txid = rep.db.state.txid
-        app.execute("INSERT INTO t(v) VALUES ('missed')")
-        await wait_for_async(lambda: rep.db.state.txid == txid + 1, WAIT, "the missed commit")
-    finally:
-        stop.set()
-        rep.interrupt()
-        await asyncio.wait_for(loop, WAIT)
-        app.close()
-        await asyncio.to_thread(rep.close)
-
-
-async def test_after_a_checkpoint_poll_ticks_sync_in_full(tmp_path: Path) -> None:
-    """A write to the database file (a checkpoint) makes the ticks sync even though no file
-    changes afterwards: another process's TRUNCATE may be waiting for our read mark to move.
+@contextlib.asynccontextmanager
+async def watched_loop(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[DatabaseReplicator, sqlite3.Connection]]:
+    """A started replicator whose sync loop runs as if a watcher reported changes (none does:
+    every event is "missed" unless the test reports it), ticking every 50 ms.
     """
     h = ReplicatorHarness(tmp_path)
     app = h.app()
@@ -107,13 +87,35 @@ async def test_after_a_checkpoint_poll_ticks_sync_in_full(tmp_path: Path) -> Non
     stop = asyncio.Event()
     loop = asyncio.create_task(rep.sync_loop(stop))
     try:
-        rep.file_changed(rep.db.path)  # what the watcher reports for a checkpoint's write
-        after_event = rep.stats.syncs
-        # The event's sync and its follow-ups are 5; poll ticks must keep syncing after them.
-        await wait_for_async(lambda: rep.stats.syncs >= after_event + 10, WAIT, "ticks syncing")
+        yield rep, app
     finally:
         stop.set()
         rep.interrupt()
         await asyncio.wait_for(loop, WAIT)
         app.close()
         await asyncio.to_thread(rep.close)
+
+
+async def test_a_watched_loop_catches_a_missed_event_at_its_poll_tick(tmp_path: Path) -> None:
+    """With no file event at all, a commit is still captured by the poll tick's stat check;
+    while nothing changes, the tick syncs nothing.
+    """
+    async with watched_loop(tmp_path) as (rep, app):
+        await wait_for_async(lambda: rep.stats.syncs >= 1, WAIT, "a first sync")
+        idle_from = rep.stats.syncs
+        await asyncio.sleep(0.5)  # ten ticks with nothing changed
+        assert rep.stats.syncs == idle_from
+        txid = rep.db.state.txid
+        app.execute("INSERT INTO t(v) VALUES ('missed')")
+        await wait_for_async(lambda: rep.db.state.txid == txid + 1, WAIT, "the missed commit")
+
+
+async def test_after_a_checkpoint_poll_ticks_sync_in_full(tmp_path: Path) -> None:
+    """A write to the database file (a checkpoint) makes the ticks sync even though no file
+    changes afterwards: another process's TRUNCATE may be waiting for our read mark to move.
+    """
+    async with watched_loop(tmp_path) as (rep, _app):
+        rep.file_changed(rep.db.path)  # what the watcher reports for a checkpoint's write
+        after_event = rep.stats.syncs
+        # The event's sync and its follow-ups are 5; poll ticks must keep syncing after them.
+        await wait_for_async(lambda: rep.stats.syncs >= after_event + 10, WAIT, "ticks syncing")
