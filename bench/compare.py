@@ -578,11 +578,17 @@ class SteadyResult:
     startup_usage: ProcUsage
     writes_cpu: float
     idle_cpu: float
+    #: Length of the idle phase, for CPU per minute.
+    idle_seconds: float
+    #: Peak RSS up to the end of the writes (the whole run's is `total`).
+    writes_usage: ProcUsage
     total: ProcUsage
     peak_wal_bytes: int
     end_wal_bytes: int
     status: int
     restored: int
+    #: SIGTERM to exit after the idle phase: a clean stop with nothing pending.
+    stop_seconds: float = 0.0
 
 
 async def steady_run(bench: Bench, tool: Tool | None, settings: Settings) -> SteadyResult:
@@ -613,7 +619,7 @@ async def steady_run(bench: Bench, tool: Tool | None, settings: Settings) -> Ste
             t3, u3 = bench.proxy.tally(), _usage(proc)
         end_wal = run.wal.stat().st_size if run.wal.exists() else 0
         assert tool is not None
-        status, _seconds = await _stop(tool, run, proc)
+        status, stop_seconds = await _stop(tool, run, proc)
         t4 = bench.proxy.tally()
     finally:
         _kill(proc)
@@ -637,11 +643,14 @@ async def steady_run(bench: Bench, tool: Tool | None, settings: Settings) -> Ste
         startup_usage=u1,
         writes_cpu=u2.cpu_seconds - u1.cpu_seconds,
         idle_cpu=u3.cpu_seconds - u2.cpu_seconds,
+        idle_seconds=settings.idle_seconds,
+        writes_usage=u2,
         total=u3,
         peak_wal_bytes=wal.peak,
         end_wal_bytes=end_wal,
         status=status,
         restored=restored,
+        stop_seconds=stop_seconds,
     )
 
 
@@ -668,6 +677,8 @@ def _baseline_result(run: Run, peak_wal: int, now: Tally) -> SteadyResult:
         startup_usage=nothing,
         writes_cpu=0.0,
         idle_cpu=0.0,
+        idle_seconds=0.0,
+        writes_usage=nothing,
         total=nothing,
         peak_wal_bytes=peak_wal,
         end_wal_bytes=run.wal.stat().st_size if run.wal.exists() else 0,
@@ -1048,7 +1059,16 @@ def summary_rows(results: Results) -> list[list[object]]:
     add("steady: writer's achieved txn/s", [round(_rate(s.commits)) for s in st])
     add("steady: CPU-s, writes", [round(s.writes_cpu, 2) for s in st])
     add("steady: CPU-s, idle", [round(s.idle_cpu, 2) for s in st])
+    add(
+        "steady: idle CPU-s per minute",
+        [round(s.idle_cpu * 60 / max(s.idle_seconds, 1e-9), 3) for s in st],
+    )
+    add(
+        "steady: peak RSS to end of writes (MB)",
+        [round(s.writes_usage.peak_rss_bytes / 1e6, 1) for s in st],
+    )
     add("steady: peak RSS (MB)", [round(s.total.peak_rss_bytes / 1e6, 1) for s in st])
+    add("clean stop, nothing pending: seconds", [round(s.stop_seconds, 3) for s in st])
     add("steady: requests, writes", [s.writes.operations.total() for s in st])
     add("steady: requests, idle", [s.idle.operations.total() for s in st])
     add(
@@ -1060,6 +1080,15 @@ def summary_rows(results: Results) -> list[list[object]]:
     lat = [_latencies_ms(s.commits) for s in st]
     add("steady: COMMIT p50 (ms)", [round(percentile(v, 0.5), 2) for v in lat])
     add("steady: COMMIT p99 (ms)", [round(percentile(v, 0.99), 2) for v in lat])
+    add("steady: COMMIT max (ms)", [round(v[-1], 1) for v in lat])
+    if "none" in steady:
+        alone = _latencies_ms(steady["none"].commits)
+        for q, label in ((0.99, "p99"), (1.0, "max")):
+            base = percentile(alone, q) if q < 1 else alone[-1]
+            add(
+                f"steady: COMMIT {label} / no replicator ({round(base, 2)} ms)",
+                [round((percentile(v, q) if q < 1 else v[-1]) / base, 2) for v in lat],
+            )
     restores = {(r.tool, r.target): r for r in results.restores}
     for target in ("latest", "middle, timestamp"):
         rs = [restores[(n, target)] for n in names]

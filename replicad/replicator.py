@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
 import time
 from collections.abc import Coroutine
@@ -57,9 +58,19 @@ DEFAULT_RETRY_MAX = 30.0
 #: (what a healthy replica costs anyway), so the lag ends soon after the store is back.
 _UPLOAD_RETRY_MAX = 2.0
 _RETRY_MIN = 0.2
-#: Quick extra syncs after a file event (see `sync_loop`): how many, how far apart.
+#: Quick extra syncs after a checkpoint wrote the database file (see `sync_loop`): how many,
+#: how far apart.
 _FOLLOW_UPS = 4
 _FOLLOW_UP_SECONDS = 0.025
+#: While a file watcher wakes the sync loop, its poll ticks only look whether the files changed
+#: (a stat, no thread, no SQLite); a full sync still runs at least this often, in case a change
+#: left the size and modification time as they were (coarse timestamps, a same-size rewrite).
+_FULL_SYNC_BACKSTOP = 15.0
+#: After a checkpoint wrote the database file, poll ticks sync in full for this long: another
+#: process's RESTART or TRUNCATE may be waiting for our read mark, and the moment it can move
+#: (the WAL marked copied in the -shm) changes no file's size or time.  An application's busy
+#: timeout is typically 5 s.
+_FULL_SYNCS_AFTER_CHECKPOINT = 5.0
 #: Longest pause between checkpoints that copy nothing new (a reader pins the WAL).
 _STUCK_BACKOFF_MAX = 2.0
 #: Most WAL frames replicad copies while it holds the application's writers off.
@@ -141,6 +152,12 @@ class DatabaseReplicator:
         #: Set while the daemon waits for another process's lock on this database (for /readyz).
         self.standby: str | None = None
         self.wake = asyncio.Event()
+        #: True while a file watcher reports changes (`file_changed`): poll ticks are a backstop.
+        self.watched = False
+        self._checkpoint_seen = False
+        self._full_syncs_until = 0.0
+        #: The files' stat signature when the last sync began (None: sync at the next tick).
+        self._signature: tuple[object, ...] | None = None
         self._lock = asyncio.Lock()
         self._lost: str | None = None
         self.policy = checkpoints or CheckpointPolicy()
@@ -386,9 +403,11 @@ class DatabaseReplicator:
 
     async def _sync_once(self) -> SyncResult:
         started = time.perf_counter()
+        self._signature = self._disk_signature()  # before reading: a later change differs
         try:
             result = await asyncio.to_thread(self.db.sync)
         except ReplicadError:
+            self._signature = None
             self.stats.sync_errors += 1
             raise
         self.stats.syncs += 1
@@ -664,8 +683,44 @@ class DatabaseReplicator:
 
     # -- loops ------------------------------------------------------------------------------
 
+    def file_changed(self, path: Path) -> None:
+        """The file watcher saw `path` (the database or its WAL) change: sync now."""
+        if path.name == self.db.path.name:
+            # In WAL mode only a checkpoint writes the database file.
+            self._checkpoint_seen = True
+            self._full_syncs_until = time.monotonic() + _FULL_SYNCS_AFTER_CHECKPOINT
+        self.wake.set()
+
+    def _disk_signature(self) -> tuple[object, ...]:
+        """Size, modification time and inode of the database and its WAL (a stat each)."""
+        out: list[object] = []
+        for path in (self.db.path, self.db.wal_path):
+            try:
+                st = os.stat(path)
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def _nothing_to_do(self) -> bool:
+        """At a watched poll tick: nothing changed on disk and nothing else is owed."""
+        return (
+            self.watched
+            and self._lost is None
+            and self._signature is not None
+            and time.monotonic() - self.last_sync_monotonic < _FULL_SYNC_BACKSTOP
+            and time.monotonic() >= self._full_syncs_until
+            and not self._snapshot_due()
+            and not any(r.wants_snapshot for r in self.replicas)
+            and self._disk_signature() == self._signature
+        )
+
     async def sync_loop(self, stop: asyncio.Event) -> None:
-        """Sync on every wake-up (file change) or poll tick until `stop` is set."""
+        """Sync on every wake-up (file change) or poll tick until `stop` is set.
+
+        With a file watcher, an idle database costs a stat per poll tick and nothing else.
+        """
         backoff = Backoff()
         follow_ups = 0
         while not stop.is_set():
@@ -675,11 +730,17 @@ class DatabaseReplicator:
             self.wake.clear()
             if stop.is_set():
                 return
-            # A change is often followed by one that makes no file event (a checkpoint marking
-            # the WAL copied in the -shm): look again shortly so nobody waits a poll tick for
-            # our read mark to move.
-            follow_ups = _FOLLOW_UPS if woken else max(0, follow_ups - 1)
+            # A checkpoint marks the WAL copied in the -shm after writing the database, which
+            # makes no file event: look again shortly so nobody waits a poll tick for our read
+            # mark to move.  (Unwatched, any wake-up may be one.)
+            checkpoint = self._checkpoint_seen or (woken and not self.watched)
+            self._checkpoint_seen = False
+            following = follow_ups > 0
+            follow_ups = _FOLLOW_UPS if checkpoint else max(0, follow_ups - 1)
             try:
+                if not woken and not following and self._nothing_to_do():
+                    await self.checkpoint_step()  # an interval checkpoint may still be due
+                    continue
                 await self.sync_step()
                 await self.checkpoint_step()
                 backoff.reset()
@@ -707,10 +768,22 @@ class DatabaseReplicator:
         never holds up an upload; work in progress is cancelled when `stop` is set.
         """
         while not stop.is_set() and replica.fenced is None:
-            if await _sleep_unless(stop, _MAINTENANCE_TICK):
+            if await _sleep_unless(stop, self._until_maintenance(replica)):
                 return
             if replica.loaded and replica.offset is not None:
                 await _unless_stopped(stop, self._maintain(replica))
+
+    @staticmethod
+    def _until_maintenance(replica: Replica) -> float:
+        """Seconds until compaction or retention is next due (idle: no wake-ups before)."""
+        if not replica.loaded or replica.offset is None:
+            return _MAINTENANCE_TICK
+        now = time.monotonic()
+        due = min(
+            replica.last_compaction_monotonic + COMPACTION_CHECK_INTERVAL,
+            replica.last_retention_monotonic + RETENTION_CHECK_INTERVAL,
+        )
+        return max(_MAINTENANCE_TICK, due - now + 0.01)
 
     async def _upload_once(self, replica: Replica, backoff: Backoff, stop: asyncio.Event) -> bool:
         """One upload step; False if it failed (after the backoff) or the replica was taken."""
